@@ -1,0 +1,131 @@
+"""The ``studio`` command: ``studio livy`` | ``studio bench`` (and more as the studio grows)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from studio.config import Settings, is_loopback
+
+
+def _settings(args: argparse.Namespace, **names: str) -> Settings:
+    """Settings from the environment (STUDIO_*), overridden by the flags that were given."""
+    overrides: dict[str, Any] = {}
+    for flag, field in names.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[field] = value
+    return Settings(**overrides)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def refuse_remote(settings: Settings) -> None:
+    if not is_loopback(settings.host) and not settings.allow_unauthenticated_remote_access:
+        sys.exit(
+            f"studio: refusing to bind to {settings.host}: the API has no authentication yet, so anyone who can "
+            "reach it can run code on this machine. Bind to 127.0.0.1, or pass "
+            "--allow-unauthenticated-remote-access if this network is trusted."
+        )
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%y/%m/%d %H:%M:%S",
+    )
+
+
+async def serve_app(app: Any, sock: socket.socket, announce: str) -> None:
+    """Serve an ASGI app with uvicorn on an already bound socket until SIGINT/SIGTERM."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app, lifespan="on", log_level="warning", access_log=False, timeout_graceful_shutdown=5, loop="auto"
+    )
+    server = uvicorn.Server(config)
+    startup = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not startup.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        print(announce, flush=True)
+    await startup
+
+
+def cmd_livy(args: argparse.Namespace) -> int:
+    settings = _settings(
+        args,
+        host="host",
+        port="port",
+        pool="pool_size",
+        master="master",
+        state_dir="state_dir",
+        allow_unauthenticated_remote_access="allow_unauthenticated_remote_access",
+    )
+    refuse_remote(settings)
+    setup_logging(args.verbose)
+    from studio.livy.app import create_app
+
+    sock = bind_socket(settings.host, settings.port)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host}:{port}"
+    announce = (
+        f"studio livy: listening on {url} (master {settings.master}, warm pool {settings.pool_size}, "
+        f"state {settings.state_dir})"
+    )
+    asyncio.run(serve_app(create_app(settings), sock, announce))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from studio import bench
+
+    return bench.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="studio", description="Spark Studio: warm PySpark sessions for notebooks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    livy = sub.add_parser("livy", help="run the Livy-compatible session service")
+    livy.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    livy.add_argument("--port", type=int, help="port (default 8998; 0 picks a free one)")
+    livy.add_argument("--pool", type=int, help="warm workers to keep ready (default 1; 0 = cold sessions only)")
+    livy.add_argument("--master", help="spark.master for sessions and batches (default local[*])")
+    livy.add_argument("--state-dir", type=Path, help="database and logs (default ~/.local/state/spark-studio)")
+    livy.add_argument(
+        "--allow-unauthenticated-remote-access",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback --host although the API has no authentication",
+    )
+    livy.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    livy.set_defaults(func=cmd_livy)
+
+    bench = sub.add_parser("bench", help="measure warm vs cold start, statement round trip and memory")
+    bench.add_argument("--runs", type=int, default=200, help="round trips per latency measurement (default 200)")
+    bench.add_argument("--cold-runs", type=int, default=3, help="cold sessions and plain PySpark starts (default 3)")
+    bench.add_argument("--warm-runs", type=int, default=5, help="warm sessions to time (default 5)")
+    bench.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    bench.add_argument("--state-dir", type=Path, help="state directory of the services the bench starts")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)

@@ -1,0 +1,169 @@
+"""One typed settings object for the whole studio.
+
+Every value can come from the environment with the prefix ``STUDIO_`` (for example
+``STUDIO_POOL_SIZE=2``) or from the command line, which overrides the environment.
+Settings are passed explicitly (``create_app(settings)``), never read from module globals.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "spark-studio"
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "spark-studio"
+
+
+def _default_max_sessions() -> int:
+    """About one live session per 1.5 GiB of this machine's memory, at least one."""
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES")
+        page_size = os.sysconf("SC_PAGE_SIZE")
+        return max(1, int(pages * page_size / (1.5 * 1024**3)))
+    except (ValueError, OSError):
+        return 8
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` names only this machine (127.0.0.0/8, ::1 or localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """Settings of the session service (and, later, of the workspace server)."""
+
+    model_config = SettingsConfigDict(env_prefix="STUDIO_", extra="ignore")
+
+    # --- network -------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the session service binds to.")
+    port: int = Field(8998, description="Port of the session service (Livy's default is 8998); 0 picks a free port.")
+    allow_unauthenticated_remote_access: bool = Field(
+        False,
+        description="The API has no authentication yet, so binding to a non-loopback address is refused "
+        "unless this is set.",
+    )
+
+    # --- Spark ---------------------------------------------------------------------------
+    master: str = Field("local[*]", description="spark.master for every session worker and batch.")
+    spark_conf: dict[str, str] = Field(
+        default_factory=dict,
+        description="Spark configuration applied to every worker and batch before the session's own conf.",
+    )
+    spark_local_ip: str = Field(
+        "127.0.0.1",
+        description="SPARK_LOCAL_IP for workers and batches: the address drivers and their UIs bind to. "
+        "Set it to a reachable address when executors run on other machines.",
+    )
+    spark_log_level: str = Field("WARN", description="Log level of the Spark drivers in session workers.")
+    java_options: str = Field(
+        "",
+        description="Extra JVM options for every session driver (appended to spark.driver.extraJavaOptions).",
+    )
+    cds: bool = Field(
+        True,
+        description="Use an AppCDS class-data archive for driver JVMs; it is built once per installation "
+        "in the background and roughly halves a cold driver's start time.",
+    )
+    cache_dir: Path = Field(default_factory=_default_cache_dir, description="Where the AppCDS archive is kept.")
+
+    # --- pool and workers ------------------------------------------------------------------
+    pool_size: int = Field(1, ge=0, description="Warm workers kept ready (SparkSession up, first job run). 0: cold only.")
+    pool_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="Niceness of warm workers while they wait in the pool, so that refilling the pool does not "
+        "slow down running sessions; a handed-out worker is set back to normal priority where allowed.",
+    )
+    pool_refill_max_delay: float = Field(
+        30.0,
+        ge=0,
+        description="A refill waits until no statement has run for a second, so interactive work keeps both "
+        "cores; after this many seconds it starts anyway.",
+    )
+    worker_command: list[str] = Field(
+        default_factory=list,
+        description="Command that starts a worker (default: this Python with -m studio.worker). "
+        "Tests point it at small misbehaving programs.",
+    )
+    worker_start_timeout: float = Field(
+        180.0, gt=0, description="Seconds a worker may take to create its SparkSession before it is killed."
+    )
+    worker_restart_limit: int = Field(
+        5,
+        ge=1,
+        description="Warm workers that may fail to start in a row before the pool stops refilling (and logs why).",
+    )
+    stop_timeout: float = Field(
+        5.0, gt=0, description="Seconds a worker gets to stop politely before SIGTERM, and again before SIGKILL."
+    )
+    cancel_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a cancelled statement may keep running (repeatedly interrupted) before it is "
+        "recorded as cancelled while the code still runs.",
+    )
+
+    # --- sessions ------------------------------------------------------------------------
+    max_sessions: int = Field(
+        default_factory=_default_max_sessions,
+        ge=1,
+        description="Live sessions at most; more are refused with a clear message (default: one per 1.5 GiB of RAM).",
+    )
+    min_available_memory_mb: int = Field(
+        600,
+        ge=0,
+        description="A new worker is not started while the machine has less memory available than this.",
+    )
+    session_idle_timeout: float = Field(
+        3600.0, ge=0, description="Seconds of inactivity after which an idle session is stopped (Livy: 1h). 0: never."
+    )
+    session_state_retain: float = Field(
+        600.0, ge=0, description="Seconds a finished session or batch stays visible with its log (Livy: 600s)."
+    )
+    cull_interval: float = Field(
+        30.0, gt=0, description="Seconds between checks for idle, expired and finished sessions."
+    )
+    retained_statements: int = Field(100, ge=1, description="Statements kept per session (Livy: 100).")
+    max_code_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest statement code accepted, in bytes.")
+    max_output_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="Largest statement output kept; longer text is truncated with a note."
+    )
+    sql_num_rows: int = Field(1000, ge=1, description="Rows a `sql` statement returns at most (livy.rsc.sql.num-rows).")
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted, in bytes."
+    )
+
+    # --- storage -------------------------------------------------------------------------
+    state_dir: Path = Field(
+        default_factory=_default_state_dir, description="Where the database and the worker and batch logs live."
+    )
+
+    @field_validator("state_dir", "cache_dir", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def database_path(self) -> Path:
+        return self.state_dir / "studio.db"

@@ -1,0 +1,78 @@
+"""The studio's exception tree.
+
+Managers raise only these; the web layer turns any of them into Livy's error shape
+``{"msg": "..."}`` with the class's status code, in one handler.
+
+    StudioError (500)
+    ├── InvalidRequestError (400)          bad JSON, wrong field types, unknown fields
+    │   ├── SessionNotActiveError (400)    statement to a finished session
+    │   └── TooManySessionsError (400)     the configured cap of live sessions is reached
+    ├── NotFoundError (404)                unknown session, statement or batch
+    ├── NotAcceptableError (406)           an Accept header asking for an unknown API version
+    ├── ConflictError (409)                right request, wrong moment (a session still starting)
+    ├── PayloadTooLargeError (413)         code or request body over the configured limit
+    ├── CapacityError (503)                not enough free memory to start another worker
+    └── WorkerError (500)                  a worker failed in a way its session cannot recover from
+        ├── WorkerStartError               the worker exited or timed out before it was ready
+        └── WorkerDiedError                the worker exited while it had work
+"""
+
+from __future__ import annotations
+
+
+class StudioError(Exception):
+    """Base of every error the studio raises on purpose.
+
+    ``msg`` is what the client sees; ``log_message`` (optional) is extra detail for the log only.
+    """
+
+    status_code = 500
+
+    def __init__(self, msg: str, *, log_message: str = "") -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.log_message = log_message
+
+
+class InvalidRequestError(StudioError):
+    status_code = 400
+
+
+class SessionNotActiveError(InvalidRequestError):
+    pass
+
+
+class TooManySessionsError(InvalidRequestError):
+    pass
+
+
+class NotFoundError(StudioError):
+    status_code = 404
+
+
+class NotAcceptableError(StudioError):
+    status_code = 406
+
+
+class ConflictError(StudioError):
+    status_code = 409
+
+
+class PayloadTooLargeError(StudioError):
+    status_code = 413
+
+
+class CapacityError(StudioError):
+    status_code = 503
+
+
+class WorkerError(StudioError):
+    status_code = 500
+
+
+class WorkerStartError(WorkerError):
+    pass
+
+
+class WorkerDiedError(WorkerError):
+    pass

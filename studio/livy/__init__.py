@@ -1,0 +1,1 @@
+"""The Livy-compatible session service."""

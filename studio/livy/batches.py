@@ -1,0 +1,273 @@
+"""Batches: ``spark-submit`` runs with Livy's states ``starting`` → ``running`` → ``success`` /
+``dead`` / ``killed``.
+
+A batch is ``running`` once its SparkContext is up. Every batch writes a Spark event log into a
+folder of its own, and the event log file appears exactly when the SparkContext starts and is
+named after the application id, so that folder tells both facts without parsing log text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+from studio.config import Settings
+from studio.errors import CapacityError, InvalidRequestError, NotFoundError, TooManySessionsError
+from studio.livy import sparkconf
+from studio.livy.logs import LogFile
+from studio.livy.models import BATCH_TRANSITIONS, CreateBatch, SessionState, check_transition
+from studio.livy.pool import available_memory_mb
+from studio.livy.workers import describe_exit
+from studio.store import Store
+
+log = logging.getLogger("studio.livy.batches")
+
+_UI_LINE = re.compile(r"Bound SparkUI to \S+, and started at (https?://\S+)")
+
+# Livy field -> spark-submit flag (lists are joined with commas).
+_FLAGS = {
+    "className": "--class",
+    "driverMemory": "--driver-memory",
+    "driverCores": "--driver-cores",
+    "executorMemory": "--executor-memory",
+    "executorCores": "--executor-cores",
+    "numExecutors": "--num-executors",
+    "queue": "--queue",
+    "jars": "--jars",
+    "pyFiles": "--py-files",
+    "files": "--files",
+    "archives": "--archives",
+}
+
+
+def spark_submit() -> str:
+    from pyspark.find_spark_home import _find_spark_home
+
+    return os.path.join(_find_spark_home(), "bin", "spark-submit")
+
+
+def _check_local_file(path: str, field: str) -> None:
+    parsed = urlparse(path)
+    if parsed.scheme not in ("", "file", "local"):
+        return  # hdfs://, s3a://, http://: spark-submit fetches it
+    local = parsed.path if parsed.scheme else path
+    if not os.path.isabs(local):
+        raise InvalidRequestError(f"Rejected, Reason: {field} '{path}' must be an absolute path or a URL.")
+    if parsed.scheme != "local" and not os.path.exists(local):
+        raise InvalidRequestError(f"Rejected, Reason: {field} '{path}' does not exist.")
+
+
+class Batch:
+    def __init__(self, batch_id: int, body: CreateBatch, log_file: LogFile, event_dir: Path) -> None:
+        self.id = batch_id
+        self.body = body
+        self.name = body.name
+        self.owner: str | None = None
+        self.state = SessionState.STARTING
+        self.log = log_file
+        self.event_dir = event_dir
+        self.app_id: str | None = None
+        self.spark_ui_url: str | None = None
+        self.process: asyncio.subprocess.Process | None = None
+        self.killed = False
+        self.ended: float | None = None
+        self.monitor: asyncio.Task[None] | None = None
+
+    def set_state(self, new: SessionState) -> None:
+        check_transition(BATCH_TRANSITIONS, self.state, new, f"batch {self.id}")
+        self.state = new
+        if new.is_final:
+            self.ended = time.monotonic()
+
+    @property
+    def live(self) -> bool:
+        return not self.state.is_final
+
+    def to_json(self, base_url: str) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "owner": self.owner,
+            "proxyUser": None,
+            "state": self.state.value,
+            "appId": self.app_id,
+            "appInfo": {
+                "driverLogUrl": f"{base_url}ui/batch/{self.id}/log",
+                "sparkUiUrl": self.spark_ui_url if self.state is SessionState.RUNNING else None,
+                "executorLogUrls": None,
+            },
+            "log": self.log.tail(10),
+        }
+
+
+class BatchManager:
+    def __init__(self, settings: Settings, store: Store, base_conf: Callable[[], dict[str, str]], live_sessions: Callable[[], int]) -> None:
+        self.settings = settings
+        self.store = store
+        self._base_conf = base_conf
+        self._live_sessions = live_sessions
+        self.batches: dict[int, Batch] = {}
+
+    def list(self, start: int, size: int) -> tuple[int, list[Batch]]:
+        ordered = [self.batches[k] for k in sorted(self.batches)]
+        return len(ordered), ordered[start : start + size] if size >= 0 else ordered[start:]
+
+    def get(self, key: str | int) -> Batch:
+        text = str(key)
+        batch = self.batches.get(int(text)) if text.lstrip("-").isdigit() else None
+        if batch is None:
+            raise NotFoundError(f"Batch '{text}' not found.")
+        return batch
+
+    def live_count(self) -> int:
+        return sum(1 for b in self.batches.values() if b.live)
+
+    def command(self, body: CreateBatch, batch_id: int, event_dir: Path) -> list[str]:
+        conf = dict(self._base_conf())
+        conf["spark.eventLog.enabled"] = "true"
+        conf["spark.eventLog.dir"] = event_dir.as_uri()
+        spark_conf, _ = sparkconf.split_service_conf(body.conf)
+        for key in spark_conf:
+            if key in sparkconf.BLACKLIST:
+                raise InvalidRequestError(f"Rejected, Reason: Blacklisted configuration values in batch config: {key}")
+        conf = sparkconf.overlay(conf, spark_conf)
+        command = [spark_submit(), "--master", self.settings.master, "--deploy-mode", "client"]
+        command += ["--name", body.name or f"livy-batch-{batch_id}"]
+        for field, flag in _FLAGS.items():
+            value = getattr(body, field)
+            if value is None or value == []:
+                continue
+            command += [flag, ",".join(value) if isinstance(value, list) else str(value)]
+        for key, value in conf.items():
+            command += ["--conf", f"{key}={value}"]
+        command.append(body.file)
+        command += body.args
+        return command
+
+    async def create(self, body: CreateBatch, owner: str | None = None) -> Batch:
+        if not body.file.strip():
+            raise InvalidRequestError("Rejected, Reason: File is required.")
+        _check_local_file(body.file, "file")
+        for field in ("jars", "pyFiles", "files", "archives"):
+            for path in getattr(body, field):
+                _check_local_file(path.split("#", 1)[0], field)
+        live = self._live_sessions() + self.live_count()
+        if live >= self.settings.max_sessions:
+            raise TooManySessionsError(
+                f"Rejected, too many sessions and batches: {live} of {self.settings.max_sessions} are live "
+                "(STUDIO_MAX_SESSIONS)."
+            )
+        free = available_memory_mb()
+        if free is not None and free < self.settings.min_available_memory_mb:
+            raise CapacityError(
+                f"Not enough memory to start a batch: {free} MB available, "
+                f"{self.settings.min_available_memory_mb} MB needed (STUDIO_MIN_AVAILABLE_MEMORY_MB)."
+            )
+        batch_id = self.store.next_id("batch")
+        event_dir = self.settings.state_dir / "events" / f"batch-{batch_id}"
+        command = self.command(body, batch_id, event_dir)
+        event_dir.mkdir(parents=True, exist_ok=True)
+        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
+        batch = Batch(batch_id, body, LogFile(self.settings.log_dir / f"batch-{batch_id}.log"), event_dir)
+        batch.owner = owner
+        self.batches[batch_id] = batch
+        self.store.insert(
+            "batches",
+            {
+                "id": batch_id,
+                "name": body.name,
+                "owner": owner,
+                "state": batch.state.value,
+                "log_path": str(batch.log.path),
+                "request": body.model_dump(),
+            },
+        )
+        batch.log.append("spark-submit " + " ".join(command[1:]), source="StudioBatch")
+        env = {**os.environ, **sparkconf.worker_env(self.settings)}
+        with open(batch.log.path, "ab") as handle:
+            batch.process = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=handle,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+            )
+        batch.monitor = asyncio.create_task(self._monitor(batch), name=f"batch-{batch_id}")
+        return batch
+
+    async def _monitor(self, batch: Batch) -> None:
+        assert batch.process is not None
+        wait = asyncio.create_task(batch.process.wait())
+        while not wait.done():
+            self._observe(batch)
+            await asyncio.wait({wait}, timeout=0.5)
+        self._observe(batch)
+        code = wait.result()
+        try:
+            os.killpg(batch.process.pid, signal.SIGKILL)  # whatever the application left running
+        except OSError:
+            pass
+        if batch.killed:
+            final = SessionState.KILLED
+        else:
+            final = SessionState.SUCCESS if code == 0 else SessionState.DEAD
+        batch.log.append(f"spark-submit {describe_exit(code)}; batch {batch.id} is {final.value}", source="StudioBatch")
+        batch.set_state(final)
+        self.store.update("batches", batch.id, state=final.value, ended_at=time.time(), app_id=batch.app_id)
+
+    def _observe(self, batch: Batch) -> None:
+        if batch.app_id is None:
+            try:
+                names = os.listdir(batch.event_dir)
+            except OSError:
+                names = []
+            if names:
+                name = sorted(names)[0]
+                batch.app_id = re.sub(r"^eventlog_v2_|(\.inprogress|\.lz4|\.snappy|\.zstd)+$", "", name)
+                if batch.state is SessionState.STARTING:
+                    batch.set_state(SessionState.RUNNING)
+                self.store.update("batches", batch.id, state=batch.state.value, app_id=batch.app_id)
+        if batch.app_id is not None and batch.spark_ui_url is None:
+            for line in batch.log.tail(400):
+                match = _UI_LINE.search(line)
+                if match:
+                    batch.spark_ui_url = match.group(1)
+                    break
+
+    async def delete(self, batch: Batch) -> None:
+        """Kill a running batch (it stays listed as killed with its log); remove a finished one."""
+        if batch.state.is_final:
+            self.batches.pop(batch.id, None)
+            return
+        batch.killed = True
+        process = batch.process
+        if process is not None and process.returncode is None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(process.pid, sig)
+                except OSError:
+                    break
+                try:
+                    await asyncio.wait_for(asyncio.shield(batch.monitor), self.settings.stop_timeout)  # type: ignore[arg-type]
+                    break
+                except asyncio.TimeoutError:
+                    continue
+        if batch.monitor is not None:
+            await batch.monitor
+
+    async def cull(self) -> None:
+        now = time.monotonic()
+        for batch in list(self.batches.values()):
+            if batch.ended is not None and now - batch.ended > self.settings.session_state_retain:
+                self.batches.pop(batch.id, None)
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(*(self.delete(b) for b in self.batches.values() if b.live), return_exceptions=True)

@@ -1,0 +1,170 @@
+"""The warm pool: workers whose SparkSession is up and has run its first job, ready to be handed
+to a session in a few milliseconds.
+
+The pool's interface is about handing out a session-ready worker (``take``), not about forking
+JVMs, so a later pool may hand out sessions of a shared driver instead. It refills one worker
+at a time in the background after each hand-out, at low priority, and stops refilling after
+``worker_restart_limit`` failed starts in a row (jupyter_client's restarter does the same), so
+a broken installation does not spin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from studio.config import Settings
+from studio.errors import WorkerError
+from studio.livy.workers import WorkerProcess
+
+log = logging.getLogger("studio.livy.pool")
+
+
+def available_memory_mb() -> int | None:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        return None
+    return None
+
+
+class WorkerPool:
+    def __init__(self, settings: Settings, new_worker: Callable[[], WorkerProcess]) -> None:
+        self.settings = settings
+        self.size = settings.pool_size
+        self._new_worker = new_worker
+        self.is_busy: Callable[[], bool] = lambda: False  # set by the session manager
+        self._ready: list[WorkerProcess] = []
+        self._starting: WorkerProcess | None = None
+        self._wanted = asyncio.Event()
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+        self.failures = 0  # failed starts in a row
+        self.last_error = ""
+        self.handed_out = 0
+
+    # -- public ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.size > 0:
+            self._task = asyncio.create_task(self._fill(), name="pool-fill")
+            self._wanted.set()
+
+    def take(self) -> WorkerProcess | None:
+        """A ready worker, or None when none is ready; the pool refills behind it."""
+        while self._ready:
+            worker = self._ready.pop(0)
+            if worker.poll() is None:
+                self.handed_out += 1
+                self._wanted.set()
+                return worker
+        self._wanted.set()
+        return None
+
+    def give_back(self, worker: WorkerProcess) -> None:
+        """Return a worker that was taken but not used (its session needs a JVM of its own)."""
+        if self._closed or worker.poll() is not None:
+            asyncio.create_task(worker.stop())
+            return
+        self._ready.insert(0, worker)
+
+    def status(self) -> dict[str, object]:
+        return {
+            "size": self.size,
+            "ready": len(self._ready),
+            "starting": 1 if self._starting else 0,
+            "handedOut": self.handed_out,
+            "failuresInARow": self.failures,
+            "lastError": self.last_error or None,
+        }
+
+    async def wait_until_full(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while len(self._ready) < self.size:
+            if time.monotonic() > deadline or self.failures >= self.settings.worker_restart_limit:
+                return False
+            await asyncio.sleep(0.1)
+        return True
+
+    async def shutdown(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        workers = self._ready + ([self._starting] if self._starting else [])
+        self._ready = []
+        await asyncio.gather(*(worker.stop() for worker in workers), return_exceptions=True)
+
+    # -- filling --------------------------------------------------------------------------
+
+    async def _fill(self) -> None:
+        while not self._closed:
+            await self._wanted.wait()
+            self._wanted.clear()
+            while not self._closed and len(self._ready) < self.size:
+                if self.failures >= self.settings.worker_restart_limit:
+                    log.error(
+                        "warm pool: %d workers failed to start in a row; not refilling (last error: %s)",
+                        self.failures,
+                        self.last_error,
+                    )
+                    break
+                free = available_memory_mb()
+                if free is not None and free < self.settings.min_available_memory_mb:
+                    log.warning("warm pool: only %d MB of memory available; waiting before refilling", free)
+                    await asyncio.sleep(10)
+                    continue
+                await self._wait_for_quiet()
+                await self._start_one()
+
+    async def _wait_for_quiet(self) -> None:
+        """Defer a refill while statements run: a starting JVM takes both cores here for ~20 s,
+        which doubles the time of the statements it overlaps. After ``pool_refill_max_delay``
+        seconds the refill starts anyway."""
+        deadline = time.monotonic() + self.settings.pool_refill_max_delay
+        quiet_since = time.monotonic() if not self.is_busy() else None
+        while time.monotonic() < deadline:
+            if self.is_busy():
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= 1.0:
+                return
+            await asyncio.sleep(0.2)
+
+    async def _start_one(self) -> None:
+        worker = self._new_worker()
+        self._starting = worker
+        try:
+            await worker.start(nice=self.settings.pool_nice)
+            await worker.wait_ready()
+        except (WorkerError, OSError) as exc:
+            self.failures += 1
+            self.last_error = getattr(exc, "msg", str(exc))
+            log.warning("warm pool: worker %s failed to start: %s", worker.id, self.last_error)
+            await worker.stop(now=True)
+            await asyncio.sleep(min(30.0, 2.0**self.failures))
+            return
+        except asyncio.CancelledError:
+            await worker.stop(now=True)
+            raise
+        finally:
+            self._starting = None
+        self.failures = 0
+        self._ready.append(worker)
+        worker.exited.add_done_callback(lambda _: self._forget(worker))
+        log.info("warm pool: worker %s ready in %.1fs", worker.id, worker.ready_at - worker.started_at)
+
+    def _forget(self, worker: WorkerProcess) -> None:
+        if worker in self._ready:
+            self._ready.remove(worker)
+            log.warning("warm pool: idle worker %s exited; replacing it", worker.id)
+            self._wanted.set()

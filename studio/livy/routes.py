@@ -1,0 +1,283 @@
+"""Thin HTTP endpoints of the Livy API. They parse, call a manager, and shape the answer;
+status codes are Livy's (201 on creates, 200 on cancel and DELETE)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+import studio
+from studio.errors import InvalidRequestError, PayloadTooLargeError
+from studio.livy.batches import BatchManager
+from studio.livy.models import CompletionRequest, CreateBatch, CreateSession, CreateStatement, parse_body
+from studio.livy.sessions import Session, SessionManager
+
+LIVY_VERSION = "0.9.0-incubating"
+MAX_WAIT_SECONDS = 60.0
+
+
+def _sessions(request: Request) -> SessionManager:
+    return request.app.state.sessions  # type: ignore[no-any-return]
+
+
+def _batches(request: Request) -> BatchManager:
+    return request.app.state.batches  # type: ignore[no-any-return]
+
+
+def _base_url(request: Request) -> str:
+    return str(request.base_url)
+
+
+def _int_param(request: Request, name: str, default: int | None) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidRequestError(f"'{name}' must be an integer, got '{raw}'.") from None
+
+
+def _float_param(request: Request, name: str) -> float:
+    raw = request.query_params.get(name)
+    if not raw:
+        return 0.0
+    try:
+        return max(0.0, min(float(raw), MAX_WAIT_SECONDS))
+    except ValueError:
+        raise InvalidRequestError(f"'{name}' must be a number of seconds, got '{raw}'.") from None
+
+
+async def read_body(request: Request) -> bytes:
+    limit = request.app.state.settings.max_request_bytes
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise PayloadTooLargeError(f"Request body of {int(length):,} bytes is over the {limit:,}-byte limit.")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"Request body is over the {limit:,}-byte limit.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _session(request: Request) -> Session:
+    """The session in the path; any request about it refreshes its heartbeat (Livy)."""
+    manager = _sessions(request)
+    session = manager.get(request.path_params["session_id"])
+    manager.heartbeat(session)
+    return session
+
+
+# -- general -------------------------------------------------------------------------------
+
+
+async def version(request: Request) -> Response:
+    return JSONResponse(
+        {
+            "version": LIVY_VERSION,
+            "user": None,
+            "revision": f"spark-studio {studio.__version__}",
+            "branch": None,
+            "date": None,
+            "url": "spark-studio",
+        }
+    )
+
+
+async def status(request: Request) -> Response:
+    """Service health and the warm pool (an extension; Livy has no such route)."""
+    state = request.app.state
+    return JSONResponse(
+        {
+            "version": studio.__version__,
+            "livyVersion": LIVY_VERSION,
+            "master": state.settings.master,
+            "pool": state.pool.status(),
+            "liveSessions": state.sessions.live_count(),
+            "liveBatches": state.batches.live_count(),
+            "maxSessions": state.settings.max_sessions,
+            "classDataArchive": str(state.cds.path) if state.cds.exists() else None,
+        }
+    )
+
+
+# -- sessions ------------------------------------------------------------------------------
+
+
+async def list_sessions(request: Request) -> Response:
+    start = _int_param(request, "from", 0) or 0
+    size = _int_param(request, "size", 100)
+    total, page = _sessions(request).list(start, 100 if size is None else size)
+    base = _base_url(request)
+    return JSONResponse({"from": start, "total": total, "sessions": [s.to_json(base) for s in page]})
+
+
+async def create_session(request: Request) -> Response:
+    body = parse_body(CreateSession, await read_body(request))
+    session = await _sessions(request).create(body)
+    return JSONResponse(session.to_json(_base_url(request)), status_code=201, headers={"Location": f"/{session.id}"})
+
+
+async def get_session(request: Request) -> Response:
+    return JSONResponse(_session(request).to_json(_base_url(request)))
+
+
+async def session_state(request: Request) -> Response:
+    session = _session(request)
+    return JSONResponse({"id": session.id, "state": session.state.value})
+
+
+async def delete_session(request: Request) -> Response:
+    manager = _sessions(request)
+    await manager.delete(manager.get(request.path_params["session_id"]))
+    return JSONResponse({"msg": "deleted"})
+
+
+def _log_page(log: Any, request: Request, item_id: int) -> Response:
+    start = _int_param(request, "from", None)
+    size = _int_param(request, "size", None)
+    if log is None:
+        return JSONResponse({"id": item_id, "from": 0, "total": 0, "log": []})
+    first, total, lines = log.page(start, size)
+    return JSONResponse({"id": item_id, "from": first, "total": total, "log": lines})
+
+
+async def session_log(request: Request) -> Response:
+    session = _session(request)
+    return _log_page(session.log, request, session.id)
+
+
+async def session_log_text(request: Request) -> Response:
+    session = _sessions(request).get(request.path_params["session_id"])
+    text = "\n".join(session.log.lines(0, -1)) if session.log else ""
+    return PlainTextResponse(text + "\n")
+
+
+# -- statements ----------------------------------------------------------------------------
+
+
+async def list_statements(request: Request) -> Response:
+    session = _session(request)
+    statements = list(session.statements.values())
+    if request.query_params.get("order") == "desc":
+        statements.reverse()
+    total = len(statements)
+    start = _int_param(request, "from", 0) or 0
+    size = _int_param(request, "size", -1)
+    page = statements[start:] if size is None or size < 0 else statements[start : start + size]
+    return JSONResponse({"total_statements": total, "statements": [s.to_json() for s in page]})
+
+
+async def create_statement(request: Request) -> Response:
+    session = _session(request)
+    body = parse_body(CreateStatement, await read_body(request))
+    manager = _sessions(request)
+    statement = manager.add_statement(session, body)
+    await manager.wait_statement(statement, _float_param(request, "wait"))
+    return JSONResponse(
+        statement.to_json(detail=bool(request.query_params.get("detail"))),
+        status_code=201,
+        headers={"Location": f"/{session.id}/statements/{statement.id}"},
+    )
+
+
+async def get_statement(request: Request) -> Response:
+    session = _session(request)
+    manager = _sessions(request)
+    statement = manager.get_statement(session, _path_int(request, "statement_id"))
+    await manager.wait_statement(statement, _float_param(request, "wait"))
+    return JSONResponse(statement.to_json(detail=bool(request.query_params.get("detail"))))
+
+
+def _path_int(request: Request, name: str) -> int:
+    raw = request.path_params[name]
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidRequestError(f"Statement id must be an integer, got '{raw}'.") from None
+
+
+async def cancel_statement(request: Request) -> Response:
+    session = _session(request)
+    _sessions(request).cancel_statement(session, _path_int(request, "statement_id"))
+    return JSONResponse({"msg": "canceled"})
+
+
+async def completion(request: Request) -> Response:
+    session = _session(request)
+    body = parse_body(CompletionRequest, await read_body(request))
+    candidates = await _sessions(request).complete(session, body)
+    return JSONResponse({"candidates": candidates})
+
+
+# -- batches -------------------------------------------------------------------------------
+
+
+async def list_batches(request: Request) -> Response:
+    start = _int_param(request, "from", 0) or 0
+    size = _int_param(request, "size", 100)
+    total, page = _batches(request).list(start, 100 if size is None else size)
+    base = _base_url(request)
+    return JSONResponse({"from": start, "total": total, "sessions": [b.to_json(base) for b in page]})
+
+
+async def create_batch(request: Request) -> Response:
+    body = parse_body(CreateBatch, await read_body(request))
+    batch = await _batches(request).create(body)
+    return JSONResponse(batch.to_json(_base_url(request)), status_code=201, headers={"Location": f"/{batch.id}"})
+
+
+async def get_batch(request: Request) -> Response:
+    return JSONResponse(_batches(request).get(request.path_params["batch_id"]).to_json(_base_url(request)))
+
+
+async def batch_state(request: Request) -> Response:
+    batch = _batches(request).get(request.path_params["batch_id"])
+    return JSONResponse({"id": batch.id, "state": batch.state.value})
+
+
+async def batch_log(request: Request) -> Response:
+    batch = _batches(request).get(request.path_params["batch_id"])
+    return _log_page(batch.log, request, batch.id)
+
+
+async def batch_log_text(request: Request) -> Response:
+    batch = _batches(request).get(request.path_params["batch_id"])
+    return PlainTextResponse("\n".join(batch.log.lines(0, -1)) + "\n")
+
+
+async def delete_batch(request: Request) -> Response:
+    manager = _batches(request)
+    await manager.delete(manager.get(request.path_params["batch_id"]))
+    return JSONResponse({"msg": "deleted"})
+
+
+ROUTES = [
+    Route("/version", version, methods=["GET"]),
+    Route("/studio/status", status, methods=["GET"]),
+    Route("/sessions", list_sessions, methods=["GET"]),
+    Route("/sessions", create_session, methods=["POST"]),
+    Route("/sessions/{session_id}", get_session, methods=["GET"]),
+    Route("/sessions/{session_id}", delete_session, methods=["DELETE"]),
+    Route("/sessions/{session_id}/state", session_state, methods=["GET"]),
+    Route("/sessions/{session_id}/log", session_log, methods=["GET"]),
+    Route("/sessions/{session_id}/statements", list_statements, methods=["GET"]),
+    Route("/sessions/{session_id}/statements", create_statement, methods=["POST"]),
+    Route("/sessions/{session_id}/statements/{statement_id}", get_statement, methods=["GET"]),
+    Route("/sessions/{session_id}/statements/{statement_id}/cancel", cancel_statement, methods=["POST"]),
+    Route("/sessions/{session_id}/completion", completion, methods=["POST"]),
+    Route("/batches", list_batches, methods=["GET"]),
+    Route("/batches", create_batch, methods=["POST"]),
+    Route("/batches/{batch_id}", get_batch, methods=["GET"]),
+    Route("/batches/{batch_id}", delete_batch, methods=["DELETE"]),
+    Route("/batches/{batch_id}/state", batch_state, methods=["GET"]),
+    Route("/batches/{batch_id}/log", batch_log, methods=["GET"]),
+    Route("/ui/session/{session_id}/log", session_log_text, methods=["GET"]),
+    Route("/ui/batch/{batch_id}/log", batch_log_text, methods=["GET"]),
+]

@@ -1,0 +1,569 @@
+"""Interactive sessions: their states, statements, timeouts and workers.
+
+A ``Session`` is the live object (its worker, its statement queue); its row in the store is
+only the record. The ``SessionManager`` raises only ``studio.errors`` and knows nothing of HTTP.
+
+Activity is counted as Livy counts it: on create, statement submit, cancel, completion and
+when a session goes from busy to idle; GETs do not count. With ``heartbeatTimeoutInSecond``
+any request about the session refreshes its heartbeat. Unlike Livy, a busy session is never
+stopped for being idle (a long cell is not inactivity).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from studio.config import Settings
+from studio.errors import (
+    CapacityError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    SessionNotActiveError,
+    StudioError,
+    TooManySessionsError,
+    WorkerError,
+)
+from studio.livy import sparkconf
+from studio.livy.logs import LogFile
+from studio.livy.models import (
+    SESSION_TRANSITIONS,
+    STATEMENT_TRANSITIONS,
+    CompletionRequest,
+    CreateSession,
+    CreateStatement,
+    SessionKind,
+    SessionState,
+    StatementState,
+    check_transition,
+    parse_duration,
+    parse_kind,
+)
+from studio.livy.pool import WorkerPool, available_memory_mb
+from studio.livy.workers import WorkerProcess, WorkerSpec, describe_exit
+from studio.store import Store
+
+log = logging.getLogger("studio.livy.sessions")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class Statement:
+    id: int
+    code: str
+    kind: SessionKind
+    state: StatementState = StatementState.WAITING
+    output: dict[str, Any] | None = None
+    progress: float = 0.0
+    started: int = 0
+    completed: int = 0
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def set_state(self, new: StatementState) -> None:
+        check_transition(STATEMENT_TRANSITIONS, self.state, new, f"statement {self.id}")
+        self.state = new
+        if new.is_final:
+            self.progress = 1.0
+            self.completed = now_ms()
+            self.done.set()
+
+    def to_json(self, detail: bool = False) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": self.id,
+            "code": self.code,
+            "state": self.state.value,
+            "output": self.output,
+            "progress": self.progress,
+            "started": self.started,
+            "completed": self.completed,
+        }
+        if detail:
+            data["jobs"] = self.jobs
+        return data
+
+
+class Session:
+    """One interactive session and its worker."""
+
+    def __init__(self, session_id: int, body: CreateSession, kind: SessionKind, conf: dict[str, str]) -> None:
+        self.id = session_id
+        self.body = body
+        self.name = body.name
+        self.kind = kind
+        self.conf = conf  # the Spark conf the session asked for (as shown in its JSON)
+        self.owner: str | None = None
+        self.state = SessionState.STARTING
+        self.worker: WorkerProcess | None = None
+        self.log: LogFile | None = None
+        self.app_id: str | None = None
+        self.spark_ui_url: str | None = None
+        self.warm = False
+        self.statements: OrderedDict[int, Statement] = OrderedDict()
+        self.next_statement_id = 0
+        self.queue: asyncio.Queue[int] = asyncio.Queue()
+        self.runner: asyncio.Task[None] | None = None
+        self.created = time.monotonic()
+        self.created_epoch = time.time()
+        self.last_activity = self.created
+        self.last_heartbeat = self.created
+        self.heartbeat_timeout = float(body.heartbeatTimeoutInSecond or 0)
+        self.ttl = parse_duration(body.ttl, "ttl")
+        self.idle_timeout = parse_duration(body.idleTimeout, "idleTimeout")
+        self.ended: float | None = None  # monotonic time it reached a final state
+        self.reason = ""
+        self.sql_num_rows: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state in (SessionState.IDLE, SessionState.BUSY)
+
+    @property
+    def live(self) -> bool:
+        return self.state in (SessionState.STARTING, SessionState.IDLE, SessionState.BUSY)
+
+    def set_state(self, new: SessionState) -> None:
+        check_transition(SESSION_TRANSITIONS, self.state, new, f"session {self.id}")
+        self.state = new
+        if new.is_final:
+            self.ended = time.monotonic()
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def to_json(self, base_url: str) -> dict[str, Any]:
+        body = self.body
+        return {
+            "id": self.id,
+            "name": self.name,
+            "appId": self.app_id,
+            "owner": self.owner,
+            "proxyUser": None,  # impersonation is off: a requested proxyUser is dropped, as in Livy
+            "state": self.state.value,
+            "kind": self.kind.value,
+            "appInfo": {
+                "driverLogUrl": f"{base_url}ui/session/{self.id}/log",
+                "sparkUiUrl": self.spark_ui_url,
+                "executorLogUrls": None,
+            },
+            "log": self.log.tail(10) if self.log else [],
+            "ttl": body.ttl,
+            "idleTimeout": body.idleTimeout,
+            "driverMemory": body.driverMemory,
+            "driverCores": body.driverCores or 0,
+            "executorMemory": body.executorMemory,
+            "executorCores": body.executorCores or 0,
+            "conf": body.conf,
+            "archives": body.archives,
+            "files": body.files,
+            "heartbeatTimeoutInSecond": body.heartbeatTimeoutInSecond,
+            "jars": body.jars,
+            "numExecutors": body.numExecutors or 0,
+            "pyFiles": body.pyFiles,
+            "queue": body.queue,
+        }
+
+
+class SessionManager:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        pool: WorkerPool,
+        new_worker: Callable[[WorkerSpec], WorkerProcess],
+        base_conf: Callable[[], dict[str, str]],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.pool = pool
+        self._new_worker = new_worker
+        self._base_conf = base_conf
+        self.sessions: dict[int, Session] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        pool.is_busy = self.any_busy
+
+    # -- lookup ---------------------------------------------------------------------------
+
+    def list(self, start: int, size: int) -> tuple[int, list[Session]]:
+        ordered = [self.sessions[k] for k in sorted(self.sessions)]
+        return len(ordered), ordered[start : start + size] if size >= 0 else ordered[start:]
+
+    def get(self, key: str | int) -> Session:
+        """A session by id, or by name (Livy accepts both in every /sessions/{id} route)."""
+        text = str(key)
+        if text.lstrip("-").isdigit():
+            session = self.sessions.get(int(text))
+        else:
+            session = next((s for s in self.sessions.values() if s.name == text), None)
+        if session is None:
+            raise NotFoundError(f"Session '{text}' not found.")
+        return session
+
+    def any_busy(self) -> bool:
+        return any(s.state is SessionState.BUSY for s in self.sessions.values())
+
+    def live_count(self) -> int:
+        return sum(1 for s in self.sessions.values() if s.live)
+
+    def heartbeat(self, session: Session) -> None:
+        session.last_heartbeat = time.monotonic()
+
+    # -- create ---------------------------------------------------------------------------
+
+    async def create(self, body: CreateSession, owner: str | None = None) -> Session:
+        kind = parse_kind(body.kind, statement=False) or SessionKind.SHARED
+        if body.name is not None:
+            if body.name.strip().lstrip("-").isdigit() or not body.name.strip():
+                raise InvalidRequestError(f"Rejected, Reason: session name '{body.name}' must not be a number or empty.")
+            if any(s.name == body.name for s in self.sessions.values()):
+                raise InvalidRequestError(f"Rejected, Reason: a session named '{body.name}' already exists.")
+        if body.heartbeatTimeoutInSecond < 0:
+            raise InvalidRequestError("Rejected, Reason: heartbeatTimeoutInSecond must not be negative.")
+        requested = sparkconf.requested_conf(body)
+        spark_conf, service_conf = sparkconf.split_service_conf(requested)
+        if self.live_count() >= self.settings.max_sessions:
+            raise TooManySessionsError(
+                f"Rejected, too many sessions: {self.live_count()} of {self.settings.max_sessions} are live "
+                "(STUDIO_MAX_SESSIONS); delete one first."
+            )
+        session_id = self.store.next_id("session")
+        session = Session(session_id, body, kind, requested)  # parses ttl/idleTimeout: may raise 400
+        session.owner = owner
+        session.sql_num_rows = _int_conf(service_conf, "livy.rsc.sql.num-rows")
+
+        worker = self.pool.take() if self.pool.size else None
+        if worker is not None:
+            reply = await self._activate(worker, spark_conf, session_id)
+            if reply is None:
+                worker = None
+            elif reply.get("error"):
+                self.pool.give_back(worker)
+                raise InvalidRequestError(f"Rejected, Reason: invalid conf: {reply['error']}")
+            elif not reply.get("ok"):
+                log.info("session %d needs its own JVM for %s", session_id, ", ".join(reply.get("static", [])))
+                self.pool.give_back(worker)
+                worker = None
+        if worker is None:
+            free = available_memory_mb()
+            if free is not None and free < self.settings.min_available_memory_mb:
+                raise CapacityError(
+                    f"Not enough memory to start another Spark session: {free} MB available, "
+                    f"{self.settings.min_available_memory_mb} MB needed (STUDIO_MIN_AVAILABLE_MEMORY_MB)."
+                )
+        self.sessions[session_id] = session
+        self.store.insert(
+            "sessions",
+            {
+                "id": session_id,
+                "name": body.name,
+                "kind": kind.value,
+                "owner": owner,
+                "state": session.state.value,
+                "request": body.model_dump(),
+            },
+        )
+        if worker is not None:
+            session.warm = True
+            self._attach(session, worker)
+            worker.log.append(f"handed out of the warm pool to session {session_id}")
+            worker.renice(0)
+            self._became_ready(session)
+        else:
+            spec = WorkerSpec(
+                conf=sparkconf.overlay(self._base_conf(), spark_conf),
+                app_name=body.name or f"livy-session-{session_id}",
+                warmup=False,
+            )
+            worker = self._new_worker(spec)
+            self._attach(session, worker)
+            self._spawn(self._start_cold(session, worker))
+        session.runner = asyncio.create_task(self._run_statements(session), name=f"session-{session_id}")
+        return session
+
+    async def _activate(self, worker: WorkerProcess, conf: dict[str, str], session_id: int) -> dict[str, Any] | None:
+        try:
+            return await asyncio.wait_for(worker.activate(conf, session_id), 30)
+        except (WorkerError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
+            log.warning("warm worker %s failed on hand-out (%s); starting a cold one", worker.id, exc)
+            self._spawn(worker.stop(now=True))
+            return None
+
+    def _attach(self, session: Session, worker: WorkerProcess) -> None:
+        session.worker = worker
+        session.log = worker.log
+        worker.on_progress = lambda message: self._on_progress(session, message)
+        worker.exited.add_done_callback(lambda fut: self._on_worker_exit(session, worker, fut.result()))
+        self.store.update("sessions", session.id, log_path=str(worker.log.path))
+
+    async def _start_cold(self, session: Session, worker: WorkerProcess) -> None:
+        try:
+            await worker.start()
+            await worker.wait_ready()
+        except (WorkerError, OSError) as exc:
+            if session.state is SessionState.STARTING:
+                message = getattr(exc, "msg", str(exc))
+                worker.log.append(f"session {session.id} failed to start: {message}")
+                await worker.stop(now=True)
+                self._finish(session, SessionState.DEAD, f"failed to start: {message}")
+            return
+        if session.state is SessionState.STARTING:
+            self._became_ready(session)
+
+    def _became_ready(self, session: Session) -> None:
+        assert session.worker is not None
+        session.app_id = session.worker.info.get("app_id")
+        session.spark_ui_url = session.worker.info.get("spark_ui_url")
+        session.set_state(SessionState.IDLE)
+        session.touch()
+        self.store.update("sessions", session.id, state=session.state.value, app_id=session.app_id)
+
+    # -- statements -----------------------------------------------------------------------
+
+    def add_statement(self, session: Session, body: CreateStatement) -> Statement:
+        if session.state is SessionState.STARTING:
+            raise ConflictError(
+                f"Session {session.id} is starting; it accepts statements once its state is idle."
+            )
+        if not session.active:
+            raise SessionNotActiveError(
+                f"requirement failed: Session isn't active. Session {session.id} is {session.state.value}."
+            )
+        size = len(body.code.encode("utf-8"))
+        if size > self.settings.max_code_bytes:
+            raise PayloadTooLargeError(
+                f"Statement code is {size:,} bytes; the limit is {self.settings.max_code_bytes:,} "
+                "(STUDIO_MAX_CODE_BYTES)."
+            )
+        kind = parse_kind(body.kind, statement=True) or (
+            SessionKind.SQL if session.kind is SessionKind.SQL else SessionKind.PYSPARK
+        )
+        statement = Statement(session.next_statement_id, body.code, kind)
+        session.next_statement_id += 1
+        session.statements[statement.id] = statement
+        self._evict(session)
+        session.touch()
+        if session.state is SessionState.IDLE:
+            session.set_state(SessionState.BUSY)
+        session.queue.put_nowait(statement.id)
+        return statement
+
+    def _evict(self, session: Session) -> None:
+        excess = len(session.statements) - self.settings.retained_statements
+        for sid in list(session.statements):
+            if excess <= 0:
+                break
+            if session.statements[sid].state.is_final:
+                del session.statements[sid]
+                excess -= 1
+
+    def get_statement(self, session: Session, statement_id: int) -> Statement:
+        statement = session.statements.get(statement_id)
+        if statement is None:
+            raise NotFoundError(f"Statement {statement_id} not found in session {session.id}.")
+        return statement
+
+    async def wait_statement(self, statement: Statement, timeout: float) -> None:
+        if timeout > 0 and not statement.state.is_final:
+            try:
+                await asyncio.wait_for(statement.done.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _run_statements(self, session: Session) -> None:
+        """Runs the session's statements one at a time, in order, like Livy's interpreter thread."""
+        while True:
+            statement_id = await session.queue.get()
+            statement = session.statements.get(statement_id)
+            worker = session.worker
+            if statement is None or statement.state is not StatementState.WAITING or worker is None:
+                self._maybe_idle(session)
+                continue
+            statement.set_state(StatementState.RUNNING)
+            statement.started = now_ms()
+            try:
+                output = await worker.execute(
+                    statement.id, statement.code, statement.kind.value, session.sql_num_rows or self.settings.sql_num_rows
+                )
+            except WorkerError as exc:
+                output = {"status": "error", "ename": "SessionWorkerDied", "evalue": exc.msg, "traceback": []}
+            if not statement.state.is_final:
+                statement.output = {"status": output.get("status", "error"), "execution_count": statement.id, **output}
+                statement.set_state(
+                    StatementState.CANCELLED
+                    if statement.state is StatementState.CANCELLING
+                    else StatementState.AVAILABLE
+                )
+            self._maybe_idle(session)
+
+    def _maybe_idle(self, session: Session) -> None:
+        """busy -> idle once nothing runs or waits (Livy: idle only after the last statement)."""
+        if session.state is not SessionState.BUSY:
+            return
+        if any(not s.state.is_final for s in session.statements.values()):
+            return
+        session.set_state(SessionState.IDLE)
+        session.touch()
+
+    def _on_progress(self, session: Session, message: dict[str, Any]) -> None:
+        statement = session.statements.get(int(message.get("id", -1)))
+        if statement is not None and not statement.state.is_final:
+            statement.progress = float(message.get("progress", 0.0))
+            statement.jobs = list(message.get("jobs", []))
+
+    def cancel_statement(self, session: Session, statement_id: int) -> None:
+        session.touch()
+        statement = session.statements.get(statement_id)
+        if statement is None or statement.state.is_final or statement.state is StatementState.CANCELLING:
+            return  # Livy answers "canceled" for finished and unknown statements too
+        if statement.state is StatementState.WAITING:
+            statement.set_state(StatementState.CANCELLED)
+            self._maybe_idle(session)
+            return
+        statement.set_state(StatementState.CANCELLING)
+        if session.worker is not None:
+            session.worker.cancel(statement.id)
+        self._spawn(self._cancel_deadline(session, statement))
+
+    async def _cancel_deadline(self, session: Session, statement: Statement) -> None:
+        await asyncio.sleep(self.settings.cancel_timeout + 1.0)
+        if statement.state is StatementState.CANCELLING:
+            # Livy's job-cancel timeout: record the statement as cancelled; the session stays busy
+            # until the code really returns.
+            statement.output = {
+                "status": "error",
+                "execution_count": statement.id,
+                "ename": "CancelTimeout",
+                "evalue": f"the statement did not stop within {self.settings.cancel_timeout:.0f}s of cancel; "
+                "it keeps the session busy until it returns",
+                "traceback": [],
+            }
+            statement.set_state(StatementState.CANCELLED)
+
+    async def complete(self, session: Session, body: CompletionRequest) -> list[str]:
+        session.touch()
+        if not session.active or session.worker is None:
+            raise ConflictError(f"Session {session.id} is {session.state.value}; completion needs an active session.")
+        if (parse_kind(body.kind, statement=True) or SessionKind.PYSPARK) is SessionKind.SQL:
+            return []
+        cursor = len(body.code) if body.cursor is None else body.cursor
+        try:
+            return await asyncio.wait_for(session.worker.complete(body.code, cursor), 10)
+        except (asyncio.TimeoutError, WorkerError):
+            return []
+
+    # -- stopping -------------------------------------------------------------------------
+
+    async def delete(self, session: Session) -> None:
+        """Stop the session's worker (DELETE). A finished session is removed from the list."""
+        if session.state.is_final or session.state is SessionState.SHUTTING_DOWN:
+            if session.state.is_final:
+                self.sessions.pop(session.id, None)
+            return
+        await self.stop(session, SessionState.KILLED, "deleted by the client")
+
+    async def stop(self, session: Session, final: SessionState, reason: str) -> None:
+        session.set_state(SessionState.SHUTTING_DOWN)
+        if session.log is not None:
+            session.log.append(f"session {session.id} stopping: {reason}")
+        worker = session.worker
+        if worker is not None:
+            step = await worker.stop()
+            if session.log is not None:
+                session.log.append(f"session {session.id} stopped ({step.value})")
+        self._finish(session, final, reason)
+
+    def _finish(self, session: Session, final: SessionState, reason: str) -> None:
+        if session.state.is_final:
+            return
+        session.set_state(final)
+        session.reason = reason
+        for statement in session.statements.values():
+            if statement.state is StatementState.WAITING:
+                statement.set_state(StatementState.CANCELLED)
+        if session.runner is not None:
+            session.runner.cancel()
+        self.store.update("sessions", session.id, state=final.value, ended_at=time.time(), reason=reason)
+
+    def _on_worker_exit(self, session: Session, worker: WorkerProcess, code: int) -> None:
+        if session.worker is not worker or not session.live:
+            return  # we stopped it (or it was replaced)
+        reason = f"the session's worker {describe_exit(code)}"
+        worker.log.append(f"session {session.id} is dead: {reason}")
+        log.warning("session %d is dead: %s", session.id, reason)
+        for statement in session.statements.values():
+            if statement.state in (StatementState.RUNNING, StatementState.CANCELLING):
+                statement.output = {
+                    "status": "error",
+                    "execution_count": statement.id,
+                    "ename": "SessionWorkerDied",
+                    "evalue": f"{reason} while this statement ran; see the session log",
+                    "traceback": [],
+                }
+                statement.set_state(
+                    StatementState.CANCELLED
+                    if statement.state is StatementState.CANCELLING
+                    else StatementState.AVAILABLE
+                )
+        self._finish(session, SessionState.DEAD, reason)
+        self._spawn(worker.stop(now=True))  # reap what may be left of its process group
+
+    # -- culling --------------------------------------------------------------------------
+
+    def expiry_reason(self, session: Session, now: float) -> str | None:
+        """Why a live session should be stopped now, or None (named predicates, as jupyter_server culls)."""
+        if session.ttl and now - session.created > session.ttl:
+            return f"its ttl of {session.ttl:g}s expired"
+        if session.heartbeat_timeout and now - session.last_heartbeat > session.heartbeat_timeout:
+            return f"no heartbeat for {now - session.last_heartbeat:.0f}s (heartbeatTimeoutInSecond={session.heartbeat_timeout:g})"
+        idle_timeout = session.idle_timeout if session.idle_timeout is not None else self.settings.session_idle_timeout
+        if session.state is SessionState.IDLE and idle_timeout and now - session.last_activity > idle_timeout:
+            return f"it was idle for {now - session.last_activity:.0f}s (idle timeout {idle_timeout:g}s)"
+        return None
+
+    async def cull(self) -> None:
+        now = time.monotonic()
+        for session in list(self.sessions.values()):
+            try:
+                if session.live:
+                    reason = self.expiry_reason(session, now)
+                    if reason:
+                        log.info("stopping session %d: %s", session.id, reason)
+                        await self.stop(session, SessionState.DEAD, reason)
+                elif session.ended is not None and now - session.ended > self.settings.session_state_retain:
+                    self.sessions.pop(session.id, None)
+            except Exception:  # noqa: BLE001 - one session's failure must not stop the culler
+                log.exception("culling session %d failed", session.id)
+
+    async def shutdown(self) -> None:
+        live = [s for s in self.sessions.values() if s.live]
+        await asyncio.gather(
+            *(self.stop(s, SessionState.DEAD, "the service is shutting down") for s in live), return_exceptions=True
+        )
+        for task in list(self._background):
+            task.cancel()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _int_conf(conf: dict[str, str], key: str) -> int | None:
+    if key not in conf:
+        return None
+    try:
+        return max(1, int(conf[key]))
+    except ValueError:
+        raise InvalidRequestError(f"Rejected, Reason: {key} must be an integer, got '{conf[key]}'.") from None
+
+
+__all__ = ["Session", "SessionManager", "Statement", "StudioError"]

@@ -1,0 +1,111 @@
+"""From Livy's session and batch settings to Spark configuration, and the conf every worker gets.
+
+Which settings a warm worker can honour is decided by Spark itself: on hand-out the worker asks
+``spark.conf.isModifiable(key)`` for every key, and any key that is not a runtime SQL conf sends
+the session to a cold worker of its own (see ``SessionManager.create``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from studio.config import Settings
+from studio.errors import InvalidRequestError
+
+# Livy field -> Spark conf key (Livy's own mapping).
+_FIELDS = {
+    "driverMemory": "spark.driver.memory",
+    "driverCores": "spark.driver.cores",
+    "executorMemory": "spark.executor.memory",
+    "executorCores": "spark.executor.cores",
+    "numExecutors": "spark.executor.instances",
+    "queue": "spark.yarn.queue",
+}
+_LIST_FIELDS = {
+    "jars": "spark.jars",
+    "pyFiles": "spark.submit.pyFiles",
+    "files": "spark.files",
+    "archives": "spark.archives",
+}
+
+# Livy's spark-blacklist.conf: the server decides these.
+BLACKLIST = frozenset(
+    {
+        "spark.master",
+        "spark.submit.deployMode",
+        "spark.yarn.jar",
+        "spark.yarn.jars",
+        "spark.yarn.archive",
+        "livy.rsc.server.idle-timeout",
+    }
+)
+
+# Conf the service itself interprets instead of Spark; never a reason for a cold worker.
+#  - livy.rsc.*: Livy's driver settings (livy.rsc.sql.num-rows: rows of a sql statement).
+#  - spark.pyspark.virtualenv.*: what EMR notebooks set before sc.install_pypi_package;
+#    notebook-scoped packages work without it here.
+SERVICE_PREFIXES = ("livy.rsc.", "spark.pyspark.virtualenv.")
+
+
+def requested_conf(body: Any) -> dict[str, str]:
+    """The Spark conf a session or batch body asks for (fields mapped, then ``conf``)."""
+    conf: dict[str, str] = {}
+    for field, key in _FIELDS.items():
+        value = getattr(body, field)
+        if value is not None:
+            conf[key] = str(value)
+    for field, key in _LIST_FIELDS.items():
+        values = getattr(body, field)
+        if values:
+            conf[key] = ",".join(values)
+    for key, value in body.conf.items():
+        if key in BLACKLIST:
+            raise InvalidRequestError(f"Rejected, Reason: Blacklisted configuration values in session config: {key}")
+        conf[key] = value
+    return conf
+
+
+def split_service_conf(conf: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(Spark conf, conf the service interprets itself)."""
+    spark = {k: v for k, v in conf.items() if not k.startswith(SERVICE_PREFIXES)}
+    service = {k: v for k, v in conf.items() if k.startswith(SERVICE_PREFIXES)}
+    return spark, service
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """Environment of every worker and batch: loopback binding, this Python for executors."""
+    return {
+        "SPARK_LOCAL_IP": settings.spark_local_ip,
+        "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable),
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "MPLBACKEND": "Agg",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def merge_java_options(*parts: str) -> str:
+    return " ".join(part.strip() for part in parts if part and part.strip())
+
+
+def base_conf(settings: Settings, java_options: str) -> dict[str, str]:
+    """Conf every driver starts with; the session's own conf is laid over it."""
+    conf = {
+        "spark.ui.port": "0",  # any free port: many drivers share this machine
+        "spark.ui.showConsoleProgress": "false",  # progress bars would fill the log
+        **settings.spark_conf,
+    }
+    options = merge_java_options(conf.get("spark.driver.extraJavaOptions", ""), java_options, settings.java_options)
+    if options:
+        conf["spark.driver.extraJavaOptions"] = options
+    return conf
+
+
+def overlay(base: dict[str, str], own: dict[str, str]) -> dict[str, str]:
+    """The session's conf over the base; JVM options are appended, not replaced."""
+    merged = {**base, **own}
+    key = "spark.driver.extraJavaOptions"
+    if key in base and key in own:
+        merged[key] = merge_java_options(base[key], own[key])
+    return merged

@@ -1,0 +1,95 @@
+"""Persistence only: rows in SQLite, no live processes.
+
+The session service keeps its live objects (sessions with their workers, batches with their
+spark-submit processes) in memory; a row here is their record: ids keep counting across
+restarts, and finished work stays on record with its log path.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    id INTEGER PRIMARY KEY, name TEXT, kind TEXT NOT NULL, owner TEXT, state TEXT NOT NULL,
+    created_at REAL NOT NULL, ended_at REAL, app_id TEXT, log_path TEXT, request TEXT NOT NULL,
+    reason TEXT
+);
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY, name TEXT, owner TEXT, state TEXT NOT NULL,
+    created_at REAL NOT NULL, ended_at REAL, app_id TEXT, log_path TEXT, request TEXT NOT NULL,
+    reason TEXT
+);
+"""
+
+_TABLES = ("sessions", "batches")
+
+
+class Store:
+    """A small typed wrapper over one SQLite file (WAL mode; safe to call from any thread)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def next_id(self, counter: str) -> int:
+        """The next id of a counter ("session", "batch"), never reused."""
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO counters(name, value) VALUES (?, 0)", (counter,))
+            self._db.execute("UPDATE counters SET value = value + 1 WHERE name = ?", (counter,))
+            (value,) = self._db.execute("SELECT value FROM counters WHERE name = ?", (counter,)).fetchone()
+        return int(value) - 1
+
+    def insert(self, table: str, row: dict[str, Any]) -> None:
+        assert table in _TABLES
+        row = {**row, "request": json.dumps(row.get("request", {})), "created_at": row.get("created_at", time.time())}
+        columns = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with self._lock:
+            self._db.execute(f"INSERT OR REPLACE INTO {table} ({columns}) VALUES ({marks})", tuple(row.values()))
+
+    def update(self, table: str, row_id: int, **fields: Any) -> None:
+        assert table in _TABLES
+        if not fields:
+            return
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with self._lock:
+            self._db.execute(f"UPDATE {table} SET {assignments} WHERE id = ?", (*fields.values(), row_id))
+
+    def get(self, table: str, row_id: int) -> dict[str, Any] | None:
+        assert table in _TABLES
+        with self._lock:
+            row = self._db.execute(f"SELECT * FROM {table} WHERE id = ?", (row_id,)).fetchone()
+        return _row(row) if row else None
+
+    def mark_unfinished(self, table: str, state: str, reason: str) -> int:
+        """Close the records of work a previous run of the service left unfinished."""
+        assert table in _TABLES
+        with self._lock:
+            cursor = self._db.execute(
+                f"UPDATE {table} SET state = ?, ended_at = ?, reason = ? WHERE ended_at IS NULL",
+                (state, time.time(), reason),
+            )
+        return cursor.rowcount
+
+
+def _row(row: sqlite3.Row) -> dict[str, Any]:
+    data = dict(row)
+    data["request"] = json.loads(data["request"])
+    return data

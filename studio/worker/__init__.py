@@ -1,0 +1,1 @@
+"""What runs inside one session worker process (``python -m studio.worker``)."""

@@ -1,0 +1,5 @@
+import sys
+
+from studio.worker.main import main
+
+sys.exit(main())

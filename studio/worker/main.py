@@ -1,0 +1,317 @@
+"""The session worker: one Python interpreter with one SparkSession, driven by the service.
+
+Started as ``python -m studio.worker --fd N`` with a Unix socket inherited from the service
+(see ``protocol.py``). Statements run on the main thread, so a SIGINT aimed at that thread
+interrupts driver-side Python (``time.sleep``, a pandas loop); a reader thread receives
+``cancel`` and ``complete`` while a statement runs. stdout/stderr of the process are the
+session's log: the service sends them to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import os
+import queue
+import re
+import rlcompleter
+import signal
+import socket
+import sys
+import threading
+import time
+import types
+import warnings
+from typing import Any, BinaryIO
+
+from studio.worker import lean, protocol
+from studio.worker.progress import ProgressReporter, job_group
+from studio.worker.repl import PythonRepl, error, run_sql
+
+
+def log(message: str) -> None:
+    """A log line in Spark's own format, so the session log reads as one."""
+    stamp = time.strftime("%y/%m/%d %H:%M:%S")
+    sys.__stderr__.write(f"{stamp} INFO StudioWorker: {message}\n")
+    sys.__stderr__.flush()
+
+
+class Connection:
+    """The worker's end of the socket: blocking reads on one thread, locked writes from any."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader: BinaryIO = sock.makefile("rb")
+        self._lock = threading.Lock()
+
+    def send(self, message: dict[str, Any]) -> None:
+        data = protocol.encode(message)
+        with self._lock:
+            self.sock.sendall(data)
+
+    def receive(self) -> dict[str, Any] | None:
+        line = self.reader.readline(protocol.MAX_LINE_BYTES)
+        if not line:
+            return None
+        return protocol.decode(line)
+
+
+def completions(namespace: dict[str, Any], code: str, cursor: int) -> list[str]:
+    """Names and attributes that complete the identifier (or dotted name) before ``cursor``."""
+    match = re.search(r"[A-Za-z_][\w.]*$", code[: max(0, cursor)])
+    if not match:
+        return []
+    token = match.group(0)
+    completer = rlcompleter.Completer(namespace)
+    found: list[str] = []
+    for state in range(500):
+        try:
+            candidate = completer.complete(token, state)
+        except Exception:  # noqa: BLE001 - evaluating `a.b.` may raise anything
+            break
+        if candidate is None:
+            break
+        candidate = candidate.rstrip("(")
+        if candidate not in found:
+            found.append(candidate)
+    return sorted(found, key=lambda c: (c.rsplit(".", 1)[-1].startswith("_"), c))
+
+
+class Worker:
+    """Creates the SparkSession from the ``start`` message, then serves statements."""
+
+    def __init__(self, conn: Connection, config: dict[str, Any]) -> None:
+        self.conn = conn
+        self.config = config
+        self.queue: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.main_thread = threading.main_thread().ident
+        self.current: int | None = None  # statement running on the main thread
+        self.cancel_target: int | None = None
+        self.in_user_code = False
+
+    # -- start ------------------------------------------------------------------------------
+
+    def start_spark(self) -> None:
+        started = time.monotonic()
+        lean.patch_numpy_converters()
+        from pyspark.sql import SparkSession, SQLContext
+
+        config = self.config
+        builder = SparkSession.builder.master(config["master"]).appName(config["app_name"])
+        for key, value in config["conf"].items():
+            builder = builder.config(key, value)
+        self.spark = builder.getOrCreate()
+        self.sc = self.spark.sparkContext
+        self.sc.setLogLevel(config.get("log_level", "WARN"))
+        signal.signal(signal.SIGINT, self._on_sigint)  # replaces PySpark's cancel-all handler
+
+        # Livy's clients print a DataFrame.toJSON() result line by line and parse each line
+        # (sparkmagic %%sql, pylivy download); Spark 4's warning about toJSON would break them.
+        warnings.filterwarnings("ignore", message=r"The return type of DataFrame\.toJSON", category=UserWarning)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            sql_context = SQLContext(self.sc, self.spark)
+        main = types.ModuleType("__main__")
+        main.__dict__.update({"__builtins__": builtins, "spark": self.spark, "sc": self.sc, "sqlContext": sql_context})
+        sys.modules["__main__"] = main
+        self.namespace = main.__dict__
+        self.repl = PythonRepl(self.namespace, int(config.get("max_output_bytes", 10 * 1024 * 1024)))
+        if config.get("warmup"):
+            self._warm_up(float(config.get("warmup_seconds", 15.0)))
+        self.progress = ProgressReporter(self.sc, self.conn.send)
+        jvm = getattr(self.sc._gateway, "proc", None)
+        self.jvm = jvm
+        seconds = time.monotonic() - started
+        log(f"SparkSession ready in {seconds:.1f}s: app {self.sc.applicationId}, UI {self.sc.uiWebUrl}")
+        self.conn.send(
+            {
+                "op": "ready",
+                "app_id": self.sc.applicationId,
+                "spark_ui_url": self.sc.uiWebUrl,
+                "spark_version": self.spark.version,
+                "jvm_pid": jvm.pid if jvm is not None else None,
+                "python_pid": os.getpid(),
+                "startup_seconds": seconds,
+            }
+        )
+
+    def _warm_up(self, budget: float) -> None:
+        """Run small jobs until the JIT has compiled the job path (or the budget is spent).
+
+        The first job of a driver takes seconds and the next few still run at several times
+        their steady speed; a pooled worker pays that before anyone waits for it.
+        """
+        deadline = time.monotonic() + budget
+        self.sc.setJobGroup("warm-up", "warm-up of a pooled session", True)
+        for i in range(120):
+            self.spark.range(1).count()
+            if i % 3 == 0:
+                self.spark.sql("SELECT 1").collect()
+            if time.monotonic() > deadline:
+                break
+        self.sc.setLocalProperty("spark.jobGroup.id", None)
+        self.sc.setLocalProperty("spark.job.description", None)
+
+    # -- threads ----------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        threading.Thread(target=self._read_loop, name="studio-reader", daemon=True).start()
+        if self.jvm is not None:
+            threading.Thread(target=self._watch_jvm, name="studio-jvm-watch", daemon=True).start()
+        while True:
+            message = self.queue.get()
+            op = message["op"]
+            if op == "execute":
+                self._execute(message)
+            elif op == "activate":
+                self._activate(message)
+            elif op == "shutdown":
+                self._shutdown()
+
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                message = self.conn.receive()
+            except (OSError, ValueError) as exc:
+                log(f"bad message from the service: {exc}")
+                message = None
+            if message is None:
+                log("the service closed the connection; stopping")
+                self.queue.put({"op": "shutdown"})
+                # Code that never returns must not keep the worker alive without its service.
+                time.sleep(float(self.config.get("stop_timeout", 5.0)))
+                os._exit(0)
+            op = message["op"]
+            if op == "cancel":
+                self._cancel(int(message["id"]))
+            elif op == "complete":
+                candidates = completions(self.namespace, message.get("code", ""), int(message.get("cursor", 0)))
+                self.conn.send({"op": "completion", "req": message["req"], "candidates": candidates})
+            else:
+                self.queue.put(message)
+
+    def _watch_jvm(self) -> None:
+        while True:
+            code = self.jvm.poll()
+            if code is not None:
+                log(f"the Spark driver JVM (pid {self.jvm.pid}) exited with code {code}; the session cannot continue")
+                os._exit(3)
+            time.sleep(1.0)
+
+    # -- operations -------------------------------------------------------------------------
+
+    def _execute(self, message: dict[str, Any]) -> None:
+        statement_id = int(message["id"])
+        code = message["code"]
+        self.current = statement_id
+        output: dict[str, Any]
+        try:
+            first_line = code.strip().splitlines()[0][:120] if code.strip() else ""
+            self.sc.setJobGroup(job_group(statement_id), f"statement {statement_id}: {first_line}", True)
+            self.progress.begin(statement_id)
+            self.in_user_code = True
+            if message.get("kind") == "sql":
+                output = run_sql(self.spark, code, int(message.get("max_rows", 1000)))
+            else:
+                output = self.repl.execute(statement_id, code)
+        except KeyboardInterrupt:
+            # The interrupt landed outside the user's code (between our own lines).
+            output = error("KeyboardInterrupt", "statement cancelled", [])
+        except Exception as exc:  # noqa: BLE001 - e.g. the JVM went away during setJobGroup
+            output = error(type(exc).__name__, str(exc), [])
+        finally:
+            self.in_user_code = False
+            self.current = None
+            self.cancel_target = None
+            self.progress.end()
+        self.conn.send({"op": "result", "id": statement_id, "output": output})
+
+    def _activate(self, message: dict[str, Any]) -> None:
+        conf: dict[str, str] = message.get("conf", {})
+        try:
+            static = [key for key in conf if not self.spark.conf.isModifiable(key)]
+            if not static:
+                for key, value in conf.items():
+                    self.spark.conf.set(key, value)
+        except Exception as exc:  # noqa: BLE001 - an invalid value is the caller's error
+            self.conn.send({"op": "activated", "ok": False, "static": [], "error": str(exc)})
+            return
+        if message.get("session") is not None:
+            log(f"handed to session {message['session']}")
+        self.conn.send({"op": "activated", "ok": not static, "static": static, "error": None})
+
+    def _shutdown(self) -> None:
+        log("stopping Spark")
+        try:
+            self.spark.stop()
+        except Exception as exc:  # noqa: BLE001
+            log(f"spark.stop() failed: {exc}")
+        if self.jvm is not None:
+            # The JVM exits when its stdin closes; wait, so no process outlives the worker.
+            try:
+                self.jvm.stdin.close()
+                self.jvm.wait(timeout=float(self.config.get("stop_timeout", 5.0)))
+            except Exception:  # noqa: BLE001
+                pass
+        sys.__stdout__.flush()
+        sys.__stderr__.flush()
+        os._exit(0)
+
+    # -- cancel -----------------------------------------------------------------------------
+
+    def _cancel(self, statement_id: int) -> None:
+        if self.current != statement_id:
+            return  # finished already, or never started here (the service cancels waiting ones)
+        self.cancel_target = statement_id
+        threading.Thread(target=self._cancel_loop, args=(statement_id,), name="studio-cancel", daemon=True).start()
+
+    def _cancel_loop(self, statement_id: int) -> None:
+        """Cancel the group's jobs every 100 ms; interrupt Python code that keeps running."""
+        started = time.monotonic()
+        deadline = started + float(self.config.get("cancel_timeout", 30.0))
+        last_interrupt = 0.0
+        while self.current == statement_id and time.monotonic() < deadline:
+            try:
+                self.sc.cancelJobGroup(job_group(statement_id))
+            except Exception:  # noqa: BLE001
+                pass
+            now = time.monotonic()
+            # A cancelled Spark job returns within a few hundred ms on its own; code that is
+            # still running after that is driver-side Python, which only a signal stops.
+            if now - started >= 0.4 and now - last_interrupt >= 1.0 and self.current == statement_id:
+                signal.pthread_kill(self.main_thread, signal.SIGINT)
+                last_interrupt = now
+            time.sleep(0.1)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.in_user_code and self.cancel_target is not None and self.cancel_target == self.current:
+            raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m studio.worker")
+    parser.add_argument("--fd", type=int, required=True, help="inherited socket to the service")
+    args = parser.parse_args(argv)
+    sock = socket.socket(fileno=args.fd)
+    conn = Connection(sock)
+    config = conn.receive()
+    if config is None or config.get("op") != "start":
+        log("no start message from the service")
+        return 2
+    worker = Worker(conn, config)
+    try:
+        worker.start_spark()
+    except BaseException as exc:  # noqa: BLE001 - report any start failure, then exit
+        import traceback
+
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        sys.__stderr__.write(text)
+        log(f"the SparkSession could not be created: {type(exc).__name__}: {exc}")
+        try:
+            conn.send({"op": "failed", "message": f"{type(exc).__name__}: {exc}"})
+        except OSError:
+            pass
+        sys.__stderr__.flush()
+        os._exit(2)
+    worker.serve()
+    return 0

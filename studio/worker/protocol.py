@@ -1,0 +1,43 @@
+"""Messages between the session service and a session worker.
+
+One JSON object per line over a Unix socket pair that the service creates and the worker
+inherits (``--fd N``). Every message has an ``op``:
+
+service → worker
+    ``start``     {master, conf, app_name, warmup, log_level, max_output_bytes, cancel_timeout, stop_timeout}
+                  (first message; the worker creates its SparkSession from it)
+    ``activate``  {conf}: apply runtime SQL conf when a warm worker is handed to a session
+    ``execute``   {id, code, kind, max_rows}: run one statement (kind "pyspark" or "sql")
+    ``cancel``    {id}: stop that statement's Spark jobs and interrupt its Python code
+    ``complete``  {req, code, cursor}: completion candidates for the text before ``cursor``
+    ``shutdown``  {}: stop Spark and exit
+
+worker → service
+    ``ready``      {app_id, spark_ui_url, spark_version, jvm_pid, python_pid, startup_seconds}
+    ``failed``     {message}: the SparkSession could not be created; the worker exits next
+    ``activated``  {ok, static: [keys that need their own JVM], error}
+    ``progress``   {id, progress, jobs: [...]}: live Spark progress of the running statement
+    ``result``     {id, output}: output is Livy's statement output without ``execution_count``
+    ``completion`` {req, candidates}
+
+Lines can be large (images, SQL results), so readers must allow long lines.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+MAX_LINE_BYTES = 1024 * 1024 * 1024
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """One message as a line of UTF-8 JSON (JSON escapes newlines inside strings)."""
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8") + b"\n"
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    message = json.loads(line)
+    if not isinstance(message, dict) or "op" not in message:
+        raise ValueError(f"not a protocol message: {line[:200]!r}")
+    return message

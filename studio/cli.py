@@ -52,8 +52,14 @@ def setup_logging(verbose: bool = False) -> None:
 
 async def serve_app(app: Any, sock: socket.socket, announce: str) -> None:
     """Serve an ASGI app with uvicorn on an already bound socket until SIGINT/SIGTERM."""
+    import signal
+
     import uvicorn
 
+    # uvicorn re-raises the signal that stopped it once it has shut down; with these handlers
+    # that is a no-op, so a stop by SIGINT/SIGTERM after a clean shutdown exits with status 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     config = uvicorn.Config(
         app, lifespan="on", log_level="warning", access_log=False, timeout_graceful_shutdown=5, loop="auto"
     )

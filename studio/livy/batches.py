@@ -174,6 +174,8 @@ class BatchManager:
         event_dir = self.settings.state_dir / "events" / f"batch-{batch_id}"
         command = self.command(body, batch_id, event_dir)
         event_dir.mkdir(parents=True, exist_ok=True)
+        workdir = self.settings.state_dir / "work" / f"batch-{batch_id}"
+        workdir.mkdir(parents=True, exist_ok=True)
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
         batch = Batch(batch_id, body, LogFile(self.settings.log_dir / f"batch-{batch_id}.log"), event_dir)
         batch.owner = owner
@@ -198,6 +200,7 @@ class BatchManager:
                 stdout=handle,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
+                cwd=str(workdir),
                 env=env,
             )
         batch.monitor = asyncio.create_task(self._monitor(batch), name=f"batch-{batch_id}")

@@ -471,9 +471,15 @@ class SessionManager:
         await self.stop(session, SessionState.KILLED, "deleted by the client")
 
     async def stop(self, session: Session, final: SessionState, reason: str) -> None:
+        self._begin_stop(session, reason)
+        await self._complete_stop(session, final, reason)
+
+    def _begin_stop(self, session: Session, reason: str) -> None:
         session.set_state(SessionState.SHUTTING_DOWN)
         if session.log is not None:
             session.log.append(f"session {session.id} stopping: {reason}")
+
+    async def _complete_stop(self, session: Session, final: SessionState, reason: str) -> None:
         worker = session.worker
         if worker is not None:
             step = await worker.stop()
@@ -537,7 +543,9 @@ class SessionManager:
                     reason = self.expiry_reason(session, now)
                     if reason:
                         log.info("stopping session %d: %s", session.id, reason)
-                        await self.stop(session, SessionState.DEAD, reason)
+                        # Stops run side by side: one slow worker must not delay the other expiries.
+                        self._begin_stop(session, reason)
+                        self._spawn(self._complete_stop(session, SessionState.DEAD, reason))
                 elif session.ended is not None and now - session.ended > self.settings.session_state_retain:
                     self.sessions.pop(session.id, None)
             except Exception:  # noqa: BLE001 - one session's failure must not stop the culler

@@ -83,6 +83,9 @@ class WorkerProcess:
         self.ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.shutdown_step: ShutdownStep | None = None
+        self._stopping = False  # stop() was called: a start still under way must not leave a process
+        self._spawning = False
+        self._spawned = asyncio.Event()
 
     @property
     def pid(self) -> int | None:
@@ -95,6 +98,18 @@ class WorkerProcess:
 
     async def start(self, nice: int = 0) -> None:
         """Spawn the worker and send it its start message; ``ready`` resolves when Spark is up."""
+        self._spawning = True
+        try:
+            await self._spawn(nice)
+        finally:
+            self._spawning = False
+            self._spawned.set()
+        if self._stopping:
+            raise WorkerStartError(f"Worker {self.id} was stopped while it started.")
+
+    async def _spawn(self, nice: int) -> None:
+        if self._stopping:
+            return
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
         self.workdir.mkdir(parents=True, exist_ok=True)
         parent, child = socket.socketpair()
@@ -133,6 +148,7 @@ class WorkerProcess:
                 "conf": self.spec.conf,
                 "app_name": self.spec.app_name,
                 "warmup": self.spec.warmup,
+                "warmup_seconds": settings.pool_warmup_seconds,
                 "log_level": settings.spark_log_level,
                 "max_output_bytes": settings.max_output_bytes,
                 "cancel_timeout": settings.cancel_timeout,
@@ -163,6 +179,9 @@ class WorkerProcess:
 
     async def stop(self, now: bool = False) -> ShutdownStep:
         """Stop the worker and everything in its process group; returns the step that worked."""
+        self._stopping = True
+        if self._spawning:
+            await self._spawned.wait()  # then there is a process to stop, or none at all
         step = await self._stop(now)
         self.shutdown_step = step
         await self._reap_group()

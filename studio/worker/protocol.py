@@ -4,7 +4,7 @@ One JSON object per line over a Unix socket pair that the service creates and th
 inherits (``--fd N``). Every message has an ``op``:
 
 service → worker
-    ``start``     {master, conf, app_name, warmup, log_level, max_output_bytes, cancel_timeout, stop_timeout}
+    ``start``     {master, conf, app_name, warmup, warmup_seconds, log_level, max_output_bytes, cancel_timeout, stop_timeout}
                   (first message; the worker creates its SparkSession from it)
     ``activate``  {conf}: apply runtime SQL conf when a warm worker is handed to a session
     ``execute``   {id, code, kind, max_rows}: run one statement (kind "pyspark" or "sql")

@@ -1,0 +1,165 @@
+"""Test helpers: a real `studio livy` process on a loopback port, and a small Livy client on httpx."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def processes_under(folder: Path) -> list[tuple[int, str]]:
+    """(pid, command) of every process whose working directory is inside ``folder``."""
+    found = []
+    folder_text = str(folder.resolve())
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                command = handle.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cwd == folder_text or cwd.startswith(folder_text + os.sep):
+            found.append((int(entry), command[:200]))
+    return found
+
+
+class ServiceProcess:
+    """`python -m studio livy --port 0` with settings from STUDIO_* variables."""
+
+    def __init__(self, state_dir: Path, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+        self.state_dir = state_dir
+        self.env = {
+            **os.environ,
+            "STUDIO_CDS": "false",
+            "STUDIO_CACHE_DIR": str(state_dir / "cache"),
+            **(env or {}),
+        }
+        self.args = args or []
+        self.process: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / "service.log"
+
+    def start(self, timeout: float = 60.0) -> "ServiceProcess":
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "studio", "livy", "--port", "0", "--state-dir", str(self.state_dir), *self.args]
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=open(self.log_path, "ab"),
+            text=True,
+            env=self.env,
+            cwd=str(REPO),
+        )
+        deadline = time.monotonic() + timeout
+        assert self.process.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"studio livy exited ({self.process.wait()}); log:\n{self.log_path.read_text()}")
+            if "listening on " in line:
+                self.url = line.split("listening on ", 1)[1].split()[0]
+                return self
+        raise RuntimeError("studio livy did not announce its address in time")
+
+    def stop(self, timeout: float = 90.0) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def leftovers(self) -> list[tuple[int, str]]:
+        return processes_under(self.state_dir)
+
+    def client(self) -> "LivyClient":
+        return LivyClient(self.url)
+
+    def wait_pool(self, ready: int, timeout: float = 240.0) -> None:
+        with httpx.Client(base_url=self.url, timeout=10) as http:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if http.get("/studio/status").json()["pool"]["ready"] >= ready:
+                    return
+                time.sleep(0.5)
+        raise AssertionError(f"warm pool did not reach {ready} ready workers; log:\n{self.log_path.read_text()[-3000:]}")
+
+
+class LivyClient:
+    """Just enough of a Livy client for tests, speaking plain HTTP like any client would."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.http = httpx.Client(base_url=url, timeout=120)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def create_session(self, expect: int = 201, **body: Any) -> dict[str, Any]:
+        response = self.http.post("/sessions", json=body)
+        assert response.status_code == expect, response.text
+        return response.json()
+
+    def session(self, session_id: int | str) -> dict[str, Any]:
+        response = self.http.get(f"/sessions/{session_id}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_session(self, session_id: int | str, states: tuple[str, ...] = ("idle",), timeout: float = 240.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            session = self.session(session_id)
+            if session["state"] in states:
+                return session
+            if time.monotonic() > deadline:
+                raise AssertionError(f"session {session_id} is {session['state']}, not {states}: {session['log']}")
+            time.sleep(0.2)
+
+    def submit(self, session_id: int | str, code: str, kind: str | None = None, expect: int = 201) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": code}
+        if kind is not None:
+            body["kind"] = kind
+        response = self.http.post(f"/sessions/{session_id}/statements", json=body)
+        assert response.status_code == expect, response.text
+        return response.json()
+
+    def wait_statement(self, session_id: int | str, statement_id: int, timeout: float = 300.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            response = self.http.get(f"/sessions/{session_id}/statements/{statement_id}", params={"wait": 10})
+            assert response.status_code == 200, response.text
+            statement = response.json()
+            if statement["state"] in ("available", "cancelled"):
+                return statement
+            if time.monotonic() > deadline:
+                raise AssertionError(f"statement {statement_id} still {statement['state']}")
+
+    def run(self, session_id: int | str, code: str, kind: str | None = None, timeout: float = 300.0) -> dict[str, Any]:
+        statement = self.submit(session_id, code, kind)
+        return self.wait_statement(session_id, statement["id"], timeout)
+
+    def text(self, session_id: int | str, code: str, kind: str | None = None) -> str:
+        """Run code that must succeed; its text/plain."""
+        output = self.run(session_id, code, kind)["output"]
+        assert output["status"] == "ok", output
+        return output["data"]["text/plain"]
+
+    def log(self, session_id: int | str, **params: Any) -> dict[str, Any]:
+        response = self.http.get(f"/sessions/{session_id}/log", params=params)
+        assert response.status_code == 200, response.text
+        return response.json()

@@ -1,0 +1,58 @@
+"""The third-party `livy` client from PyPI (acroz/pylivy), unchanged, against the service."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from livy import LivyBatch, LivySession, SessionKind, SessionState
+
+from conftest import start_service
+from helpers import REPO
+
+FILES = REPO / "tests" / "files"
+
+
+@pytest.fixture(scope="module")
+def service(test_root):
+    svc = start_service(test_root, "pylivy", env={"STUDIO_POOL_SIZE": "2", "STUDIO_POOL_WARMUP_SECONDS": "3"})
+    svc.wait_pool(1)
+    yield svc
+    assert svc.stop() == 0
+    assert not svc.leftovers()
+
+
+def test_pyspark_session_run_download_upload(service):
+    with LivySession.create(service.url, kind=SessionKind.PYSPARK) as session:
+        output = session.run("spark.range(3).count()")
+        assert output.text == "3"
+        session.run("df = spark.createDataFrame([(1, 'a', 0.5), (2, 'b', 1.5)], ['n', 'letter', 'x'])")
+        downloaded = session.download("df")
+        assert downloaded.to_dict("records") == [
+            {"n": 1, "letter": "a", "x": 0.5},
+            {"n": 2, "letter": "b", "x": 1.5},
+        ]
+        local = pd.DataFrame({"city": ["Oslo", "Lima"], "people": [700000, 10000000]})
+        session.upload("cities", local)
+        assert session.run("cities.orderBy('city').first().city").text == "'Lima'"
+        with pytest.raises(Exception) as failure:
+            session.run("undefined_name_here")
+        assert "NameError" in repr(failure.value)
+        assert session.state == SessionState.IDLE
+
+
+def test_sql_session_download_sql(service):
+    with LivySession.create(service.url, kind=SessionKind.SQL) as session:
+        frame = session.download_sql("SELECT id, id * 2 AS twice FROM range(4)")
+        assert list(frame.columns) == ["id", "twice"]
+        assert frame["twice"].tolist() == [0, 2, 4, 6]
+
+
+def test_batch(service):
+    batch = LivyBatch.create(
+        service.url,
+        file=str(FILES / "batch_count.py"),
+        args=["42"],
+        py_files=[str(FILES / "batch_helper.py")],
+    )
+    assert batch.wait() == SessionState.SUCCESS
+    assert any("BATCH RESULT 42" in line for line in batch.log(size=-1))

@@ -134,3 +134,29 @@ def test_oversized_request_bodies_are_refused(test_root, size):
         assert response.status_code == 413 and "limit" in response.json()["msg"]
     finally:
         assert service.stop() == 0
+
+
+def test_too_many_sessions_get_a_clear_refusal_and_ids_survive_a_restart(test_root):
+    service = faulty_service(test_root, "cap", "ignore-sigterm", STUDIO_POOL_SIZE="0", STUDIO_MAX_SESSIONS="1")
+    livy = service.client()
+    try:
+        first = livy.create_session(kind="pyspark")
+        refused = livy.http.post("/sessions", json={"kind": "pyspark"})
+        assert refused.status_code == 400
+        assert "too many sessions" in refused.json()["msg"] and "STUDIO_MAX_SESSIONS" in refused.json()["msg"]
+        livy.http.delete(f"/sessions/{first['id']}")
+        second = livy.create_session(kind="pyspark")
+        assert second["id"] == first["id"] + 1
+    finally:
+        livy.close()
+        assert service.stop() == 0
+    restarted = faulty_service(test_root, "cap", "ignore-sigterm", STUDIO_POOL_SIZE="0")
+    livy = restarted.client()
+    try:
+        # Ids keep counting across restarts, so a client never confuses an old session with a new one.
+        assert livy.http.get(f"/sessions/{second['id']}").status_code == 404
+        assert livy.create_session(kind="pyspark")["id"] == second["id"] + 1
+    finally:
+        livy.close()
+        assert restarted.stop() == 0
+    assert not restarted.leftovers()

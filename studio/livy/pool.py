@@ -81,6 +81,10 @@ class WorkerPool:
             "handedOut": self.handed_out,
             "failuresInARow": self.failures,
             "lastError": self.last_error or None,
+            "readyWorkers": [
+                {"id": w.id, "pid": w.pid, "jvmPid": w.info.get("jvm_pid"), "readySeconds": round(w.ready_at - w.started_at, 1)}
+                for w in self._ready
+            ],
         }
 
     async def wait_until_full(self, timeout: float) -> bool:

@@ -1,0 +1,340 @@
+"""``studio bench``: the figures behind the session service's targets, measured in one run.
+
+It starts real services (``studio livy`` processes on loopback ports) and plain PySpark
+processes, and prints a table and JSON:
+
+* time from POST /sessions to the first result of ``spark.range(1).count()``: warm pool vs a
+  cold session (``--pool 0``), and a pool miss (a session that needs its own JVM) vs plain
+  PySpark started the usual way, interleaved so the machine's noise hits both alike;
+* the service's own share of a warm first result: that time minus the in-process time of the
+  same statement on the same (warm) SparkSession, paired per run;
+* the round trip of a trivial statement ``1+1`` over REST vs the same code in-process;
+* RSS of the service and of one idle warm worker (Python and JVM together).
+
+Machines here are noisy, so comparisons are ratios within the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from studio.config import Settings
+
+FIRST_RESULT = "spark.range(1).count()"
+IN_PROCESS_PROBE = (
+    "import time as _t\n_times = []\nfor _ in range(5):\n"
+    "    _s = _t.perf_counter(); spark.range(1).count(); _times.append(_t.perf_counter() - _s)\n"
+    "sorted(_times)[2]"
+)
+PLAIN_PYSPARK = (
+    "import time; t0 = float(__import__('sys').argv[1])\n"
+    "from pyspark.sql import SparkSession\n"
+    "spark = SparkSession.builder.master({master!r}).getOrCreate()\n"
+    "spark.range(1).count()\n"
+    "print('FIRST_RESULT', time.time() - t0, flush=True)\n"
+    "spark.stop()\n"
+)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "min": min(values) if values else float("nan"),
+        "max": max(values) if values else float("nan"),
+        "n": len(values),
+    }
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def group_pids(pgid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid:
+                    pids.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return pids
+
+
+class BenchService:
+    """A `studio livy` child process for the bench."""
+
+    def __init__(self, state_dir: Path, pool: int, env: dict[str, str] | None = None) -> None:
+        self.state_dir = state_dir
+        self.pool = pool
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    def __enter__(self) -> "BenchService":
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "studio", "livy", "--port", "0", "--pool", str(self.pool), "--state-dir", str(self.state_dir)]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=open(self.state_dir / "service.log", "ab"), text=True, env=self.env
+        )
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if "listening on " in line:
+                self.url = line.split("listening on ", 1)[1].split()[0]
+                break
+        else:
+            raise RuntimeError(f"studio livy did not start; see {self.state_dir / 'service.log'}")
+        self.http = httpx.Client(base_url=self.url, timeout=600)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.http.close()
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(120)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def status(self) -> dict[str, Any]:
+        return self.http.get("/studio/status").json()
+
+    def wait_pool(self, settle: float = 3.0, timeout: float = 600.0) -> dict[str, Any]:
+        """Wait for a full pool, then a little more so the newest worker's JIT has settled."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pool = self.status()["pool"]
+            if pool["ready"] >= self.pool:
+                time.sleep(settle)
+                return pool
+            if time.monotonic() > deadline or pool["failuresInARow"] >= 3:
+                raise RuntimeError(f"the warm pool did not fill: {pool}")
+            time.sleep(0.2)
+
+    def create_session(self, **body: Any) -> dict[str, Any]:
+        response = self.http.post("/sessions", json=body)
+        response.raise_for_status()
+        return response.json()
+
+    def wait_idle(self, session_id: int, timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.http.get(f"/sessions/{session_id}/state").json()["state"]
+            if state == "idle":
+                return
+            if state in ("dead", "error", "killed") or time.monotonic() > deadline:
+                raise RuntimeError(f"session {session_id} is {state}")
+            time.sleep(0.02)
+
+    def run(self, session_id: int, code: str) -> dict[str, Any]:
+        """Submit and wait with the ?wait extension: returns as soon as the statement is final."""
+        statement = self.http.post(f"/sessions/{session_id}/statements", json={"code": code}).json()
+        while statement["state"] not in ("available", "cancelled"):
+            statement = self.http.get(f"/sessions/{session_id}/statements/{statement['id']}", params={"wait": 60}).json()
+        if statement["output"]["status"] != "ok":
+            raise RuntimeError(f"statement failed: {statement['output']}")
+        return statement
+
+    def delete(self, session_id: int) -> None:
+        self.http.delete(f"/sessions/{session_id}")
+
+
+def time_to_first_result(service: BenchService, **body: Any) -> float:
+    started = time.perf_counter()
+    session = service.create_session(kind="pyspark", **body)
+    service.wait_idle(session["id"])
+    service.run(session["id"], FIRST_RESULT)
+    elapsed = time.perf_counter() - started
+    service.delete(session["id"])
+    return elapsed
+
+
+def plain_pyspark_first_result(master: str, env: dict[str, str]) -> float:
+    """Spawn-to-first-result of plain PySpark, started the usual way (no studio, no CDS)."""
+    code = PLAIN_PYSPARK.format(master=master)
+    with tempfile.TemporaryDirectory() as folder:
+        result = subprocess.run(
+            [sys.executable, "-c", code, repr(time.time())],
+            capture_output=True, text=True, cwd=folder, env=env, timeout=600,
+        )
+    for line in result.stdout.splitlines():
+        if line.startswith("FIRST_RESULT"):
+            return float(line.split()[1])
+    raise RuntimeError(f"plain PySpark failed: {result.stderr[-2000:]}")
+
+
+def in_process_round_trip(runs: int) -> dict[str, dict[str, float]]:
+    from studio.worker.repl import PythonRepl
+
+    repl = PythonRepl({}, 1 << 20)
+    through_repl, bare = [], []
+    compiled = compile("1+1", "<bench>", "eval")
+    for i in range(runs):
+        started = time.perf_counter()
+        repl.execute(i, "1+1")
+        through_repl.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        eval(compiled)
+        bare.append(time.perf_counter() - started)
+    return {"livy_repl_in_process": summary(through_repl), "bare_eval": summary(bare)}
+
+
+def rest_round_trips(service: BenchService, session_id: int, runs: int) -> dict[str, dict[str, float]]:
+    one_request, two_requests = [], []
+    for _ in range(10):
+        service.run(session_id, "1+1")
+    for _ in range(runs):
+        started = time.perf_counter()
+        statement = service.http.post(
+            f"/sessions/{session_id}/statements", params={"wait": 10}, json={"code": "1+1"}
+        ).json()
+        assert statement["state"] == "available"
+        one_request.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        service.run(session_id, "1+1")
+        two_requests.append(time.perf_counter() - started)
+    return {"post_with_wait": summary(one_request), "post_then_get_wait": summary(two_requests)}
+
+
+def ensure_cds(settings: Settings) -> dict[str, Any]:
+    from studio.livy.cds import CdsArchive
+
+    archive = CdsArchive(settings)
+    if not archive.enabled:
+        return {"enabled": False}
+    started = time.monotonic()
+    existed = archive.exists()
+    if not existed:
+        print("building the driver class-data archive (once per installation)...", file=sys.stderr, flush=True)
+        asyncio.run(archive.build(nice=0))
+    return {"enabled": True, "path": str(archive.path), "built_now": not existed, "build_seconds": round(time.monotonic() - started, 1) if not existed else 0}
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = Settings()
+    env = {**os.environ, "SPARK_LOCAL_IP": settings.spark_local_ip, "PYSPARK_PYTHON": sys.executable}
+    state_root = Path(args.state_dir or tempfile.mkdtemp(prefix="studio-bench-"))
+    results: dict[str, Any] = {"master": settings.master, "machine": {"cpus": os.cpu_count()}}
+    results["cds"] = ensure_cds(settings)
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+
+    # -- warm pool: first results, the service's share, round trips, memory --------------------
+    with BenchService(state_root / "warm", pool=1, env={"STUDIO_POOL_REFILL_MAX_DELAY": "60"}) as warm:
+        pool = warm.wait_pool()
+        worker = pool["readyWorkers"][0]
+        members = group_pids(worker["pid"])
+        results["memory_mb"] = {
+            "service": round(rss_mb(warm.process.pid), 1),  # type: ignore[union-attr]
+            "idle_warm_worker_python": round(rss_mb(worker["pid"]), 1),
+            "idle_warm_worker_jvm": round(rss_mb(worker["jvmPid"]), 1) if worker.get("jvmPid") else None,
+            "idle_warm_worker_total": round(sum(rss_mb(pid) for pid in members), 1),
+        }
+        log(f"memory: {results['memory_mb']}")
+        firsts, in_process, shares = [], [], []
+        for run in range(args.warm_runs):
+            warm.wait_pool()
+            started = time.perf_counter()
+            session = warm.create_session(kind="pyspark")
+            if session["state"] != "idle":
+                raise RuntimeError("the warm session was not idle at once")
+            warm.run(session["id"], FIRST_RESULT)
+            first = time.perf_counter() - started
+            probe = float(warm.run(session["id"], IN_PROCESS_PROBE)["output"]["data"]["text/plain"])
+            firsts.append(first)
+            in_process.append(probe)
+            shares.append(first - probe)
+            log(f"warm run {run + 1}: first result {first * 1000:.0f} ms, in-process {probe * 1000:.0f} ms")
+            if run == args.warm_runs - 1:
+                results["round_trip_1_plus_1_seconds"] = {
+                    "rest": rest_round_trips(warm, session["id"], args.runs),
+                    "in_process": in_process_round_trip(args.runs),
+                }
+            warm.delete(session["id"])
+        results["warm_first_result_seconds"] = summary(firsts)
+        results["warm_in_process_statement_seconds"] = summary(in_process)
+        results["warm_service_share_seconds"] = summary(shares)
+
+        # -- pool miss (own JVM) vs plain PySpark, interleaved ------------------------------------
+        misses, plains = [], []
+        for run in range(args.cold_runs):
+            warm.wait_pool(settle=1)
+            plains.append(plain_pyspark_first_result(settings.master, env))
+            misses.append(time_to_first_result(warm, driverMemory="1g"))
+            log(f"cold run {run + 1}: plain PySpark {plains[-1]:.1f} s, pool miss {misses[-1]:.1f} s")
+        results["pool_miss_first_result_seconds"] = summary(misses)
+        results["plain_pyspark_first_result_seconds"] = summary(plains)
+        results["pool_miss_over_plain_pyspark"] = summary([m / p for m, p in zip(misses, plains)])
+
+    # -- --pool 0: every session cold ---------------------------------------------------------------
+    with BenchService(state_root / "cold", pool=0) as cold:
+        colds = []
+        for run in range(args.cold_runs):
+            colds.append(time_to_first_result(cold))
+            log(f"--pool 0 run {run + 1}: first result {colds[-1]:.1f} s")
+        results["cold_first_result_seconds"] = summary(colds)
+    results["cold_over_warm_first_result"] = (
+        results["cold_first_result_seconds"]["p50"] / results["warm_first_result_seconds"]["p50"]
+    )
+    print_table(results)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+def print_table(r: dict[str, Any]) -> None:
+    ms = lambda s: f"{s * 1000:.1f} ms"  # noqa: E731
+    rt = r["round_trip_1_plus_1_seconds"]
+    rows = [
+        ("warm: POST /sessions -> first result (p50 / p95)", f"{ms(r['warm_first_result_seconds']['p50'])} / {ms(r['warm_first_result_seconds']['p95'])}", "<= 500 ms"),
+        ("  same statement in-process on that session (p50)", ms(r["warm_in_process_statement_seconds"]["p50"]), ""),
+        ("  service's share (p50)", ms(r["warm_service_share_seconds"]["p50"]), "<= 100 ms"),
+        ("cold (--pool 0): first result (p50)", f"{r['cold_first_result_seconds']['p50']:.2f} s", ""),
+        ("cold / warm first result", f"{r['cold_over_warm_first_result']:.0f}x", ">= 40x"),
+        ("pool miss (own JVM): first result (p50)", f"{r['pool_miss_first_result_seconds']['p50']:.2f} s", ""),
+        ("plain PySpark: first result (p50)", f"{r['plain_pyspark_first_result_seconds']['p50']:.2f} s", ""),
+        ("pool miss / plain PySpark (paired p50)", f"{r['pool_miss_over_plain_pyspark']['p50']:.2f}", "<= 0.5"),
+        ("1+1 over REST, one request with ?wait (p50 / p95)", f"{ms(rt['rest']['post_with_wait']['p50'])} / {ms(rt['rest']['post_with_wait']['p95'])}", "<= 5 ms"),
+        ("1+1 over REST, POST then GET ?wait (p50 / p95)", f"{ms(rt['rest']['post_then_get_wait']['p50'])} / {ms(rt['rest']['post_then_get_wait']['p95'])}", ""),
+        ("1+1 in-process through the Livy REPL (p50)", ms(rt["in_process"]["livy_repl_in_process"]["p50"]), ""),
+        ("1+1 in-process, bare eval (p50)", f"{rt['in_process']['bare_eval']['p50'] * 1e6:.2f} us", ""),
+        ("RSS of the service", f"{r['memory_mb']['service']:.0f} MB", ""),
+        ("RSS of one idle warm worker (Python + JVM)", f"{r['memory_mb']['idle_warm_worker_total']:.0f} MB", "<= 450 MB"),
+    ]
+    width = max(len(row[0]) for row in rows)
+    print(f"{'measure'.ljust(width)}  {'value':>20}  target")
+    for name, value, target in rows:
+        print(f"{name.ljust(width)}  {value:>20}  {target}")

@@ -1,0 +1,99 @@
+"""sparkmagic's own PySpark kernel, unchanged, in a separate virtualenv, running a notebook
+through nbclient against the service: plain code, %%sql -o (quiet, see CELLS), %%configure -f, %%info,
+%matplot plt, %%send_to_spark, and an error cell followed by a working cell.
+
+The virtualenv is made by the test command (see scripts/test.sh); its Python is found through
+STUDIO_SPARKMAGIC_PYTHON or at .venv-sparkmagic/bin/python.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from conftest import start_service
+from helpers import REPO
+
+
+def sparkmagic_python() -> Path:
+    python = Path(os.environ.get("STUDIO_SPARKMAGIC_PYTHON", REPO / ".venv-sparkmagic" / "bin" / "python"))
+    if not python.exists():
+        pytest.fail(f"sparkmagic's virtualenv is missing ({python}); run scripts/test.sh, which creates it")
+    return python
+
+
+CELLS = [
+    "%%configure -f\n{\"conf\": {\"spark.sql.shuffle.partitions\": \"4\"}}",
+    "df = spark.range(10).selectExpr('id', 'id * 2 AS twice')\ndf.createOrReplaceTempView('t')\ndf.count()",
+    # -q: sparkmagic's autoviz widget hangs any headless nbclient/papermill run (sparkmagic #833,
+    # papermill #717); -o still brings the rows back through sparkmagic's toJSON path.
+    "%%sql -q -o local_df\nSELECT id, twice FROM t ORDER BY id",
+    "%%local\nprint('local rows', len(local_df), int(local_df['twice'].sum()))",
+    "%%info",
+    "import matplotlib.pyplot as plt\nplt.plot([1, 4, 9])\n%matplot plt",
+    "%%local\nlocal_value = 'sent from the notebook'",
+    "%%send_to_spark -i local_value -t str -n received",
+    "print('spark has', received)",
+    "1 / 0",
+    "print('after the error', spark.range(3).count())",
+    "%%configure -f\n{\"conf\": {\"spark.sql.shuffle.partitions\": \"7\"}}",
+    "print('partitions', spark.conf.get('spark.sql.shuffle.partitions'))",
+]
+
+
+def cell_text(cell) -> str:
+    parts = []
+    for output in cell.get("outputs", []):
+        if output.get("output_type") == "stream":
+            parts.append(output["text"])
+        for mime in ("text/plain", "text/html"):
+            value = output.get("data", {}).get(mime)
+            if value:
+                parts.append(value if isinstance(value, str) else "".join(value))
+    return "\n".join(parts)
+
+
+def test_sparkmagic_kernel_runs_a_notebook_against_the_service(test_root, tmp_path):
+    python = sparkmagic_python()
+    service = start_service(test_root, "sparkmagic", env={"STUDIO_POOL_SIZE": "2", "STUDIO_POOL_WARMUP_SECONDS": "3"})
+    try:
+        service.wait_pool(2)
+        config_dir = tmp_path / "sparkmagic"
+        config_dir.mkdir()
+        (config_dir / "config.json").write_text(
+            json.dumps(
+                {
+                    "kernel_python_credentials": {"username": "", "password": "", "url": service.url, "auth": "None"},
+                    "livy_session_startup_timeout_seconds": 180,
+                }
+            )
+        )
+        notebook = nbformat.v4.new_notebook()
+        notebook.cells = [nbformat.v4.new_code_cell(source) for source in CELLS]
+        source, executed = tmp_path / "sparkmagic.ipynb", tmp_path / "sparkmagic-out.ipynb"
+        nbformat.write(notebook, source)
+        env = {**os.environ, "SPARKMAGIC_CONF_DIR": str(config_dir), "JUPYTER_PLATFORM_DIRS": "1"}
+        env.pop("PYTHONPATH", None)
+        result = subprocess.run(
+            [str(python), str(REPO / "tests" / "sparkmagic_runner.py"), str(source), str(executed)],
+            capture_output=True, text=True, timeout=900, env=env,
+        )
+        assert result.returncode == 0, result.stderr[-5000:]
+        cells = nbformat.read(executed, as_version=4).cells
+        texts = [cell_text(cell) for cell in cells]
+        assert "10" in texts[1]
+        assert "local rows 10 90" in texts[3]
+        assert "Current session configs" in texts[4] and "pyspark" in texts[4]
+        assert any("image/png" in out.get("data", {}) for out in cells[5].outputs)
+        assert "spark has sent from the notebook" in texts[8]
+        assert "ZeroDivisionError" in texts[9] or "division by zero" in texts[9]
+        assert "after the error 3" in texts[10]
+        assert "partitions 7" in texts[12]
+    finally:
+        assert service.stop() == 0
+    assert not service.leftovers()

@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=200, help="round trips per latency measurement (default 200)")
     bench.add_argument("--cold-runs", type=int, default=3, help="cold sessions and plain PySpark starts (default 3)")
     bench.add_argument("--warm-runs", type=int, default=5, help="warm sessions to time (default 5)")
+    bench.add_argument("--idle-seconds", type=float, default=75.0, help="idle time before measuring worker memory (default 75)")
     bench.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     bench.add_argument("--state-dir", type=Path, help="state directory of the services the bench starts")
     bench.set_defaults(func=cmd_bench)

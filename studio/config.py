@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     # --- pool and workers ------------------------------------------------------------------
     pool_size: int = Field(1, ge=0, description="Warm workers kept ready (SparkSession up, first job run). 0: cold only.")
     pool_warmup_seconds: float = Field(
-        15.0,
+        10.0,
         ge=0,
         description="Seconds a warm worker spends running small jobs before it joins the pool, so the JIT has "
         "compiled the job path and a session's first statements run at full speed.",

@@ -56,19 +56,28 @@ class WorkerPool:
             self._wanted.set()
 
     def take(self) -> WorkerProcess | None:
-        """A ready worker, or None when none is ready; the pool refills behind it."""
+        """A ready worker on loan, or None. Follow with ``commit`` or ``give_back``."""
         while self._ready:
             worker = self._ready.pop(0)
             if worker.poll() is None:
-                self.handed_out += 1
-                self._wanted.set()
                 return worker
         self._wanted.set()
         return None
 
+    def commit(self, worker: WorkerProcess) -> None:
+        """The loaned worker now belongs to a session: refill behind it."""
+        self.handed_out += 1
+        self._wanted.set()
+
+    def discard(self, worker: WorkerProcess) -> None:
+        """A loaned worker turned out broken: stop it and refill."""
+        self._wanted.set()
+        asyncio.create_task(worker.stop(now=True))
+
     def give_back(self, worker: WorkerProcess) -> None:
-        """Return a worker that was taken but not used (its session needs a JVM of its own)."""
+        """Return a loaned worker that was not used (its session needs a JVM of its own)."""
         if self._closed or worker.poll() is not None:
+            self._wanted.set()
             asyncio.create_task(worker.stop())
             return
         self._ready.insert(0, worker)
@@ -82,7 +91,13 @@ class WorkerPool:
             "failuresInARow": self.failures,
             "lastError": self.last_error or None,
             "readyWorkers": [
-                {"id": w.id, "pid": w.pid, "jvmPid": w.info.get("jvm_pid"), "readySeconds": round(w.ready_at - w.started_at, 1)}
+                {
+                    "id": w.id,
+                    "pid": w.pid,
+                    "jvmPid": w.info.get("jvm_pid"),
+                    "startSeconds": round(w.ready_at - w.started_at, 1),
+                    "idleSeconds": round(time.monotonic() - w.ready_at, 1),
+                }
                 for w in self._ready
             ],
         }
@@ -127,7 +142,8 @@ class WorkerPool:
                     await asyncio.sleep(10)
                     continue
                 await self._wait_for_quiet()
-                await self._start_one()
+                if len(self._ready) < self.size:  # a loaned worker may have come back meanwhile
+                    await self._start_one()
 
     async def _wait_for_quiet(self) -> None:
         """Defer a refill while statements run: a starting JVM takes both cores here for ~20 s,

@@ -240,7 +240,8 @@ class SessionManager:
         session.owner = owner
         session.sql_num_rows = _int_conf(service_conf, "livy.rsc.sql.num-rows")
 
-        worker = self.pool.take() if self.pool.size else None
+        own_jvm = sparkconf.needs_own_jvm(spark_conf)
+        worker = self.pool.take() if self.pool.size and not own_jvm else None
         if worker is not None:
             reply = await self._activate(worker, spark_conf, session_id)
             if reply is None:
@@ -272,6 +273,7 @@ class SessionManager:
             },
         )
         if worker is not None:
+            self.pool.commit(worker)
             session.warm = True
             self._attach(session, worker)
             worker.log.append(f"handed out of the warm pool to session {session_id}")
@@ -294,7 +296,7 @@ class SessionManager:
             return await asyncio.wait_for(worker.activate(conf, session_id), 30)
         except (WorkerError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
             log.warning("warm worker %s failed on hand-out (%s); starting a cold one", worker.id, exc)
-            self._spawn(worker.stop(now=True))
+            self.pool.discard(worker)
             return None
 
     def _attach(self, session: Session, worker: WorkerProcess) -> None:

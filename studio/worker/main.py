@@ -117,7 +117,7 @@ class Worker:
         self.namespace = main.__dict__
         self.repl = PythonRepl(self.namespace, int(config.get("max_output_bytes", 10 * 1024 * 1024)))
         if config.get("warmup"):
-            self._warm_up(float(config.get("warmup_seconds", 15.0)))
+            self._warm_up(float(config.get("warmup_seconds", 10.0)))
         self.progress = ProgressReporter(self.sc, self.conn.send)
         jvm = getattr(self.sc._gateway, "proc", None)
         self.jvm = jvm
@@ -151,6 +151,8 @@ class Worker:
                 break
         self.sc.setLocalProperty("spark.jobGroup.id", None)
         self.sc.setLocalProperty("spark.job.description", None)
+        # The warm-up's garbage would otherwise stay in the heap while the worker waits idle.
+        self.sc._jvm.System.gc()
 
     # -- threads ----------------------------------------------------------------------------
 

@@ -50,6 +50,24 @@ PLAIN_PYSPARK = (
 )
 
 
+TRANSFER_SETUP = (
+    "bench_rows = spark.range({rows}).selectExpr('id AS i1', 'CAST(id * 7 % 1000 AS INT) AS i2', "
+    "'CAST(id AS DOUBLE) / 2 AS d1', 'rand(42) AS d2', \"concat('row_', CAST(id AS STRING)) AS s1\").cache()\n"
+    "bench_rows.count()\n"
+    "bench_rows.createOrReplaceTempView('bench_rows')\n"
+    "spark.conf.set('spark.sql.execution.arrow.pyspark.enabled', 'true')\n"
+    "_ = bench_rows.limit(10).toPandas()  # imports pandas and pyarrow before anything is timed"
+)
+IN_PROCESS_TO_PANDAS = (
+    "import time as _t\n_s = _t.perf_counter()\n_p = bench_rows.toPandas()\n_e = _t.perf_counter() - _s\ndel _p\n_e"
+)
+# What sparkmagic's %%sql sends (its generated code, verbatim in shape): one JSON line per row.
+SPARKMAGIC_SQL = (
+    "import sys\nfor _row in spark.sql(u\"\"\"SELECT * FROM bench_rows \"\"\").toJSON("
+    "use_unicode=(sys.version_info.major > 2)).take({rows}): print(_row)"
+)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -243,6 +261,91 @@ def rest_round_trips(service: BenchService, session_id: int, runs: int) -> dict[
     return {"post_with_wait": summary(one_request), "post_then_get_wait": summary(two_requests)}
 
 
+class BenchKernel:
+    """A PySpark kernel driven through jupyter_client, as JupyterLab drives it."""
+
+    def __init__(self, jupyter_path: Path, livy_url: str) -> None:
+        from jupyter_client.manager import KernelManager
+
+        self.manager = KernelManager(kernel_name="pyspark")
+        env = {**os.environ, "JUPYTER_PATH": str(jupyter_path), "STUDIO_LIVY_URL": livy_url}
+        self.manager.start_kernel(env=env)
+        self.client = self.manager.client()
+        self.client.start_channels()
+
+    def run(self, code: str, timeout: float = 900) -> dict[str, Any]:
+        msg_id = self.client.execute(code)
+        while True:
+            reply = self.client.get_shell_msg(timeout=timeout)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                if reply["content"]["status"] != "ok":
+                    raise RuntimeError(f"cell failed: {reply['content'].get('evalue')}")
+                return reply["content"]
+
+    def close(self) -> None:
+        self.client.stop_channels()
+        self.manager.shutdown_kernel()
+
+
+def kernel_figures(service: BenchService, args: argparse.Namespace, jupyter_path: Path, log: Any) -> dict[str, Any]:
+    from studio.kernel.install import write_kernelspec
+
+    write_kernelspec(jupyter_path)
+    starts = []
+    for run in range(args.warm_runs):
+        service.wait_pool()
+        started = time.perf_counter()
+        kernel = BenchKernel(jupyter_path, service.url)
+        try:
+            kernel.client.wait_for_ready(timeout=60)
+            kernel.run(FIRST_RESULT)
+            starts.append(time.perf_counter() - started)
+        finally:
+            kernel.close()
+        log(f"kernel run {run + 1}: kernel start to first result {starts[-1]:.2f} s")
+
+    rows = args.transfer_rows
+    service.wait_pool()
+    kernel = BenchKernel(jupyter_path, service.url)
+    ours, in_process, json_lines = [], [], []
+    try:
+        kernel.client.wait_for_ready(timeout=60)
+        kernel.run(TRANSFER_SETUP.format(rows=rows))
+        session_id = next(s["id"] for s in service.http.get("/sessions").json()["sessions"] if s["state"] == "idle")
+        for run in range(args.transfer_runs):
+            statement = service.run(session_id, IN_PROCESS_TO_PANDAS)
+            in_process.append(float(statement["output"]["data"]["text/plain"]))
+            started = time.perf_counter()
+            kernel.run(f"%%sql -o bench_frame -n -1 -q\nSELECT * FROM bench_rows")
+            ours.append(time.perf_counter() - started)
+            kernel.run("%%local\ndel bench_frame")
+            started = time.perf_counter()
+            statement = service.run(session_id, SPARKMAGIC_SQL.format(rows=rows))
+            records = [json.loads(line) for line in statement["output"]["data"]["text/plain"].split("\n") if line]
+            import pandas as pd
+
+            frame = pd.DataFrame.from_records(records)
+            json_lines.append(time.perf_counter() - started)
+            if len(frame) != rows:
+                raise RuntimeError(f"the JSON-lines path brought {len(frame)} rows, not {rows}")
+            del frame, records, statement
+            log(
+                f"transfer run {run + 1}: %%sql (Arrow) {ours[-1]:.2f} s, in-process toPandas {in_process[-1]:.2f} s, "
+                f"sparkmagic JSON lines {json_lines[-1]:.2f} s"
+            )
+    finally:
+        kernel.close()
+    return {
+        "kernel_start_to_first_result_seconds": summary(starts),
+        "transfer_rows": rows,
+        "sql_magic_arrow_seconds": summary(ours),
+        "in_process_to_pandas_arrow_seconds": summary(in_process),
+        "sparkmagic_json_lines_seconds": summary(json_lines),
+        "sql_magic_over_in_process": summary([o / i for o, i in zip(ours, in_process)]),
+        "json_lines_over_sql_magic": summary([j / o for j, o in zip(json_lines, ours)]),
+    }
+
+
 def ensure_cds(settings: Settings) -> dict[str, Any]:
     from studio.livy.cds import CdsArchive
 
@@ -266,7 +369,10 @@ def main(args: argparse.Namespace) -> int:
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
 
     # -- warm pool: first results, the service's share, round trips, memory --------------------
-    with BenchService(state_root / "warm", pool=1, env={"STUDIO_POOL_REFILL_MAX_DELAY": "60"}) as warm:
+    # The output limit is raised only so sparkmagic's JSON-lines path (~100 MB of text for 1M rows)
+    # can be measured at all; Livy would refuse it too (50 MB RPC limit).
+    warm_env = {"STUDIO_POOL_REFILL_MAX_DELAY": "60", "STUDIO_MAX_OUTPUT_BYTES": str(1 << 30)}
+    with BenchService(state_root / "warm", pool=1, env=warm_env) as warm:
         pool = warm.wait_pool()
         worker = pool["readyWorkers"][0]
         members = group_pids(worker["pid"])
@@ -321,6 +427,9 @@ def main(args: argparse.Namespace) -> int:
         results["plain_pyspark_first_result_seconds"] = summary(plains)
         results["pool_miss_over_plain_pyspark"] = summary([m / p for m, p in zip(misses, plains)])
 
+        # -- the PySpark kernel: start to first result, and %%sql of many rows --------------------
+        results["kernel"] = kernel_figures(warm, args, state_root / "jupyter", log)
+
     # -- --pool 0: every session cold ---------------------------------------------------------------
     with BenchService(state_root / "cold", pool=0) as cold:
         colds = []
@@ -342,6 +451,7 @@ def main(args: argparse.Namespace) -> int:
 def print_table(r: dict[str, Any]) -> None:
     ms = lambda s: f"{s * 1000:.1f} ms"  # noqa: E731
     rt = r["round_trip_1_plus_1_seconds"]
+    k = r["kernel"]
     rows = [
         ("warm: POST /sessions -> first result (p50 / p95)", f"{ms(r['warm_first_result_seconds']['p50'])} / {ms(r['warm_first_result_seconds']['p95'])}", "<= 500 ms"),
         ("  same statement in-process on that session (p50)", ms(r["warm_in_process_statement_seconds"]["p50"]), ""),
@@ -355,6 +465,11 @@ def print_table(r: dict[str, Any]) -> None:
         ("1+1 over REST, POST then GET ?wait (p50 / p95)", f"{ms(rt['rest']['post_then_get_wait']['p50'])} / {ms(rt['rest']['post_then_get_wait']['p95'])}", ""),
         ("1+1 in-process through the Livy REPL (p50)", ms(rt["in_process"]["livy_repl_in_process"]["p50"]), ""),
         ("1+1 in-process, bare eval (p50)", f"{rt['in_process']['bare_eval']['p50'] * 1e6:.2f} us", ""),
+        ("kernel start -> first result of spark.range(1).count() (p50)", f"{k['kernel_start_to_first_result_seconds']['p50']:.2f} s", "<= 1 s"),
+        (f"%%sql of {k['transfer_rows']:,} rows x 5 columns into pandas, Arrow (p50)", f"{k['sql_magic_arrow_seconds']['p50']:.2f} s", ""),
+        ("  in-process toPandas() with Arrow, same data (p50)", f"{k['in_process_to_pandas_arrow_seconds']['p50']:.2f} s", ""),
+        ("  %%sql / in-process (paired p50)", f"{k['sql_magic_over_in_process']['p50']:.2f}", "<= 2"),
+        ("  sparkmagic's JSON-lines path, same data (p50)", f"{k['sparkmagic_json_lines_seconds']['p50']:.2f} s", ""),
         ("RSS of the service", f"{r['memory_mb']['service']:.0f} MB", ""),
         ("RSS of one idle warm worker (Python + JVM)", f"{r['memory_mb']['idle_warm_worker_total']:.0f} MB", "<= 450 MB"),
         ("  its PSS / its RSS right after warm-up", f"{r['memory_mb']['idle_warm_worker_total_pss']:.0f} / {r['memory_mb']['warm_worker_right_after_warm_up']:.0f} MB", ""),

@@ -25,7 +25,9 @@ def _settings(args: argparse.Namespace, **names: str) -> Settings:
 
 def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted connections only when the
+    # socket says it is TCP, and without it every keep-alive response waits ~40 ms for an ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(128)
@@ -143,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=200, help="round trips per latency measurement (default 200)")
     bench.add_argument("--cold-runs", type=int, default=3, help="cold sessions and plain PySpark starts (default 3)")
     bench.add_argument("--warm-runs", type=int, default=5, help="warm sessions to time (default 5)")
+    bench.add_argument("--transfer-rows", type=int, default=1_000_000, help="rows of the %%%%sql transfer test (default 1,000,000)")
+    bench.add_argument("--transfer-runs", type=int, default=3, help="repetitions of the transfer test (default 3)")
     bench.add_argument("--idle-seconds", type=float, default=75.0, help="idle time before measuring worker memory (default 75)")
     bench.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     bench.add_argument("--state-dir", type=Path, help="state directory of the services the bench starts")

@@ -22,7 +22,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -291,6 +290,20 @@ def kernel_figures(service: BenchService, args: argparse.Namespace, jupyter_path
     from studio.kernel.install import write_kernelspec
 
     write_kernelspec(jupyter_path)
+    # The floor: a plain IPython kernel (ipykernel's own "python3") from start to ready.
+    plain = []
+    for _ in range(args.warm_runs):
+        from jupyter_client.manager import KernelManager
+
+        started = time.perf_counter()
+        manager = KernelManager(kernel_name="python3")
+        manager.start_kernel()
+        client = manager.client()
+        client.start_channels()
+        client.wait_for_ready(timeout=60)
+        plain.append(time.perf_counter() - started)
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
     starts = []
     for run in range(args.warm_runs):
         service.wait_pool()
@@ -316,7 +329,7 @@ def kernel_figures(service: BenchService, args: argparse.Namespace, jupyter_path
             statement = service.run(session_id, IN_PROCESS_TO_PANDAS)
             in_process.append(float(statement["output"]["data"]["text/plain"]))
             started = time.perf_counter()
-            kernel.run(f"%%sql -o bench_frame -n -1 -q\nSELECT * FROM bench_rows")
+            kernel.run("%%sql -o bench_frame -n -1 -q\nSELECT * FROM bench_rows")
             ours.append(time.perf_counter() - started)
             kernel.run("%%local\ndel bench_frame")
             started = time.perf_counter()
@@ -337,6 +350,7 @@ def kernel_figures(service: BenchService, args: argparse.Namespace, jupyter_path
         kernel.close()
     return {
         "kernel_start_to_first_result_seconds": summary(starts),
+        "plain_ipykernel_start_to_ready_seconds": summary(plain),
         "transfer_rows": rows,
         "sql_magic_arrow_seconds": summary(ours),
         "in_process_to_pandas_arrow_seconds": summary(in_process),
@@ -466,6 +480,7 @@ def print_table(r: dict[str, Any]) -> None:
         ("1+1 in-process through the Livy REPL (p50)", ms(rt["in_process"]["livy_repl_in_process"]["p50"]), ""),
         ("1+1 in-process, bare eval (p50)", f"{rt['in_process']['bare_eval']['p50'] * 1e6:.2f} us", ""),
         ("kernel start -> first result of spark.range(1).count() (p50)", f"{k['kernel_start_to_first_result_seconds']['p50']:.2f} s", "<= 1 s"),
+        ("  plain IPython kernel, start to ready (p50)", f"{k['plain_ipykernel_start_to_ready_seconds']['p50']:.2f} s", ""),
         (f"%%sql of {k['transfer_rows']:,} rows x 5 columns into pandas, Arrow (p50)", f"{k['sql_magic_arrow_seconds']['p50']:.2f} s", ""),
         ("  in-process toPandas() with Arrow, same data (p50)", f"{k['in_process_to_pandas_arrow_seconds']['p50']:.2f} s", ""),
         ("  %%sql / in-process (paired p50)", f"{k['sql_magic_over_in_process']['p50']:.2f}", "<= 2"),

@@ -107,6 +107,33 @@ def cmd_kernel_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from studio.execution import RunError, RunOptions, load_parameter_file, run
+
+    parameters: dict[str, tuple[Any, bool]] = {}
+    try:
+        for path in args.parameter_file or []:
+            parameters.update({name: (value, False) for name, value in load_parameter_file(path).items()})
+    except RunError as exc:
+        print(f"studio run: {exc}", file=sys.stderr)
+        return 2
+    for name, value in args.parameter or []:
+        parameters[name] = (value, True)
+    notebook = args.notebook
+    output = args.output or notebook.with_name(f"{notebook.stem}.output.ipynb")
+    options = RunOptions(
+        notebook=notebook,
+        output=output,
+        html=args.html,
+        parameters=parameters,
+        livy_url=args.livy_url,
+        cell_timeout=args.cell_timeout,
+        kernel=args.kernel,
+        record=args.record,
+    )
+    return run(options)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from studio import bench
 
@@ -140,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--sys-prefix", action="store_true", help="into this Python environment (sys.prefix)")
     where.add_argument("--prefix", help="under this prefix")
     install.set_defaults(func=cmd_kernel_install)
+
+    run = sub.add_parser("run", help="run a notebook headless (for CI), with papermill-style parameters")
+    run.add_argument("notebook", type=Path)
+    run.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), help="a parameter; repeatable")
+    run.add_argument("-f", "--parameter-file", type=Path, action="append", help="YAML file of parameters; repeatable")
+    run.add_argument("-o", "--output", type=Path, help="output notebook (default NOTEBOOK.output.ipynb beside it)")
+    run.add_argument("--html", type=Path, help="also write the output as HTML")
+    run.add_argument("--livy-url", help="session service to use (default: start one for this run)")
+    run.add_argument("--cell-timeout", type=float, help="seconds a cell may run (default: no limit)")
+    run.add_argument("--kernel", default="pyspark", help="kernel to run it with (default pyspark)")
+    run.add_argument("--record", type=Path, help="folder for the run record (record.json)")
+    run.set_defaults(func=cmd_run)
 
     bench = sub.add_parser("bench", help="measure warm vs cold start, statement round trip and memory")
     bench.add_argument("--runs", type=int, default=200, help="round trips per latency measurement (default 200)")

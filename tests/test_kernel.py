@@ -1,5 +1,6 @@
 """The PySpark kernel through jupyter_client against a real service and real PySpark: cells,
-every magic, errors, interrupt, packages in a UDF, completion, and the getting-started notebook."""
+every magic, errors, interrupt, packages in a UDF, completion and inspection.
+(The getting-started notebook runs headless in test_run.py, through `studio run`.)"""
 
 from __future__ import annotations
 
@@ -8,15 +9,12 @@ import json
 import os
 import socket
 import time
-from pathlib import Path
 
 import httpx
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
 from conftest import start_service
-from helpers import REPO, build_wheel
+from helpers import build_wheel
 from kernelhelpers import Kernel
 
 
@@ -293,25 +291,3 @@ def test_the_workspace_compute_file_picks_the_service(service, tmp_path):
         assert kernel.ok("spark.range(2).count()").stdout.strip().endswith("2")
     finally:
         kernel.shutdown()
-
-
-def test_getting_started_notebook_runs_headless(service, tmp_path, monkeypatch):
-    notebook = nbformat.read(REPO / "notebooks" / "getting-started.ipynb", as_version=4)
-    from studio.kernel.install import write_kernelspec
-
-    write_kernelspec(tmp_path / "jupyter")
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    client = NotebookClient(notebook, kernel_name="pyspark", timeout=300, resources={"metadata": {"path": str(tmp_path)}})
-    client.execute(env={**os.environ, "STUDIO_LIVY_URL": service.url})
-    cells = [c for c in notebook.cells if c.cell_type == "code"]
-    text = "\n".join((o.get("text") or "") + str(o.get("data", {}).get("text/plain", "")) for c in cells for o in c.outputs)
-    assert "wrote 100000 trips" in text
-    assert "Airport" in text and "Queens" in text
-    images = [o for c in cells for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 2  # the %%display bar chart and the %matplot figure
-    assert "6 rows x 4 columns" in text
-    assert "DataFrame 6 zones" in text
-    assert "Successfully installed hello_spark-0.1.0" in text or "Successfully installed hello-spark-0.1.0" in text
-    assert "hello Airport from hello_spark 0.1.0" in text
-    assert "Current session configs" in text
-    assert not [o for c in cells for o in c.outputs if o.output_type == "error"]

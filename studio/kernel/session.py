@@ -18,28 +18,38 @@ HEARTBEAT_TIMEOUT = 120
 HEARTBEAT_INTERVAL = 30.0
 
 
-def resolve_livy_url() -> tuple[str, str]:
-    """(URL, where it came from): the workspace's attached compute, else STUDIO_LIVY_URL, else the default.
+def _compute_file(folder: Path) -> tuple[str, str] | None:
+    candidate = folder / COMPUTE_FILE
+    if candidate.is_file():
+        try:
+            compute = json.loads(candidate.read_text())
+            return str(compute["livy_url"]), f"workspace compute '{compute.get('name', '?')}' ({candidate})"
+        except (ValueError, KeyError, OSError):
+            return None
+    return None
 
-    The workspace server writes ``<workspace>/.studio/compute.json`` when a compute is attached and
-    starts JupyterLab with STUDIO_WORKSPACE_DIR; without that variable the kernel looks upward from its
-    working directory (the notebook's folder). The file is read again for every new session, so an
-    attach takes effect without restarting kernels.
+
+def resolve_livy_url() -> tuple[str, str]:
+    """(URL, where it came from), first found of:
+
+    1. the compute attached to the workspace the kernel runs in: the workspace server writes
+       ``<workspace>/.studio/compute.json`` and starts JupyterLab with STUDIO_WORKSPACE_DIR;
+    2. STUDIO_LIVY_URL (``studio run --livy-url`` sets it);
+    3. a ``.studio/compute.json`` above the kernel's working directory (the notebook's folder);
+    4. http://127.0.0.1:8998.
+
+    It is resolved again for every new session, so an attach takes effect without a kernel restart.
     """
-    places = []
     if os.environ.get("STUDIO_WORKSPACE_DIR"):
-        places.append(Path(os.environ["STUDIO_WORKSPACE_DIR"]))
-    places += [Path.cwd(), *Path.cwd().parents]
-    for folder in places:
-        candidate = folder / COMPUTE_FILE
-        if candidate.is_file():
-            try:
-                compute = json.loads(candidate.read_text())
-                return str(compute["livy_url"]), f"workspace compute '{compute.get('name', '?')}' ({candidate})"
-            except (ValueError, KeyError, OSError):
-                continue
+        found = _compute_file(Path(os.environ["STUDIO_WORKSPACE_DIR"]))
+        if found:
+            return found
     if os.environ.get("STUDIO_LIVY_URL"):
         return os.environ["STUDIO_LIVY_URL"], "STUDIO_LIVY_URL"
+    for folder in (Path.cwd(), *Path.cwd().parents):
+        found = _compute_file(folder)
+        if found:
+            return found
     return DEFAULT_URL, "default"
 
 
@@ -73,7 +83,12 @@ class RemoteSession:
         return self.client
 
     def body(self) -> dict[str, Any]:
-        return {"kind": "pyspark", "heartbeatTimeoutInSecond": HEARTBEAT_TIMEOUT, **self.config}
+        body: dict[str, Any] = {"kind": "pyspark", "heartbeatTimeoutInSecond": HEARTBEAT_TIMEOUT}
+        if os.environ.get("STUDIO_SESSION_NAME"):
+            # Set by `studio run`, which deletes the session by this name when the run ends,
+            # whatever happened to the kernel.
+            body["name"] = os.environ["STUDIO_SESSION_NAME"]
+        return {**body, **self.config}
 
     def start(self, on_wait: Callable[[dict[str, Any], float], None] | None = None) -> dict[str, Any]:
         """Create the session and wait until it is idle; on failure nothing is kept, so a later cell retries."""

@@ -63,6 +63,7 @@ class JupyterLabProcess:
         self.token = ""
         self.pid: int | None = None
         self.started_at = 0.0  # wall-clock time of the spawn
+        self.ready_at = 0.0  # when this server first answered it (or found it again)
         self.shutdown_step: ShutdownStep | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._start_ticks: int | None = None  # /proc start time: tells our pid from a reused one
@@ -113,6 +114,7 @@ class JupyterLabProcess:
         except JupyterLabError:
             await lab.close()
             return None
+        lab.ready_at = time.time()
         return lab
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -184,7 +186,9 @@ class JupyterLabProcess:
                     log_message=f"log: {self.log_path}",
                 )
             try:
-                return await self.status()
+                status = await self.status()
+                self.ready_at = time.time()
+                return status
             except JupyterLabError:
                 pass
             if time.monotonic() > deadline:
@@ -236,7 +240,7 @@ class JupyterLabProcess:
         descendants = self._descendants()
         step = ShutdownStep.SIGKILL
         stopped = False
-        if not now:
+        if not now and self.ready_at:  # one that never answered cannot be asked
             # /api/shutdown shuts the kernels down cleanly (a PySpark kernel ends its Livy session) and exits.
             # Its answer may never come (the server stops its loop), so wait for the exit instead.
             request = asyncio.create_task(self._http.post(f"{self.url}/api/shutdown", headers=self._auth()))
@@ -315,11 +319,15 @@ class JupyterLabProcess:
         return await self._get("/api/kernels?no_track_activity=1")  # type: ignore[return-value]
 
     async def last_activity(self) -> tuple[float, bool]:
-        """(epoch seconds of JupyterLab's last activity, whether a kernel is busy right now)."""
+        """(epoch seconds of the last activity, whether a kernel is busy right now).
+
+        JupyterLab counts API requests and kernel messages; its startup, before it answered, and
+        the time a restarted server had no eye on it do not count as idleness, hence ``ready_at``.
+        """
         status = await self.status()
         kernels = await self.kernels()
         busy = any(kernel.get("execution_state") == "busy" for kernel in kernels)
-        return parse_time(status.get("last_activity")) or self.started_at, busy
+        return max(parse_time(status.get("last_activity")) or 0.0, self.ready_at), busy
 
     async def _get(self, path: str) -> Any:
         try:

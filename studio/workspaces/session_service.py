@@ -82,6 +82,7 @@ class EmbeddedSessionService:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log_handle,
                 start_new_session=True,
+                cwd=str(self.state_dir),
             )
         assert self._process.stdout is not None
         deadline = time.monotonic() + timeout

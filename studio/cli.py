@@ -97,6 +97,14 @@ def cmd_livy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernel_install(args: argparse.Namespace) -> int:
+    from studio.kernel.install import install
+
+    path = install(user=args.user, sys_prefix=args.sys_prefix, prefix=args.prefix)
+    print(f"Installed the PySpark kernelspec in {path}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from studio import bench
 
@@ -148,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     livy.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     livy.set_defaults(func=cmd_livy)
+
+    kernel = sub.add_parser("kernel", help="the PySpark Jupyter kernel")
+    kernel_sub = kernel.add_subparsers(dest="kernel_command", required=True)
+    install = kernel_sub.add_parser("install", help="install the PySpark kernelspec for Jupyter")
+    where = install.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="for this user only (~/.local/share/jupyter)")
+    where.add_argument("--sys-prefix", action="store_true", help="into this Python environment (sys.prefix)")
+    where.add_argument("--prefix", help="under this prefix")
+    install.set_defaults(func=cmd_kernel_install)
 
     bench = sub.add_parser("bench", help="measure warm vs cold start, statement round trip and memory")
     bench.add_argument("--runs", type=int, default=200, help="round trips per latency measurement (default 200)")

@@ -196,6 +196,14 @@ class CompletionRequest(_LivyBody):
     cursor: int | None = None
 
 
+class InspectRequest(_LivyBody):
+    """An extension of Livy's API: what Jupyter's shift-Tab shows for the name at ``cursor``."""
+
+    code: str
+    cursor: int | None = None
+    detail_level: int = 0
+
+
 class CreateBatch(_SparkSettings):
     file: str
     className: str | None = None

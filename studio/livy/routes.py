@@ -6,13 +6,20 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 import studio
 from studio.errors import InvalidRequestError, PayloadTooLargeError
 from studio.livy.batches import BatchManager
-from studio.livy.models import CompletionRequest, CreateBatch, CreateSession, CreateStatement, parse_body
+from studio.livy.models import (
+    CompletionRequest,
+    CreateBatch,
+    CreateSession,
+    CreateStatement,
+    InspectRequest,
+    parse_body,
+)
 from studio.livy.sessions import Session, SessionManager
 
 LIVY_VERSION = "0.9.0-incubating"
@@ -118,9 +125,16 @@ async def list_sessions(request: Request) -> Response:
     return JSONResponse({"from": start, "total": total, "sessions": [s.to_json(base) for s in page]})
 
 
+def _owner(request: Request) -> str | None:
+    """Without authentication Livy's ``owner`` is null; a client may name its user in X-Studio-User
+    (the PySpark kernel does, so %%cleanup can stay within one user's sessions)."""
+    user = request.headers.get("x-studio-user", "").strip()
+    return user[:128] or None
+
+
 async def create_session(request: Request) -> Response:
     body = parse_body(CreateSession, await read_body(request))
-    session = await _sessions(request).create(body)
+    session = await _sessions(request).create(body, owner=_owner(request))
     return JSONResponse(session.to_json(_base_url(request)), status_code=201, headers={"Location": f"/{session.id}"})
 
 
@@ -209,6 +223,18 @@ async def cancel_statement(request: Request) -> Response:
     return JSONResponse({"msg": "canceled"})
 
 
+async def statement_arrow(request: Request) -> Response:
+    session = _session(request)
+    path = _sessions(request).result_file(session, _path_int(request, "statement_id"))
+    return FileResponse(path, media_type="application/vnd.apache.arrow.stream")
+
+
+async def inspect(request: Request) -> Response:
+    session = _session(request)
+    body = parse_body(InspectRequest, await read_body(request))
+    return JSONResponse(await _sessions(request).inspect(session, body))
+
+
 async def completion(request: Request) -> Response:
     session = _session(request)
     body = parse_body(CompletionRequest, await read_body(request))
@@ -229,7 +255,7 @@ async def list_batches(request: Request) -> Response:
 
 async def create_batch(request: Request) -> Response:
     body = parse_body(CreateBatch, await read_body(request))
-    batch = await _batches(request).create(body)
+    batch = await _batches(request).create(body, owner=_owner(request))
     return JSONResponse(batch.to_json(_base_url(request)), status_code=201, headers={"Location": f"/{batch.id}"})
 
 
@@ -271,7 +297,9 @@ ROUTES = [
     Route("/sessions/{session_id}/statements", create_statement, methods=["POST"]),
     Route("/sessions/{session_id}/statements/{statement_id}", get_statement, methods=["GET"]),
     Route("/sessions/{session_id}/statements/{statement_id}/cancel", cancel_statement, methods=["POST"]),
+    Route("/sessions/{session_id}/statements/{statement_id}/arrow", statement_arrow, methods=["GET"]),
     Route("/sessions/{session_id}/completion", completion, methods=["POST"]),
+    Route("/sessions/{session_id}/inspect", inspect, methods=["POST"]),
     Route("/batches", list_batches, methods=["GET"]),
     Route("/batches", create_batch, methods=["POST"]),
     Route("/batches/{batch_id}", get_batch, methods=["GET"]),

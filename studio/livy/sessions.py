@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from studio.config import Settings
@@ -38,6 +40,7 @@ from studio.livy.models import (
     CompletionRequest,
     CreateSession,
     CreateStatement,
+    InspectRequest,
     SessionKind,
     SessionState,
     StatementState,
@@ -365,7 +368,17 @@ class SessionManager:
                 break
             if session.statements[sid].state.is_final:
                 del session.statements[sid]
+                if session.worker is not None:
+                    session.worker.result_file(sid).unlink(missing_ok=True)
                 excess -= 1
+
+    def result_file(self, session: Session, statement_id: int) -> Path:
+        """The Arrow result of a finished statement (written by the kernel's magics)."""
+        statement = self.get_statement(session, statement_id)
+        path = session.worker.result_file(statement.id) if session.worker is not None else None
+        if not statement.state.is_final or path is None or not path.is_file():
+            raise NotFoundError(f"Statement {statement_id} of session {session.id} has no Arrow result.")
+        return path
 
     def get_statement(self, session: Session, statement_id: int) -> Statement:
         statement = session.statements.get(statement_id)
@@ -462,6 +475,16 @@ class SessionManager:
         except (asyncio.TimeoutError, WorkerError):
             return []
 
+    async def inspect(self, session: Session, body: InspectRequest) -> dict[str, Any]:
+        session.touch()
+        if not session.active or session.worker is None:
+            raise ConflictError(f"Session {session.id} is {session.state.value}; inspection needs an active session.")
+        cursor = len(body.code) if body.cursor is None else body.cursor
+        try:
+            return await asyncio.wait_for(session.worker.inspect(body.code, cursor, body.detail_level), 10)
+        except (asyncio.TimeoutError, WorkerError):
+            return {"found": False, "data": {}}
+
     # -- stopping -------------------------------------------------------------------------
 
     async def delete(self, session: Session) -> None:
@@ -499,6 +522,8 @@ class SessionManager:
                 statement.set_state(StatementState.CANCELLED)
         if session.runner is not None:
             session.runner.cancel()
+        if session.worker is not None:  # Arrow results go with the session; the user's files stay
+            shutil.rmtree(session.worker.results_dir, ignore_errors=True)
         self.store.update("sessions", session.id, state=final.value, ended_at=time.time(), reason=reason)
 
     def _on_worker_exit(self, session: Session, worker: WorkerProcess, code: int) -> None:

@@ -27,6 +27,7 @@ from studio.config import Settings
 from studio.errors import WorkerDiedError, WorkerStartError
 from studio.livy.logs import LogFile
 from studio.worker import protocol
+from studio.worker.protocol import RESULTS_DIR
 
 log = logging.getLogger("studio.livy.workers")
 
@@ -261,6 +262,20 @@ class WorkerProcess:
         reply = await self._request("completion", req, {"op": "complete", "req": req, "code": code, "cursor": cursor})
         return list(reply.get("candidates", []))
 
+    async def inspect(self, code: str, cursor: int, detail_level: int) -> dict[str, Any]:
+        req = next(self._requests)
+        message = {"op": "inspect", "req": req, "code": code, "cursor": cursor, "detail_level": detail_level}
+        reply = await self._request("inspection", req, message)
+        return {"found": bool(reply.get("found")), "data": reply.get("data", {})}
+
+    @property
+    def results_dir(self) -> Path:
+        """Where the worker writes statements' Arrow results (see studio.worker.helpers)."""
+        return self.workdir / RESULTS_DIR
+
+    def result_file(self, statement_id: int) -> Path:
+        return self.results_dir / f"{statement_id}.arrow"
+
     def renice(self, value: int = 0) -> bool:
         """Set every thread of every process in the worker's group to ``value`` (needs privilege to lower)."""
         if self._process is None:
@@ -330,6 +345,7 @@ class WorkerProcess:
                 self.on_progress(message)
         else:
             key = message.get("id") if op == "result" else message.get("req")
+            # "completion" and "inspection" replies are matched by their request number.
             future = self._pending.get((op, key))
             if future is not None and not future.done():
                 future.set_result(message)

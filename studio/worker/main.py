@@ -22,10 +22,14 @@ import threading
 import time
 import types
 import warnings
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from studio.worker import lean, protocol
+from studio.worker.helpers import StudioHelpers, inspection
+from studio.worker.packages import SessionPackages, bind_to_context
 from studio.worker.progress import ProgressReporter, job_group
+from studio.worker.protocol import RESULTS_DIR
 from studio.worker.repl import PythonRepl, error, run_sql
 
 
@@ -116,6 +120,11 @@ class Worker:
         sys.modules["__main__"] = main
         self.namespace = main.__dict__
         self.repl = PythonRepl(self.namespace, int(config.get("max_output_bytes", 10 * 1024 * 1024)))
+        packages = SessionPackages(self.sc, Path.cwd())
+        bind_to_context(self.sc, packages)
+        self.namespace["__studio__"] = StudioHelpers(
+            self.spark, Path.cwd() / RESULTS_DIR, lambda: self.current, self.repl.publish, packages
+        )
         if config.get("warmup"):
             self._warm_up(float(config.get("warmup_seconds", 10.0)))
         self.progress = ProgressReporter(self.sc, self.conn.send)
@@ -189,6 +198,11 @@ class Worker:
             elif op == "complete":
                 candidates = completions(self.namespace, message.get("code", ""), int(message.get("cursor", 0)))
                 self.conn.send({"op": "completion", "req": message["req"], "candidates": candidates})
+            elif op == "inspect":
+                found = inspection(
+                    self.namespace, message.get("code", ""), int(message.get("cursor", 0)), int(message.get("detail_level", 0))
+                )
+                self.conn.send({"op": "inspection", "req": message["req"], **found})
             else:
                 self.queue.put(message)
 

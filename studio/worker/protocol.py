@@ -10,6 +10,7 @@ service → worker
     ``execute``   {id, code, kind, max_rows}: run one statement (kind "pyspark" or "sql")
     ``cancel``    {id}: stop that statement's Spark jobs and interrupt its Python code
     ``complete``  {req, code, cursor}: completion candidates for the text before ``cursor``
+    ``inspect``   {req, code, cursor, detail_level}: type, signature and docstring at ``cursor``
     ``shutdown``  {}: stop Spark and exit
 
 worker → service
@@ -19,6 +20,7 @@ worker → service
     ``progress``   {id, progress, jobs: [...]}: live Spark progress of the running statement
     ``result``     {id, output}: output is Livy's statement output without ``execution_count``
     ``completion`` {req, candidates}
+    ``inspection`` {req, found, data}
 
 Lines can be large (images, SQL results), so readers must allow long lines.
 """
@@ -29,6 +31,9 @@ import json
 from typing import Any
 
 MAX_LINE_BYTES = 1024 * 1024 * 1024
+
+# Folder in the worker's working directory for Arrow results that the service streams to clients.
+RESULTS_DIR = ".studio-results"
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -82,6 +82,7 @@ class PythonRepl:
     def __init__(self, namespace: dict[str, Any], max_output_bytes: int) -> None:
         self.namespace = namespace
         self.max_output_bytes = max_output_bytes
+        self.published: dict[str, Any] = {}
         self.magics: dict[str, Callable[[str], dict[str, Any]]] = {
             "json": self._magic_json,
             "table": self._magic_table,
@@ -90,8 +91,13 @@ class PythonRepl:
 
     # -- running code -----------------------------------------------------------------------
 
+    def publish(self, data: dict[str, Any]) -> None:
+        """Add mime data to the running statement's output (helpers of the kernel's magics use it)."""
+        self.published.update(data)
+
     def execute(self, statement_id: int, code: str) -> Output:
         filename = f"<statement-{statement_id}>"
+        self.published = {}
         stdout, stderr = _Capture(), _Capture()
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = stdout, stderr
@@ -112,7 +118,7 @@ class PythonRepl:
                 return error_from_exception(exc, filename)
         finally:
             sys.stdout, sys.stderr = saved
-        data = dict(result or {})
+        data = {**self.published, **(result or {})}
         text = data.pop("text/plain", "") + stdout.getvalue() + stderr.getvalue()
         text = text.rstrip()
         if text or not data:

@@ -1,0 +1,173 @@
+"""A small Livy client on httpx, for the kernel (no Livy client library, no ``requests``).
+
+Every call goes through ``map_livy_errors``, so callers see one ``LivyError`` that names the
+method, URL, status and the server's ``msg``. Against Spark Studio's own service the client
+long-polls statements (``?wait=``); against any other Livy it polls with a short backoff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import socket
+import time
+from typing import Any, Iterator
+
+import httpx
+
+FINAL_STATEMENT_STATES = ("available", "cancelled", "error")
+FINAL_SESSION_STATES = ("dead", "error", "killed", "success")
+
+
+class LivyError(Exception):
+    """A failed call to the session service."""
+
+    def __init__(self, message: str, *, method: str = "", url: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.method = method
+        self.url = url
+        self.status = status
+
+
+@contextlib.contextmanager
+def map_livy_errors(method: str, url: str) -> Iterator[None]:
+    """Translate transport and HTTP failures into LivyError (httpx's choke-point pattern)."""
+    try:
+        yield
+    except httpx.ConnectError as exc:
+        raise LivyError(f"Cannot reach the Spark session service at {url}: {exc}.", method=method, url=url) from None
+    except httpx.TimeoutException as exc:
+        raise LivyError(f"The Spark session service at {url} did not answer in time ({exc}).", method=method, url=url) from None
+    except httpx.HTTPError as exc:
+        raise LivyError(f"{method} {url} failed: {exc}", method=method, url=url) from None
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in some containers
+        return "unknown"
+
+
+class LivyClient:
+    def __init__(self, url: str, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        # TCP_NODELAY: httpx writes a POST's headers and body apart, and Nagle's algorithm would
+        # hold the body for the server's delayed ACK (~40 ms per statement).
+        transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        self.http = httpx.Client(
+            base_url=self.url,
+            timeout=httpx.Timeout(timeout, connect=5.0),
+            transport=transport,
+            headers={"X-Studio-User": _user(), "X-Requested-By": "spark-studio-kernel"},
+        )
+        self._studio: bool | None = None
+
+    def close(self) -> None:
+        self.http.close()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def request(self, method: str, path: str, *, ok: tuple[int, ...] = (200, 201), **kwargs: Any) -> Any:
+        url = self.url + path
+        with map_livy_errors(method, url):
+            response = self.http.request(method, path, **kwargs)
+        if response.status_code not in ok:
+            try:
+                message = response.json().get("msg") or response.text
+            except ValueError:
+                message = response.text.strip() or response.reason_phrase
+            raise LivyError(f"{message}", method=method, url=url, status=response.status_code)
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            return response.content
+
+    @property
+    def is_studio(self) -> bool:
+        """True when the server is Spark Studio's session service (it long-polls statements)."""
+        if self._studio is None:
+            try:
+                version = self.request("GET", "/version")
+                self._studio = "spark-studio" in str(version.get("revision", ""))
+            except LivyError:
+                self._studio = False
+        return self._studio
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def create_session(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", "/sessions", json=body)
+
+    def get_session(self, session_id: int) -> dict[str, Any]:
+        return self.request("GET", f"/sessions/{session_id}")
+
+    def list_sessions(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/sessions", params={"size": 1000}).get("sessions", []))
+
+    def delete_session(self, session_id: int) -> None:
+        self.request("DELETE", f"/sessions/{session_id}", ok=(200, 404))
+
+    def log(self, session_id: int, size: int = 1000) -> list[str]:
+        return list(self.request("GET", f"/sessions/{session_id}/log", params={"size": size}).get("log", []))
+
+    def wait_for_session(self, session_id: int, timeout: float, on_wait: Any = None) -> dict[str, Any]:
+        """Poll until the session is idle; raise LivyError if it ends or the timeout passes."""
+        started = time.monotonic()
+        delay = 0.05
+        while True:
+            session = self.get_session(session_id)
+            state = session["state"]
+            if state == "idle":
+                return session
+            if state in FINAL_SESSION_STATES:
+                raise LivyError(f"Session {session_id} is {state}.", status=None)
+            elapsed = time.monotonic() - started
+            if elapsed > timeout:
+                raise LivyError(f"Session {session_id} did not become idle in {timeout:.0f}s (it is {state}).")
+            if on_wait is not None:
+                on_wait(session, elapsed)
+            time.sleep(delay)
+            delay = min(1.0, delay * 1.5)
+
+    # -- statements -------------------------------------------------------------------------
+
+    def submit(self, session_id: int, code: str, kind: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": code}
+        if kind:
+            body["kind"] = kind
+        return self.request("POST", f"/sessions/{session_id}/statements", json=body)
+
+    def statement(self, session_id: int, statement_id: int, wait: float = 0.0) -> dict[str, Any]:
+        """The statement; with Spark Studio's service, wait up to ``wait`` seconds for it to finish."""
+        params: dict[str, Any] = {"detail": 1}
+        if wait and self.is_studio:
+            params["wait"] = wait
+        return self.request("GET", f"/sessions/{session_id}/statements/{statement_id}", params=params)
+
+    def cancel(self, session_id: int, statement_id: int) -> None:
+        self.request("POST", f"/sessions/{session_id}/statements/{statement_id}/cancel", json={})
+
+    def arrow(self, session_id: int, statement_id: int) -> bytes:
+        url = f"/sessions/{session_id}/statements/{statement_id}/arrow"
+        with map_livy_errors("GET", self.url + url):
+            response = self.http.get(url, timeout=600)
+        if response.status_code != 200:
+            raise LivyError(response.text, method="GET", url=self.url + url, status=response.status_code)
+        return response.content
+
+    def completion(self, session_id: int, code: str, cursor: int) -> list[str]:
+        reply = self.request(
+            "POST", f"/sessions/{session_id}/completion", json={"code": code, "kind": "pyspark", "cursor": cursor}, timeout=5
+        )
+        return list(reply.get("candidates", []))
+
+    def inspect(self, session_id: int, code: str, cursor: int, detail_level: int) -> dict[str, Any]:
+        return self.request(
+            "POST",
+            f"/sessions/{session_id}/inspect",
+            json={"code": code, "cursor": cursor, "detail_level": detail_level},
+            timeout=5,
+        )

@@ -1,0 +1,127 @@
+"""Notebook-scoped Python packages, EMR's API on ``sc``:
+
+``sc.install_pypi_package("name[==version]"[, repo_url])``, ``sc.list_packages()``,
+``sc.uninstall_package("name")``, plus the ``%pip`` magic of the PySpark kernel.
+
+Each session gets a virtualenv of its own that sees the base environment's packages
+(``--system-site-packages``), so pip skips what is already installed and a package lands only in
+that session. Its site-packages go first on the driver's ``sys.path`` and onto the ``PYTHONPATH``
+that PySpark hands to executors' Python workers with every task (``sc.environment``), so UDFs
+import it too, in local mode and on a standalone cluster on the same host.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+# A requirement as pip takes it: name, extras, version specifiers (no shell metacharacters).
+_REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9._,-]+\])?\s*([<>=!~]=?\s*[A-Za-z0-9.*+!_-]+\s*,?\s*)*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class SessionPackages:
+    def __init__(self, sc: Any, root: Path) -> None:
+        self.sc = sc
+        self.venv = root / ".studio-venv"
+
+    # -- EMR's API ----------------------------------------------------------------------------
+
+    def install_pypi_package(self, package: Any, repo_url: Any = None) -> None:
+        """Install a package (``name``, ``name==1.2``, a local wheel or folder) for this session only."""
+        if not isinstance(package, str) or not package.strip():
+            raise ValueError("package must be a non-empty string such as 'arrow==1.3.0'")
+        package = package.strip()
+        if not (_REQUIREMENT.match(package) or _is_local_path(package) or _is_url(package)):
+            raise ValueError(f"invalid package name or version: {package!r}")
+        args = ["install", package]
+        if repo_url is not None:
+            if not isinstance(repo_url, str) or not _is_url(repo_url):
+                raise ValueError(f"repo_url must be an http(s):// or file:// URL, got {repo_url!r}")
+            args += ["--index-url", repo_url]
+        self.pip(args)
+
+    def uninstall_package(self, package: Any) -> None:
+        """Uninstall a package that this session installed (base packages stay)."""
+        if not isinstance(package, str) or not _NAME.match(package.strip()):
+            raise ValueError(f"invalid package name: {package!r}")
+        self.pip(["uninstall", "-y", package.strip()])
+
+    def list_packages(self) -> None:
+        """Print the packages this session sees: the base environment's and its own."""
+        self.pip(["list"])
+
+    # -- %pip -----------------------------------------------------------------------------
+
+    def pip(self, args: list[str]) -> None:
+        """Run pip against the session's environment; its output is the statement's output."""
+        if not args or not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise ValueError("pip needs a command, e.g. %pip install arrow")
+        python = self._ensure_venv()
+        command = [sys.executable, "-m", "pip", "--python", str(python), "--disable-pip-version-check", *args]
+        if args[0] == "install":
+            command.append("--no-warn-script-location")
+        result = subprocess.run(command, capture_output=True, text=True, env=_pip_env())
+        output = (result.stdout + result.stderr).strip()
+        if output:
+            print(output)
+        if result.returncode != 0:
+            raise RuntimeError(f"pip {args[0]} failed (exit {result.returncode}):\n{output}")
+        self._activate()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _ensure_venv(self) -> Path:
+        python = self.venv / "bin" / "python"
+        if not python.exists():
+            subprocess.run(
+                [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(self.venv)],
+                check=True,
+                capture_output=True,
+            )
+        return python
+
+    def site_packages(self) -> str:
+        purelib = sysconfig.get_path("purelib", vars={"base": str(self.venv), "platbase": str(self.venv)})
+        return purelib
+
+    def _activate(self) -> None:
+        site = self.site_packages()
+        if site not in sys.path:
+            sys.path.insert(0, site)
+        importlib.invalidate_caches()
+        paths = [p for p in self.sc.environment.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if site not in paths:
+            self.sc.environment["PYTHONPATH"] = os.pathsep.join([site, *paths])
+
+
+def _is_local_path(text: str) -> bool:
+    return (text.startswith(("/", "./", "../", "~")) or text.endswith((".whl", ".tar.gz", ".zip"))) and os.path.exists(
+        os.path.expanduser(text)
+    )
+
+
+def _is_url(text: str) -> bool:
+    parsed = urlparse(text)
+    return parsed.scheme in ("http", "https", "file") and bool(parsed.netloc or parsed.path)
+
+
+def _pip_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # pip must see the session's environment, not the driver's path
+    env["PIP_NO_INPUT"] = "1"
+    return env
+
+
+def bind_to_context(sc: Any, packages: SessionPackages) -> None:
+    """Make EMR's functions available as methods of the session's ``sc``."""
+    sc.install_pypi_package = packages.install_pypi_package
+    sc.uninstall_package = packages.uninstall_package
+    sc.list_packages = packages.list_packages

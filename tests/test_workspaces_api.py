@@ -180,6 +180,7 @@ def test_full_lifecycle(server):
     assert created["owner"] and created["compute"] == "local"
     folder = Path(created["folder"])
     assert folder == server.root / "alpha" and folder.is_dir()
+    assert (folder / "getting-started.ipynb").read_bytes() == (REPO / "notebooks" / "getting-started.ipynb").read_bytes()
     local_url = api.compute("local")["url"]
     assert json.loads((folder / ".studio" / "compute.json").read_text()) == {"name": "local", "livy_url": local_url}
     assert "already exists" in error(api.http.post("/api/workspaces", json={"name": "alpha"}), 409)
@@ -392,6 +393,7 @@ def test_a_workspace_can_clone_a_repository(server, folder):
     cloned = api.create(name="cloned", repository_url=str(repo))
     assert cloned["state"] == "Idle" and cloned["repository_url"] == str(repo)
     assert (server.root / "cloned" / "analysis.ipynb").exists() and (server.root / "cloned" / ".git").is_dir()
+    assert not (server.root / "cloned" / "getting-started.ipynb").exists()  # a clone is the repository, unseeded
     by_url = api.create(name="cloned-url", repository_url=f"file://{repo}")
     assert by_url["state"] == "Idle" and (server.root / "cloned-url" / "analysis.ipynb").exists()
 

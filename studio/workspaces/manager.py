@@ -57,11 +57,11 @@ SEED_NOTEBOOK_GLOB = "*.ipynb"
 
 def default_seed_dir() -> Path | None:
     """The studio's own example notebooks: ``notebooks/`` of a source checkout, else the installed copy."""
-    package_dir = Path(__file__).resolve().parents[1]
-    for candidate in (package_dir.parent / "notebooks", Path(sys.prefix) / "share" / "spark-studio" / "notebooks"):
-        if candidate.is_dir():
-            return candidate
-    return None
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "notebooks").is_dir():
+        return checkout / "notebooks"
+    installed = Path(sys.prefix) / "share" / "spark-studio" / "notebooks"  # pyproject's data-files
+    return installed if installed.is_dir() else None
 
 
 class Workspace:

@@ -26,6 +26,7 @@ from studio.kernel.install import write_kernelspec
 from studio.store import Store
 from studio.workspaces import routes, ui
 from studio.workspaces.computes import LOCAL, ComputeManager
+from studio.workspaces.jupyter import write_lab_defaults
 from studio.workspaces.manager import WorkspaceManager
 from studio.workspaces.session_service import EmbeddedSessionService
 
@@ -92,8 +93,10 @@ def create_app(settings: Settings) -> ASGIApp:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         settings.root.mkdir(parents=True, exist_ok=True)
         store = Store(settings.database_path)
-        kernelspec_dir = settings.state_dir / "jupyter"
-        write_kernelspec(kernelspec_dir)
+        jupyter_dir = settings.state_dir / "jupyter"
+        write_kernelspec(jupyter_dir)
+        jupyter_config_dir = settings.state_dir / "jupyter-config"
+        write_lab_defaults(jupyter_config_dir)
         computes = ComputeManager(settings, store)
         session_service: EmbeddedSessionService | None = None
         manager: WorkspaceManager | None = None
@@ -105,7 +108,7 @@ def create_app(settings: Settings) -> ASGIApp:
                     settings, settings.state_dir / "livy", port=settings.port, pool_size=settings.pool_size
                 )
                 computes.register_managed(LOCAL, await session_service.start())
-            manager = WorkspaceManager(settings, store, computes, kernelspec_dir)
+            manager = WorkspaceManager(settings, store, computes, jupyter_dir, jupyter_config_dir)
             await manager.recover()
             app.state.settings = settings
             app.state.store = store

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import datetime
 import errno
+import json
 import logging
 import os
 import secrets
@@ -39,6 +40,21 @@ from studio.livy.workers import ShutdownStep, describe_exit
 log = logging.getLogger("studio.workspaces.jupyter")
 
 _POLL_SECONDS = 0.2
+
+
+# Defaults for every workspace's JupyterLab (a user's own settings still win): never fetch the
+# Jupyter news feed or check for updates, and so never ask about it in a toast either.
+LAB_DEFAULTS = {
+    "@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False},
+}
+
+
+def write_lab_defaults(config_dir: Path) -> Path:
+    """``<config_dir>/labconfig/default_setting_overrides.json``; put ``config_dir`` on JUPYTER_CONFIG_PATH."""
+    path = config_dir / "labconfig" / "default_setting_overrides.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(LAB_DEFAULTS, indent=2) + "\n")
+    return path
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -122,13 +122,15 @@ class WorkspaceManager:
         settings: Settings,
         store: Store,
         computes: ComputeManager,
-        kernelspec_dir: Path,
+        jupyter_dir: Path,
+        jupyter_config_dir: Path,
         owner: str | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.computes = computes
-        self.kernelspec_dir = kernelspec_dir  # holds kernels/pyspark/kernel.json; goes on JUPYTER_PATH
+        self.jupyter_dir = jupyter_dir  # holds kernels/pyspark/kernel.json; goes first on JUPYTER_PATH
+        self.jupyter_config_dir = jupyter_config_dir  # JupyterLab defaults; goes first on JUPYTER_CONFIG_PATH
         self.owner = owner or getpass.getuser()
         self.root = settings.root
         self.seed_dir = settings.workspace_seed_dir or default_seed_dir()
@@ -662,8 +664,16 @@ class WorkspaceManager:
         return self._state_dir(workspace) / "lab-layout"
 
     def _lab_env(self, workspace: Workspace) -> dict[str, str]:
-        jupyter_path = [str(self.kernelspec_dir), *filter(None, os.environ.get("JUPYTER_PATH", "").split(os.pathsep))]
-        return {"STUDIO_WORKSPACE_DIR": str(workspace.folder), "JUPYTER_PATH": os.pathsep.join(jupyter_path)}
+        """STUDIO_WORKSPACE_DIR for the kernels; our kernelspec and lab defaults first on Jupyter's paths."""
+
+        def first(directory: Path, variable: str) -> str:
+            return os.pathsep.join([str(directory), *filter(None, os.environ.get(variable, "").split(os.pathsep))])
+
+        return {
+            "STUDIO_WORKSPACE_DIR": str(workspace.folder),
+            "JUPYTER_PATH": first(self.jupyter_dir, "JUPYTER_PATH"),
+            "JUPYTER_CONFIG_PATH": first(self.jupyter_config_dir, "JUPYTER_CONFIG_PATH"),
+        }
 
     def log_text(self, workspace_id: int | str, max_bytes: int = 64 * 1024) -> str:
         """The end of the workspace's JupyterLab log."""

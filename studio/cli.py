@@ -1,4 +1,4 @@
-"""The ``studio`` command: ``studio livy`` | ``studio bench`` (and more as the studio grows)."""
+"""The ``studio`` command: ``studio serve`` | ``studio livy`` | ``studio bench`` (and more as the studio grows)."""
 
 from __future__ import annotations
 
@@ -140,6 +140,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(
+        args,
+        host="serve_host",
+        port="serve_port",
+        livy_url="livy_url",
+        root="root",
+        livy_port="port",
+        pool="pool_size",
+        state_dir="state_dir",
+        allow_unauthenticated_remote_access="allow_unauthenticated_remote_access",
+    )
+    refuse_remote(settings.model_copy(update={"host": settings.serve_host}))
+    setup_logging(args.verbose)
+    if not args.verbose:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check and status poll
+    from studio.workspaces.app import create_app
+
+    sock = bind_socket(settings.serve_host, settings.serve_port)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host}:{port}"
+    compute = settings.livy_url or "embedded session service"
+    announce = f"studio serve: listening on {url} (root {settings.root}, compute local: {compute}, state {settings.state_dir})"
+    asyncio.run(serve_app(create_app(settings), sock, announce))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="studio", description="Spark Studio: warm PySpark sessions for notebooks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,6 +217,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     bench.add_argument("--state-dir", type=Path, help="state directory of the services the bench starts")
     bench.set_defaults(func=cmd_bench)
+
+    serve = sub.add_parser("serve", help="run the workspace server and Studio web UI (and a session service)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port of the Studio (default 8890; 0 picks a free one)")
+    serve.add_argument(
+        "--livy-url", help="Livy URL to register as the compute 'local' (default: start a session service here)"
+    )
+    serve.add_argument("--root", type=Path, help="folder of the workspaces' notebooks (default ~/spark-studio)")
+    serve.add_argument(
+        "--livy-port", type=int, help="port of the session service it starts (default 8998, or a free one if taken)"
+    )
+    serve.add_argument("--pool", type=int, help="warm workers of the session service it starts (default 1)")
+    serve.add_argument("--state-dir", type=Path, help="database and logs (default ~/.local/state/spark-studio)")
+    serve.add_argument(
+        "--allow-unauthenticated-remote-access",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback --host although the Studio has no authentication",
+    )
+    serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

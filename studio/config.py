@@ -25,6 +25,10 @@ def _default_cache_dir() -> Path:
     return Path(base) / "spark-studio"
 
 
+def _default_root() -> Path:
+    return Path(os.path.expanduser("~")) / "spark-studio"
+
+
 def _default_max_sessions() -> int:
     """About one live session per 1.5 GiB of this machine's memory, at least one."""
     try:
@@ -46,7 +50,7 @@ def is_loopback(host: str) -> bool:
 
 
 class Settings(BaseSettings):
-    """Settings of the session service (and, later, of the workspace server)."""
+    """Settings of the session service (``studio livy``) and the workspace server (``studio serve``)."""
 
     model_config = SettingsConfigDict(env_prefix="STUDIO_", extra="ignore")
 
@@ -161,7 +165,58 @@ class Settings(BaseSettings):
         default_factory=_default_state_dir, description="Where the database and the worker and batch logs live."
     )
 
-    @field_validator("state_dir", "cache_dir", mode="after")
+    # --- workspace server (studio serve) ----------------------------------------------------
+    serve_host: str = Field("127.0.0.1", description="Address the workspace server and its Studio UI bind to.")
+    serve_port: int = Field(8890, description="Port of the workspace server and Studio UI; 0 picks a free port.")
+    root: Path = Field(
+        default_factory=_default_root,
+        description="Folder that holds one sub-folder of notebooks per workspace (<root>/<workspace name>).",
+    )
+    livy_url: str = Field(
+        "",
+        description="Livy URL that `studio serve` registers as the compute `local`. Empty: it starts its own "
+        "session service (`studio livy`, on `port` or a free port when that is taken) and stops it on exit.",
+    )
+    workspace_idle_timeout: float = Field(
+        3600.0,
+        ge=0,
+        description="Seconds without activity in a running workspace's JupyterLab (API requests, kernel messages; "
+        "a busy kernel always counts as active) after which the workspace is stopped, with the reason recorded. "
+        "0: never. A workspace's own idle_timeout overrides it.",
+    )
+    workspace_cull_interval: float = Field(
+        30.0, gt=0, description="Seconds between checks for idle workspaces and for JupyterLab servers that died."
+    )
+    jupyterlab_start_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a workspace's JupyterLab may take to answer on its port before the start fails and "
+        "the workspace becomes Failed.",
+    )
+    jupyterlab_stop_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds JupyterLab gets to shut down with its kernels after a polite request, and again after "
+        "SIGTERM, before its processes are killed.",
+    )
+    jupyterlab_command: list[str] = Field(
+        default_factory=list,
+        description="Command that starts a workspace's JupyterLab (default: this Python with -m jupyterlab); "
+        "the server adds its --ServerApp options.",
+    )
+    git_clone_timeout: float = Field(
+        300.0, gt=0, description="Seconds `git clone` of a workspace's repository may take before it is stopped."
+    )
+    compute_timeout: float = Field(
+        5.0, gt=0, description="Seconds a compute (a Livy URL) gets to answer a health check or a session listing."
+    )
+    workspace_seed_dir: Path | None = Field(
+        None,
+        description="Notebooks (*.ipynb) copied into every new workspace that does not clone a repository. "
+        "Default: the studio's own notebooks/ (getting-started.ipynb), when it is installed.",
+    )
+
+    @field_validator("state_dir", "cache_dir", "root", mode="after")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()

@@ -7,14 +7,17 @@ Managers raise only these; the web layer turns any of them into Livy's error sha
     ├── InvalidRequestError (400)          bad JSON, wrong field types, unknown fields
     │   ├── SessionNotActiveError (400)    statement to a finished session
     │   └── TooManySessionsError (400)     the configured cap of live sessions is reached
-    ├── NotFoundError (404)                unknown session, statement or batch
+    ├── NotFoundError (404)                unknown session, statement, batch, workspace or compute
     ├── NotAcceptableError (406)           an Accept header asking for an unknown API version
-    ├── ConflictError (409)                right request, wrong moment (a session still starting)
+    ├── ConflictError (409)                right request, wrong moment (a session still starting,
+    │                                      a workspace started twice), or a name that is taken
     ├── PayloadTooLargeError (413)         code or request body over the configured limit
+    ├── ComputeUnreachableError (502)      a compute (a Livy URL) did not answer or answered nonsense
     ├── CapacityError (503)                not enough free memory to start another worker
-    └── WorkerError (500)                  a worker failed in a way its session cannot recover from
-        ├── WorkerStartError               the worker exited or timed out before it was ready
-        └── WorkerDiedError                the worker exited while it had work
+    ├── WorkerError (500)                  a worker failed in a way its session cannot recover from
+    │   ├── WorkerStartError               the worker exited or timed out before it was ready
+    │   └── WorkerDiedError                the worker exited while it had work
+    └── JupyterLabError (500)              a workspace's JupyterLab did not start (exited, timed out)
 """
 
 from __future__ import annotations
@@ -76,3 +79,11 @@ class WorkerStartError(WorkerError):
 
 class WorkerDiedError(WorkerError):
     pass
+
+
+class ComputeUnreachableError(StudioError):
+    status_code = 502
+
+
+class JupyterLabError(StudioError):
+    status_code = 500

@@ -2,7 +2,9 @@
 
 The session service keeps its live objects (sessions with their workers, batches with their
 spark-submit processes) in memory; a row here is their record: ids keep counting across
-restarts, and finished work stays on record with its log path.
+restarts, and finished work stays on record with its log path. The workspace server keeps its
+workspaces and computes here; a workspace row also holds what is needed to find its JupyterLab
+again after a restart (``process``: pid, port, token), never the live process itself.
 """
 
 from __future__ import annotations
@@ -26,9 +28,25 @@ CREATE TABLE IF NOT EXISTS batches (
     created_at REAL NOT NULL, ended_at REAL, app_id TEXT, log_path TEXT, request TEXT NOT NULL,
     reason TEXT
 );
+CREATE TABLE IF NOT EXISTS workspaces (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, description TEXT NOT NULL DEFAULT '', owner TEXT,
+    repository_url TEXT, compute TEXT, idle_timeout REAL, state TEXT NOT NULL, reason TEXT,
+    created_at REAL NOT NULL, updated_at REAL, state_changed_at REAL, last_activity REAL, process TEXT
+);
+CREATE TABLE IF NOT EXISTS computes (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, url TEXT NOT NULL, owner TEXT,
+    managed INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL
+);
 """
 
-_TABLES = ("sessions", "batches")
+# table -> its columns that hold JSON (encoded on the way in, decoded on the way out)
+_JSON_COLUMNS: dict[str, tuple[str, ...]] = {
+    "sessions": ("request",),
+    "batches": ("request",),
+    "workspaces": ("process",),
+    "computes": (),
+}
+_TABLES = tuple(_JSON_COLUMNS)
 
 
 class Store:
@@ -58,7 +76,9 @@ class Store:
 
     def insert(self, table: str, row: dict[str, Any]) -> None:
         assert table in _TABLES
-        row = {**row, "request": json.dumps(row.get("request", {})), "created_at": row.get("created_at", time.time())}
+        if table in ("sessions", "batches"):
+            row = {**row, "request": row.get("request", {})}
+        row = _encode(table, {**row, "created_at": row.get("created_at", time.time())})
         columns = ", ".join(row)
         marks = ", ".join("?" for _ in row)
         with self._lock:
@@ -68,6 +88,7 @@ class Store:
         assert table in _TABLES
         if not fields:
             return
+        fields = _encode(table, fields)
         assignments = ", ".join(f"{name} = ?" for name in fields)
         with self._lock:
             self._db.execute(f"UPDATE {table} SET {assignments} WHERE id = ?", (*fields.values(), row_id))
@@ -76,7 +97,19 @@ class Store:
         assert table in _TABLES
         with self._lock:
             row = self._db.execute(f"SELECT * FROM {table} WHERE id = ?", (row_id,)).fetchone()
-        return _row(row) if row else None
+        return _row(table, row) if row else None
+
+    def all(self, table: str) -> list[dict[str, Any]]:
+        """Every row of a table, oldest first."""
+        assert table in _TABLES
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
+        return [_row(table, row) for row in rows]
+
+    def delete(self, table: str, row_id: int) -> None:
+        assert table in _TABLES
+        with self._lock:
+            self._db.execute(f"DELETE FROM {table} WHERE id = ?", (row_id,))
 
     def mark_unfinished(self, table: str, state: str, reason: str) -> int:
         """Close the records of work a previous run of the service left unfinished."""
@@ -89,7 +122,16 @@ class Store:
         return cursor.rowcount
 
 
-def _row(row: sqlite3.Row) -> dict[str, Any]:
+def _encode(table: str, fields: dict[str, Any]) -> dict[str, Any]:
+    return {
+        name: (json.dumps(value) if name in _JSON_COLUMNS[table] and value is not None else value)
+        for name, value in fields.items()
+    }
+
+
+def _row(table: str, row: sqlite3.Row) -> dict[str, Any]:
     data = dict(row)
-    data["request"] = json.loads(data["request"])
+    for name in _JSON_COLUMNS[table]:
+        if data.get(name) is not None:
+            data[name] = json.loads(data[name])
     return data

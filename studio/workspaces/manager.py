@@ -1,0 +1,695 @@
+"""WorkspaceManager: workspaces, their lifecycle, idle stops and recovery after a restart.
+
+A workspace is a record in the store plus a folder ``<root>/<name>`` of notebooks; while it
+runs it also has a live ``JupyterLabProcess``. Every change of state goes through
+``_transition``, which checks the table in ``models.TRANSITIONS`` and records the reason, so
+the UI can always say why a workspace is where it is ("Stopped after 3600 s without activity").
+
+Attaching a workspace to a compute writes ``<folder>/.studio/compute.json`` =
+``{"name": ..., "livy_url": ...}``; every JupyterLab gets ``STUDIO_WORKSPACE_DIR=<folder>``, and
+the PySpark kernel reads that file whenever it starts a Spark session. No sparkmagic config.
+
+Starting and stopping run as background tasks (the API answers ``Starting``/``Stopping`` at
+once); attaching is a health check and a file write, so it runs within the request. The manager
+raises only ``studio.errors``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from studio.config import Settings
+from studio.errors import (
+    ComputeUnreachableError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    StudioError,
+)
+from studio.store import Store
+from studio.workspaces.computes import Compute, ComputeManager
+from studio.workspaces.jupyter import JupyterLabProcess
+from studio.workspaces.models import (
+    OPEN_STATES,
+    RUNNING_STATES,
+    TRANSITIONS,
+    CreateWorkspace,
+    UpdateWorkspace,
+    WorkspaceState,
+    check_name,
+)
+
+log = logging.getLogger("studio.workspaces")
+
+COMPUTE_FILE = Path(".studio") / "compute.json"
+SEED_NOTEBOOK_GLOB = "*.ipynb"
+
+
+def default_seed_dir() -> Path | None:
+    """The studio's own example notebooks: ``notebooks/`` of a source checkout, else the installed copy."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "notebooks").is_dir():
+        return checkout / "notebooks"
+    installed = Path(sys.prefix) / "share" / "spark-studio" / "notebooks"  # pyproject's data-files
+    return installed if installed.is_dir() else None
+
+
+class Workspace:
+    """A workspace's record, plus its JupyterLab while it runs."""
+
+    def __init__(self, row: dict[str, Any], root: Path) -> None:
+        self.id: int = row["id"]
+        self.name: str = row["name"]
+        self.description: str = row.get("description") or ""
+        self.owner: str | None = row.get("owner")
+        self.repository_url: str | None = row.get("repository_url")
+        self.compute: str | None = row.get("compute")
+        self.idle_timeout: float | None = row.get("idle_timeout")
+        self.state = WorkspaceState(row["state"])
+        self.reason: str | None = row.get("reason")
+        self.created_at: float = row["created_at"]
+        self.updated_at: float | None = row.get("updated_at")
+        self.state_changed_at: float | None = row.get("state_changed_at")
+        self.last_activity: float | None = row.get("last_activity")
+        self.process_state: dict[str, Any] | None = row.get("process")
+        self.root = root
+        self.lab: JupyterLabProcess | None = None
+        self.task: asyncio.Task[None] | None = None  # the start or stop under way
+        self.watcher: asyncio.Task[None] | None = None  # notices a JupyterLab that exits by itself
+
+    @property
+    def folder(self) -> Path:
+        return self.root / self.name
+
+    def to_json(self, settings: Settings) -> dict[str, Any]:
+        idle_timeout = settings.workspace_idle_timeout if self.idle_timeout is None else self.idle_timeout
+        lab = self.lab if self.state in OPEN_STATES else None
+        return {
+            "id": self.id,
+            "name": self.name,
+            "description": self.description,
+            "owner": self.owner,
+            "state": self.state.value,
+            "reason": self.reason,
+            "compute": self.compute,
+            "repository_url": self.repository_url,
+            "folder": str(self.folder),
+            "idle_timeout": idle_timeout,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "state_changed_at": self.state_changed_at,
+            "last_activity": self.last_activity,
+            "url": lab.lab_url if lab else None,
+            "jupyterlab": {"pid": lab.pid, "port": lab.port} if lab else None,
+        }
+
+
+class WorkspaceManager:
+    """Creates, starts, stops, attaches and deletes workspaces; raises only ``studio.errors``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        computes: ComputeManager,
+        jupyter_dir: Path,
+        jupyter_config_dir: Path,
+        owner: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.computes = computes
+        self.jupyter_dir = jupyter_dir  # holds kernels/pyspark/kernel.json; goes first on JUPYTER_PATH
+        self.jupyter_config_dir = jupyter_config_dir  # JupyterLab defaults; goes first on JUPYTER_CONFIG_PATH
+        self.owner = owner or getpass.getuser()
+        self.root = settings.root
+        self.seed_dir = settings.workspace_seed_dir or default_seed_dir()
+        self._workspaces: dict[int, Workspace] = {}
+        self._creating: set[str] = set()  # names reserved while their repository is cloned
+        self._culler: asyncio.Task[None] | None = None
+
+    # -- startup and shutdown --------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Load the records; find running JupyterLabs again or mark their workspaces Idle with the reason."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for row in self.store.all("workspaces"):
+            workspace = Workspace(row, self.root)
+            self._workspaces[workspace.id] = workspace
+            await self._recover_one(workspace)
+        self._culler = asyncio.create_task(self._cull_forever(), name="workspace-culler")
+
+    async def _recover_one(self, workspace: Workspace) -> None:
+        state = workspace.state
+        if state is WorkspaceState.DELETING:
+            self._restore(workspace, WorkspaceState.IDLE, "Its deletion was interrupted by a restart of studio serve; delete it again.")
+            return
+        if state is not WorkspaceState.STOPPING and not state.is_running:
+            self._refresh_compute_file(workspace)
+            return
+        lab = None
+        if workspace.process_state:
+            lab = await JupyterLabProcess.adopt(
+                self.settings, workspace.folder, self._layout_dir(workspace), self._lab_env(workspace), workspace.process_state
+            )
+        if lab is None or state is WorkspaceState.STOPPING:
+            if lab is not None:
+                await lab.stop()
+            self._restore(
+                workspace,
+                WorkspaceState.IDLE,
+                "JupyterLab was no longer running when studio serve restarted."
+                if state is not WorkspaceState.STOPPING
+                else "Stopped: it was stopping when studio serve restarted.",
+            )
+            self._refresh_compute_file(workspace)
+            return
+        workspace.lab = lab
+        self._refresh_compute_file(workspace)
+        found = WorkspaceState.ATTACHED if workspace.compute else WorkspaceState.READY
+        self._restore(workspace, found, f"Found running again (JupyterLab pid {lab.pid}) after studio serve restarted.")
+        self._watch(workspace)
+        log.info("workspace %s: found its JupyterLab (pid %s) again", workspace.name, lab.pid)
+
+    def _restore(self, workspace: Workspace, state: WorkspaceState, reason: str) -> None:
+        """Set a state found at startup; not a transition, so the table does not apply."""
+        workspace.state = state
+        workspace.reason = reason
+        workspace.state_changed_at = time.time()
+        if state is WorkspaceState.IDLE:
+            workspace.process_state = None
+        self._save(workspace, state=state.value, reason=reason, state_changed_at=workspace.state_changed_at, process=workspace.process_state)
+
+    async def shutdown(self) -> None:
+        """Stop every running workspace (studio serve is stopping), recording why."""
+        if self._culler is not None:
+            self._culler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._culler
+        running = [w for w in self._workspaces.values() if w.state.is_running or w.state is WorkspaceState.STOPPING]
+        await asyncio.gather(
+            *(self._stop_now_or_wait(w, "Stopped because studio serve stopped.") for w in running),
+            return_exceptions=True,
+        )
+
+    async def _stop_now_or_wait(self, workspace: Workspace, reason: str) -> None:
+        if workspace.state is WorkspaceState.STOPPING and workspace.task is not None:
+            await asyncio.gather(workspace.task, return_exceptions=True)
+            return
+        self._begin_stop(workspace, reason)
+        assert workspace.task is not None
+        await asyncio.gather(workspace.task, return_exceptions=True)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def list(self) -> list[Workspace]:
+        return sorted(self._workspaces.values(), key=lambda w: w.id)
+
+    def get(self, workspace_id: int | str) -> Workspace:
+        try:
+            key = int(workspace_id)
+        except (TypeError, ValueError):
+            raise NotFoundError(f"Workspace '{workspace_id}' not found; workspace ids are integers.") from None
+        workspace = self._workspaces.get(key)
+        if workspace is None:
+            raise NotFoundError(f"Workspace {key} not found.")
+        return workspace
+
+    def attached_to(self, compute: str) -> list[str]:
+        return [w.name for w in self._workspaces.values() if w.compute == compute]
+
+    def to_json(self, workspace: Workspace) -> dict[str, Any]:
+        return workspace.to_json(self.settings)
+
+    # -- create, update, delete -----------------------------------------------------------
+
+    async def create(self, body: CreateWorkspace) -> Workspace:
+        """A new workspace, Idle (or Failed if its repository could not be cloned); started if asked."""
+        name = check_name(body.name)
+        self._check_name_free(name)
+        compute = self.computes.get(body.compute) if body.compute else None
+        folder = self.root / name
+        self._creating.add(name)
+        try:
+            state, reason = WorkspaceState.IDLE, None
+            if body.repository_url:
+                if folder.exists() and any(folder.iterdir()):
+                    raise ConflictError(
+                        f"Folder {folder} already exists and is not empty, so the repository cannot be cloned into "
+                        "it; choose another name."
+                    )
+                try:
+                    await self._clone(body.repository_url, folder)
+                except StudioError as exc:
+                    state, reason = WorkspaceState.FAILED, exc.msg
+            else:
+                existed = folder.exists()
+                folder.mkdir(parents=True, exist_ok=True)
+                if not existed:
+                    self._seed(folder)
+            now = time.time()
+            workspace_id = self.store.next_id("workspace")
+            row = {
+                "id": workspace_id,
+                "name": name,
+                "description": body.description,
+                "owner": self.owner,
+                "repository_url": body.repository_url or None,
+                "compute": compute.name if compute else None,
+                "idle_timeout": body.idle_timeout,
+                "state": state.value,
+                "reason": reason,
+                "created_at": now,
+                "updated_at": now,
+                "state_changed_at": now,
+            }
+            self.store.insert("workspaces", row)
+        finally:
+            self._creating.discard(name)
+        workspace = Workspace(self.store.get("workspaces", workspace_id) or row, self.root)
+        self._workspaces[workspace.id] = workspace
+        log.info("workspace %s created in %s (%s)", name, folder, state.value)
+        if compute is not None and state is WorkspaceState.IDLE:
+            self._write_compute_file(workspace, compute)
+        if body.start and state is WorkspaceState.IDLE:
+            self.start(workspace.id)
+        return workspace
+
+    def _check_name_free(self, name: str, ignore: Workspace | None = None) -> None:
+        taken = name in self._creating or any(w.name == name and w is not ignore for w in self._workspaces.values())
+        if taken:
+            raise ConflictError(f"A workspace named '{name}' already exists.")
+
+    async def _clone(self, url: str, folder: Path) -> None:
+        """``git clone url folder``; InvalidRequestError-free: any failure is a StudioError with git's own words."""
+        timeout = self.settings.git_clone_timeout
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # "--" keeps a URL that starts with "-" from being read as an option.
+        try:
+            process = await asyncio.create_subprocess_exec(
+                "git", "clone", "--quiet", "--", url, str(folder),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+                start_new_session=True,
+            )  # fmt: skip
+        except OSError as exc:
+            raise StudioError(f"git clone could not run: {exc}.") from None
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), timeout)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(OSError):
+                os.killpg(process.pid, 9)
+            await process.wait()
+            raise StudioError(f"git clone of {url} did not finish within {timeout:.0f}s (STUDIO_GIT_CLONE_TIMEOUT).") from None
+        if process.returncode != 0:
+            message = output.decode(errors="replace").strip() or f"exit code {process.returncode}"
+            raise StudioError(f"git clone of {url} failed: {message}")
+
+    def _seed(self, folder: Path) -> None:
+        if self.seed_dir is None or not self.seed_dir.is_dir():
+            return
+        for notebook in sorted(self.seed_dir.glob(SEED_NOTEBOOK_GLOB)):
+            target = folder / notebook.name
+            if not target.exists():
+                shutil.copyfile(notebook, target)
+
+    def update(self, workspace_id: int | str, body: UpdateWorkspace) -> Workspace:
+        """Change the description, idle timeout or name (a rename moves the folder, so only while Idle)."""
+        workspace = self.get(workspace_id)
+        given = body.model_fields_set
+        changes: dict[str, Any] = {}
+        if "name" in given and body.name is not None and body.name != workspace.name:
+            name = check_name(body.name)
+            self._check_name_free(name, ignore=workspace)
+            if workspace.state not in (WorkspaceState.IDLE, WorkspaceState.FAILED):
+                raise ConflictError(
+                    f"Workspace '{workspace.name}' is {workspace.state.value}; stop it before renaming it (its folder moves)."
+                )
+            target = self.root / name
+            if target.exists():
+                raise ConflictError(f"Folder {target} already exists; choose another name.")
+            if workspace.folder.exists():
+                workspace.folder.rename(target)
+            workspace.name = name
+            changes["name"] = name
+        if "description" in given and body.description is not None:
+            workspace.description = body.description
+            changes["description"] = body.description
+        if "idle_timeout" in given:
+            workspace.idle_timeout = body.idle_timeout
+            changes["idle_timeout"] = body.idle_timeout
+        if changes:
+            workspace.updated_at = time.time()
+            self._save(workspace, updated_at=workspace.updated_at, **changes)
+        return workspace
+
+    async def delete(self, workspace_id: int | str, force: bool = False, remove_files: bool = False) -> dict[str, Any]:
+        """Delete a workspace's record; its notebook files are kept unless ``remove_files``.
+
+        A running workspace is refused (409) unless ``force``, which stops it first.
+        """
+        workspace = self.get(workspace_id)
+        if workspace.state is WorkspaceState.DELETING:
+            raise ConflictError(f"Workspace '{workspace.name}' is already being deleted.")
+        if workspace.state.is_running or workspace.state is WorkspaceState.STOPPING:
+            if not force:
+                raise ConflictError(
+                    f"Workspace '{workspace.name}' is {workspace.state.value}; stop it first, or delete with force=true "
+                    "to stop and delete it."
+                )
+            await self._stop_now_or_wait(workspace, "Stopped to be deleted.")
+        if workspace.state not in TRANSITIONS[WorkspaceState.DELETING]:
+            raise ConflictError(f"Workspace '{workspace.name}' is {workspace.state.value} and cannot be deleted now.")
+        self._transition(workspace, WorkspaceState.DELETING, "Deleting" + (" with its files." if remove_files else "; its files are kept."))
+        folder = workspace.folder
+        try:
+            if remove_files:
+                await asyncio.to_thread(self._remove_folder, folder)
+            else:
+                self._remove_compute_file(workspace)
+            shutil.rmtree(self._state_dir(workspace), ignore_errors=True)
+        except OSError as exc:
+            self._transition(workspace, WorkspaceState.FAILED, f"Deleting its files failed: {exc}")
+            raise StudioError(f"Deleting the files of workspace '{workspace.name}' failed: {exc}") from None
+        self.store.delete("workspaces", workspace.id)
+        del self._workspaces[workspace.id]
+        log.info("workspace %s deleted (%s)", workspace.name, "files removed" if remove_files else f"files kept in {folder}")
+        return {
+            "msg": "deleted",
+            "id": workspace.id,
+            "name": workspace.name,
+            "folder": str(folder),
+            "files": "removed" if remove_files else "kept",
+        }
+
+    def _remove_folder(self, folder: Path) -> None:
+        # The name was checked to be one plain path component; check again that this stays inside the root.
+        resolved = folder.resolve()
+        if resolved.parent != self.root.resolve() or folder.is_symlink():
+            raise OSError(f"refusing to remove {folder}: not a folder directly inside {self.root}")
+        if folder.exists():
+            shutil.rmtree(folder)
+
+    # -- start and stop ---------------------------------------------------------------------
+
+    def start(self, workspace_id: int | str) -> Workspace:
+        """Idle or Failed -> Starting; JupyterLab is launched in the background."""
+        workspace = self.get(workspace_id)
+        if workspace.state in (WorkspaceState.STARTING, WorkspaceState.STOPPING, WorkspaceState.DELETING):
+            raise ConflictError(f"Workspace '{workspace.name}' is {workspace.state.value}; wait until it is done.")
+        if workspace.state in (WorkspaceState.READY, WorkspaceState.ATTACHING, WorkspaceState.ATTACHED):
+            raise ConflictError(f"Workspace '{workspace.name}' is already running ({workspace.state.value}).")
+        if workspace.repository_url and not (workspace.folder / ".git").exists():
+            raise ConflictError(
+                f"Workspace '{workspace.name}' has no clone of {workspace.repository_url} (the clone failed); "
+                "delete it and create it again."
+            )
+        self._transition(workspace, WorkspaceState.STARTING, None)
+        # The process handle exists before the task runs, so a stop that comes at once has something to stop.
+        workspace.lab = JupyterLabProcess(
+            self.settings, workspace.folder, self._log_path(workspace), self._layout_dir(workspace), self._lab_env(workspace)
+        )
+        workspace.task = asyncio.create_task(self._run_start(workspace, workspace.lab), name=f"start-{workspace.name}")
+        return workspace
+
+    async def _run_start(self, workspace: Workspace, lab: JupyterLabProcess) -> None:
+        try:
+            workspace.folder.mkdir(parents=True, exist_ok=True)
+            await lab.start()
+            workspace.process_state = lab.state()
+            self._save(workspace, process=workspace.process_state)
+            await lab.wait_ready()
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, the workspace must not stay Starting
+            if workspace.state is WorkspaceState.STARTING:  # not a stop that interrupted the start
+                message = exc.msg if isinstance(exc, StudioError) else f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, StudioError):
+                    log.exception("starting workspace %s failed", workspace.name)
+                await lab.kill()
+                workspace.lab = None
+                workspace.process_state = None
+                self._save(workspace, process=None)
+                self._transition(workspace, WorkspaceState.FAILED, f"JupyterLab did not start: {message}")
+            return
+        if workspace.state is not WorkspaceState.STARTING:
+            return  # stopped in the moment it became ready; the stop takes care of the process
+        workspace.last_activity = time.time()
+        self._save(workspace, last_activity=workspace.last_activity)
+        self._watch(workspace)
+        log.info("workspace %s: JupyterLab ready on port %s (pid %s)", workspace.name, lab.port, lab.pid)
+        compute = self.computes.find(workspace.compute) if workspace.compute else None
+        if compute is None:
+            if workspace.compute:  # its compute was removed meanwhile
+                workspace.compute = None
+                self._save(workspace, compute=None)
+                self._remove_compute_file(workspace)
+            self._transition(workspace, WorkspaceState.READY, None)
+            return
+        self._transition(workspace, WorkspaceState.ATTACHING, f"Attaching to compute '{compute.name}'.")
+        try:
+            await self.computes.health(compute.url, compute.name)
+        except ComputeUnreachableError as exc:
+            if workspace.state is WorkspaceState.ATTACHING:
+                self._transition(workspace, WorkspaceState.READY, f"Not attached: {exc.msg} Attach it again when it answers.")
+            return
+        if workspace.state is WorkspaceState.ATTACHING:
+            self._write_compute_file(workspace, compute)
+            self._transition(workspace, WorkspaceState.ATTACHED, None)
+
+    def stop(self, workspace_id: int | str, reason: str | None = None) -> Workspace:
+        """Running -> Stopping -> Idle in the background; a Failed workspace becomes Idle at once."""
+        workspace = self.get(workspace_id)
+        if workspace.state is WorkspaceState.FAILED:
+            self._transition(workspace, WorkspaceState.IDLE, f"Stopped after it failed: {workspace.reason}")
+            return workspace
+        if workspace.state is WorkspaceState.IDLE:
+            raise ConflictError(f"Workspace '{workspace.name}' is already stopped (Idle).")
+        if workspace.state in (WorkspaceState.STOPPING, WorkspaceState.DELETING):
+            raise ConflictError(f"Workspace '{workspace.name}' is already {workspace.state.value}.")
+        self._begin_stop(workspace, reason or "Stopped on request.")
+        return workspace
+
+    def _begin_stop(self, workspace: Workspace, reason: str) -> None:
+        self._transition(workspace, WorkspaceState.STOPPING, reason)
+        previous = workspace.task
+        workspace.task = asyncio.create_task(self._run_stop(workspace, reason, previous), name=f"stop-{workspace.name}")
+
+    async def _run_stop(self, workspace: Workspace, reason: str, previous: asyncio.Task[None] | None) -> None:
+        lab = workspace.lab
+        try:
+            if lab is not None:
+                step = await lab.stop()
+                log.info("workspace %s: JupyterLab stopped (%s)", workspace.name, step.value)
+            if previous is not None:  # a start under way ends as soon as its JupyterLab is stopped
+                await asyncio.gather(previous, return_exceptions=True)
+        finally:
+            if workspace.watcher is not None:
+                workspace.watcher.cancel()
+                workspace.watcher = None
+            workspace.lab = None
+            workspace.process_state = None
+            self._save(workspace, process=None)
+            if workspace.state is WorkspaceState.STOPPING:
+                self._transition(workspace, WorkspaceState.IDLE, reason)
+
+    def _watch(self, workspace: Workspace) -> None:
+        """Notice a JupyterLab that exits on its own (crash, OOM kill) and say so: Failed with the reason."""
+        lab = workspace.lab
+        assert lab is not None
+
+        async def watch() -> None:
+            code = await lab.wait_exit()
+            if workspace.lab is lab and workspace.state in RUNNING_STATES:
+                from studio.livy.workers import describe_exit
+
+                workspace.lab = None
+                workspace.process_state = None
+                self._save(workspace, process=None)
+                await lab.stop(now=True)  # its kernels, if any survived it
+                self._transition(
+                    workspace,
+                    WorkspaceState.FAILED,
+                    f"JupyterLab {describe_exit(code)} unexpectedly; see its log ({lab.log_path}). Start it again.",
+                )
+
+        workspace.watcher = asyncio.create_task(watch(), name=f"watch-{workspace.name}")
+
+    # -- computes ---------------------------------------------------------------------------
+
+    async def attach(self, workspace_id: int | str, compute_name: str) -> Workspace:
+        """Point the workspace's PySpark kernels at a compute (after checking that it answers)."""
+        workspace = self.get(workspace_id)
+        compute = self.computes.get(compute_name)
+        state = workspace.state
+        if state in (WorkspaceState.STARTING, WorkspaceState.ATTACHING, WorkspaceState.STOPPING, WorkspaceState.DELETING):
+            raise ConflictError(f"Workspace '{workspace.name}' is {state.value}; attach it when that is done.")
+        if state in (WorkspaceState.IDLE, WorkspaceState.FAILED):
+            # Recorded now and attached for real when it starts.
+            await self.computes.health(compute.url, compute.name)
+            self._set_compute(workspace, compute)
+            return workspace
+        self._transition(workspace, WorkspaceState.ATTACHING, f"Attaching to compute '{compute.name}'.")
+        try:
+            await self.computes.health(compute.url, compute.name)
+        except ComputeUnreachableError as exc:
+            if workspace.state is WorkspaceState.ATTACHING:
+                if state is WorkspaceState.ATTACHED:
+                    self._transition(workspace, state, f"Still attached to '{workspace.compute}': attaching to '{compute.name}' failed.")
+                else:
+                    self._transition(workspace, state, f"Attaching to '{compute.name}' failed: {exc.msg}")
+            raise
+        if workspace.state is not WorkspaceState.ATTACHING:  # stopped meanwhile
+            raise ConflictError(f"Workspace '{workspace.name}' was {workspace.state.value} before it was attached.")
+        self._set_compute(workspace, compute)
+        self._transition(workspace, WorkspaceState.ATTACHED, None)
+        return workspace
+
+    def detach(self, workspace_id: int | str) -> Workspace:
+        workspace = self.get(workspace_id)
+        if workspace.compute is None:
+            raise ConflictError(f"Workspace '{workspace.name}' is not attached to a compute.")
+        if workspace.state in (WorkspaceState.STARTING, WorkspaceState.ATTACHING, WorkspaceState.STOPPING, WorkspaceState.DELETING):
+            raise ConflictError(f"Workspace '{workspace.name}' is {workspace.state.value}; detach it when that is done.")
+        detached_from = workspace.compute
+        workspace.compute = None
+        self._save(workspace, compute=None)
+        self._remove_compute_file(workspace)
+        if workspace.state is WorkspaceState.ATTACHED:
+            self._transition(workspace, WorkspaceState.READY, f"Detached from compute '{detached_from}'.")
+        return workspace
+
+    def _set_compute(self, workspace: Workspace, compute: Compute) -> None:
+        workspace.compute = compute.name
+        self._save(workspace, compute=compute.name)
+        self._write_compute_file(workspace, compute)
+
+    def _write_compute_file(self, workspace: Workspace, compute: Compute) -> None:
+        path = workspace.folder / COMPUTE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        # Written whole and renamed, so a kernel never reads half a file.
+        temporary.write_text(json.dumps({"name": compute.name, "livy_url": compute.url}, indent=2) + "\n")
+        temporary.replace(path)
+
+    def _remove_compute_file(self, workspace: Workspace) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (workspace.folder / COMPUTE_FILE).unlink()
+
+    def _refresh_compute_file(self, workspace: Workspace) -> None:
+        """At startup: the compute's URL may have changed (the embedded service's port), so rewrite the file."""
+        if workspace.compute is None or not workspace.folder.exists():
+            return
+        compute = self.computes.find(workspace.compute)
+        if compute is None:
+            workspace.compute = None
+            self._save(workspace, compute=None)
+            self._remove_compute_file(workspace)
+        else:
+            self._write_compute_file(workspace, compute)
+
+    # -- idle culling -----------------------------------------------------------------------
+
+    async def _cull_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.workspace_cull_interval)
+            try:
+                await self.cull()
+            except Exception:  # noqa: BLE001 - the culler must survive anything
+                log.exception("culling workspaces failed")
+
+    async def cull(self) -> None:
+        """Stop every running workspace that has been idle longer than its idle timeout, saying why."""
+        for workspace in list(self._workspaces.values()):
+            if workspace.state not in OPEN_STATES or workspace.lab is None:
+                continue
+            try:
+                await self._cull_if_idle(workspace)
+            except Exception:  # noqa: BLE001 - one workspace must not stop the others' culling
+                log.exception("culling workspace %s failed", workspace.name)
+
+    async def _cull_if_idle(self, workspace: Workspace) -> None:
+        lab = workspace.lab
+        assert lab is not None
+        try:
+            last_activity, busy = await lab.last_activity()
+        except StudioError:
+            return  # not answering right now; the watcher notices if it died
+        if busy:
+            last_activity = time.time()  # a long Spark job with no output is not idleness
+        if last_activity != workspace.last_activity:
+            workspace.last_activity = last_activity
+            self._save(workspace, last_activity=last_activity)
+        timeout = self.settings.workspace_idle_timeout if workspace.idle_timeout is None else workspace.idle_timeout
+        idle_for = time.time() - last_activity
+        is_enabled, is_idle_long_enough = timeout > 0, idle_for > timeout
+        if is_enabled and is_idle_long_enough and workspace.state in OPEN_STATES:
+            log.info("stopping workspace %s after %.0f s without activity (idle timeout %g s)", workspace.name, idle_for, timeout)
+            self._begin_stop(workspace, f"Stopped after {timeout:g} s without activity (idle timeout).")
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _transition(self, workspace: Workspace, state: WorkspaceState, reason: str | None) -> None:
+        allowed = TRANSITIONS.get(state, frozenset())
+        if workspace.state not in allowed:
+            raise ConflictError(
+                f"Workspace '{workspace.name}' cannot go from {workspace.state.value} to {state.value}."
+            )
+        log.info("workspace %s: %s -> %s%s", workspace.name, workspace.state.value, state.value, f" ({reason})" if reason else "")
+        workspace.state = state
+        workspace.reason = reason
+        workspace.state_changed_at = time.time()
+        self._save(workspace, state=state.value, reason=reason, state_changed_at=workspace.state_changed_at)
+
+    def _save(self, workspace: Workspace, **fields: Any) -> None:
+        self.store.update("workspaces", workspace.id, **fields)
+
+    def _state_dir(self, workspace: Workspace) -> Path:
+        return self.settings.state_dir / "workspaces" / str(workspace.id)
+
+    def _log_path(self, workspace: Workspace) -> Path:
+        return self._state_dir(workspace) / "jupyterlab.log"
+
+    def _layout_dir(self, workspace: Workspace) -> Path:
+        return self._state_dir(workspace) / "lab-layout"
+
+    def _lab_env(self, workspace: Workspace) -> dict[str, str]:
+        """STUDIO_WORKSPACE_DIR for the kernels; our kernelspec and lab defaults first on Jupyter's paths."""
+
+        def first(directory: Path, variable: str) -> str:
+            return os.pathsep.join([str(directory), *filter(None, os.environ.get(variable, "").split(os.pathsep))])
+
+        return {
+            "STUDIO_WORKSPACE_DIR": str(workspace.folder),
+            "JUPYTER_PATH": first(self.jupyter_dir, "JUPYTER_PATH"),
+            "JUPYTER_CONFIG_PATH": first(self.jupyter_config_dir, "JUPYTER_CONFIG_PATH"),
+        }
+
+    def log_text(self, workspace_id: int | str, max_bytes: int = 64 * 1024) -> str:
+        """The end of the workspace's JupyterLab log."""
+        path = self._log_path(self.get(workspace_id))
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                size = handle.tell()
+                handle.seek(max(0, size - max_bytes))
+                return handle.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+def counts_by_state(workspaces: Iterable[Workspace]) -> dict[str, int]:
+    counts = {state.value: 0 for state in WorkspaceState}
+    for workspace in workspaces:
+        counts[workspace.state.value] += 1
+    return counts

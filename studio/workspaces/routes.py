@@ -1,0 +1,168 @@
+"""Thin JSON endpoints of the workspace server: parse, call a manager, shape the answer.
+
+Errors are ``{"msg": ...}`` with the status of the ``studio.errors`` class the manager raised:
+400 bad input, 404 unknown id, 409 wrong state or a taken name, 502 a compute that does not
+answer. Start and stop answer 202: the work goes on in the background and the state says how far
+it got.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+import studio
+from studio.errors import InvalidRequestError
+from studio.livy.models import parse_body
+from studio.livy.routes import read_body
+from studio.workspaces.computes import ComputeManager
+from studio.workspaces.manager import WorkspaceManager, counts_by_state
+from studio.workspaces.models import AttachCompute, CreateCompute, CreateWorkspace, UpdateWorkspace
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+
+def workspaces(request: Request) -> WorkspaceManager:
+    return request.app.state.workspaces  # type: ignore[no-any-return]
+
+
+def computes(request: Request) -> ComputeManager:
+    return request.app.state.computes  # type: ignore[no-any-return]
+
+
+def _flag(request: Request, name: str) -> bool:
+    raw = request.query_params.get(name, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise InvalidRequestError(f"'{name}' must be true or false, got '{raw}'.")
+
+
+def _workspace_json(request: Request, workspace: Any, status_code: int = 200) -> Response:
+    return JSONResponse(workspaces(request).to_json(workspace), status_code=status_code)
+
+
+# -- server --------------------------------------------------------------------------------
+
+
+async def status(request: Request) -> Response:
+    state = request.app.state
+    return JSONResponse(
+        {
+            "version": studio.__version__,
+            "root": str(state.settings.root),
+            "workspaces": counts_by_state(workspaces(request).list()),
+            "computes": len(computes(request).list()),
+            "embeddedSessionService": state.session_service.url if state.session_service else None,
+        }
+    )
+
+
+# -- workspaces ----------------------------------------------------------------------------
+
+
+async def list_workspaces(request: Request) -> Response:
+    manager = workspaces(request)
+    items = [manager.to_json(w) for w in manager.list()]
+    return JSONResponse({"total": len(items), "workspaces": items})
+
+
+async def create_workspace(request: Request) -> Response:
+    body = parse_body(CreateWorkspace, await read_body(request))
+    workspace = await workspaces(request).create(body)
+    return _workspace_json(request, workspace, 201)
+
+
+async def get_workspace(request: Request) -> Response:
+    return _workspace_json(request, workspaces(request).get(request.path_params["workspace_id"]))
+
+
+async def update_workspace(request: Request) -> Response:
+    body = parse_body(UpdateWorkspace, await read_body(request))
+    return _workspace_json(request, workspaces(request).update(request.path_params["workspace_id"], body))
+
+
+async def delete_workspace(request: Request) -> Response:
+    result = await workspaces(request).delete(
+        request.path_params["workspace_id"], force=_flag(request, "force"), remove_files=_flag(request, "remove_files")
+    )
+    return JSONResponse(result)
+
+
+async def start_workspace(request: Request) -> Response:
+    return _workspace_json(request, workspaces(request).start(request.path_params["workspace_id"]), 202)
+
+
+async def stop_workspace(request: Request) -> Response:
+    return _workspace_json(request, workspaces(request).stop(request.path_params["workspace_id"]), 202)
+
+
+async def attach_workspace(request: Request) -> Response:
+    body = parse_body(AttachCompute, await read_body(request))
+    return _workspace_json(request, await workspaces(request).attach(request.path_params["workspace_id"], body.compute))
+
+
+async def detach_workspace(request: Request) -> Response:
+    return _workspace_json(request, workspaces(request).detach(request.path_params["workspace_id"]))
+
+
+async def workspace_log(request: Request) -> Response:
+    return PlainTextResponse(workspaces(request).log_text(request.path_params["workspace_id"]))
+
+
+# -- computes ------------------------------------------------------------------------------
+
+
+async def list_computes(request: Request) -> Response:
+    """Every compute with its health and sessions (``?check=false``: only the records, at once)."""
+    manager = computes(request)
+    if "check" in request.query_params and not _flag(request, "check"):
+        items = [compute.to_json() for compute in manager.list()]
+    else:
+        items = await manager.describe_all()
+    for item in items:
+        item["workspaces"] = workspaces(request).attached_to(item["name"])
+    return JSONResponse({"total": len(items), "computes": items})
+
+
+async def create_compute(request: Request) -> Response:
+    body = parse_body(CreateCompute, await read_body(request))
+    compute = await computes(request).register(body.name, body.url)
+    return JSONResponse(await computes(request).describe(compute), status_code=201)
+
+
+async def get_compute(request: Request) -> Response:
+    manager = computes(request)
+    item = await manager.describe(manager.get(request.path_params["name"]))
+    item["workspaces"] = workspaces(request).attached_to(item["name"])
+    return JSONResponse(item)
+
+
+async def delete_compute(request: Request) -> Response:
+    name = request.path_params["name"]
+    computes(request).remove(name, workspaces(request).attached_to(name))
+    return JSONResponse({"msg": "deleted", "name": name})
+
+
+ROUTES = [
+    Route("/api/status", status, methods=["GET"]),
+    Route("/api/workspaces", list_workspaces, methods=["GET"]),
+    Route("/api/workspaces", create_workspace, methods=["POST"]),
+    Route("/api/workspaces/{workspace_id}", get_workspace, methods=["GET"]),
+    Route("/api/workspaces/{workspace_id}", update_workspace, methods=["PATCH"]),
+    Route("/api/workspaces/{workspace_id}", delete_workspace, methods=["DELETE"]),
+    Route("/api/workspaces/{workspace_id}/start", start_workspace, methods=["POST"]),
+    Route("/api/workspaces/{workspace_id}/stop", stop_workspace, methods=["POST"]),
+    Route("/api/workspaces/{workspace_id}/attach", attach_workspace, methods=["POST"]),
+    Route("/api/workspaces/{workspace_id}/detach", detach_workspace, methods=["POST"]),
+    Route("/api/workspaces/{workspace_id}/log", workspace_log, methods=["GET"]),
+    Route("/api/computes", list_computes, methods=["GET"]),
+    Route("/api/computes", create_compute, methods=["POST"]),
+    Route("/api/computes/{name}", get_compute, methods=["GET"]),
+    Route("/api/computes/{name}", delete_compute, methods=["DELETE"]),
+]

@@ -1,0 +1,235 @@
+// Spark Studio UI: polls server-rendered fragments for live state and sends actions to the JSON API.
+// Errors shown are the API's own {"msg": ...}.
+"use strict";
+
+const $ = (selector, root = document) => root.querySelector(selector);
+
+async function api(method, url, body) {
+  const options = { method, headers: { Accept: "application/json" } };
+  if (body !== undefined) {
+    options.headers["Content-Type"] = "application/json";
+    options.body = JSON.stringify(body);
+  }
+  const response = await fetch(url, options);
+  let data = null;
+  try { data = await response.json(); } catch (_) { /* not JSON */ }
+  if (!response.ok) {
+    throw new Error((data && data.msg) || `${response.status} ${response.statusText}`);
+  }
+  return data;
+}
+
+// -- messages ---------------------------------------------------------------------------------
+
+const flashBox = $("#flash");
+let flashTimer = null;
+
+function flash(message, kind = "error") {
+  flashBox.classList.toggle("info", kind === "info");
+  $(".flash-text", flashBox).textContent = message;
+  flashBox.hidden = false;
+  clearTimeout(flashTimer);
+  if (kind === "info") flashTimer = setTimeout(() => { flashBox.hidden = true; }, 6000);
+}
+$(".flash-close", flashBox).addEventListener("click", () => { flashBox.hidden = true; });
+
+function formError(form, message) {
+  const box = $(".form-error", form);
+  box.textContent = message || "";
+  box.hidden = !message;
+}
+
+// -- live parts -------------------------------------------------------------------------------
+
+const live = [...document.querySelectorAll("[data-src]")];
+
+async function refresh(element, force = false) {
+  // Leave a part alone while the user works in it (an open select would close under them).
+  if (!force && element.contains(document.activeElement) && document.activeElement !== document.body) return;
+  try {
+    const response = await fetch(element.dataset.src, { headers: { Accept: "text/html" } });
+    if (!response.ok) return;
+    const html = await response.text();
+    if (html !== element.dataset.last) {
+      element.innerHTML = html;
+      element.dataset.last = html;
+    }
+  } catch (_) { /* the server is restarting; try again on the next tick */ }
+}
+
+function refreshAll(force = true) { return Promise.all(live.map((element) => refresh(element, force))); }
+
+for (const element of live) {
+  setInterval(() => { if (!document.hidden) refresh(element); }, Number(element.dataset.interval || 3000));
+}
+
+// -- forms ------------------------------------------------------------------------------------
+
+function toggleForm(button, form, show) {
+  form.hidden = !show;
+  button.setAttribute("aria-expanded", String(show));
+  if (show) { formError(form, ""); $("input", form).focus(); }
+}
+
+const createForm = $("#create-form");
+const newWorkspace = $("#new-workspace");
+newWorkspace.addEventListener("click", async () => {
+  toggleForm(newWorkspace, createForm, createForm.hidden);
+  if (!createForm.hidden) await fillComputeOptions($("select[name=compute]", createForm));
+});
+$("[data-cancel]", createForm).addEventListener("click", () => toggleForm(newWorkspace, createForm, false));
+
+async function fillComputeOptions(select) {
+  try {
+    const { computes } = await api("GET", "/api/computes?check=false");
+    const current = select.value;
+    select.replaceChildren(
+      ...computes.map((c) => new Option(c.name, c.name)),
+      new Option("none (attach later)", ""),
+    );
+    const names = computes.map((c) => c.name);
+    select.value = names.includes(current) ? current : (names.includes("local") ? "local" : (names[0] || ""));
+  } catch (_) { /* keep the options the page came with */ }
+}
+
+createForm.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const data = new FormData(createForm);
+  const body = {
+    name: data.get("name").trim(),
+    description: data.get("description").trim(),
+    start: data.get("start") === "on",
+  };
+  if (data.get("repository_url").trim()) body.repository_url = data.get("repository_url").trim();
+  if (data.get("compute")) body.compute = data.get("compute");
+  const submit = $("button[type=submit]", createForm);
+  submit.disabled = true;
+  formError(createForm, "");
+  try {
+    const workspace = await api("POST", "/api/workspaces", body);
+    createForm.reset();
+    toggleForm(newWorkspace, createForm, false);
+    if (workspace.state === "Failed") flash(`Workspace ${workspace.name} was created but failed: ${workspace.reason}`);
+    else flash(`Workspace ${workspace.name} created${body.start ? " and starting" : ""}; notebooks in ${workspace.folder}.`, "info");
+  } catch (error) {
+    formError(createForm, error.message);
+  } finally {
+    submit.disabled = false;
+    await refreshAll();
+  }
+});
+
+const computeForm = $("#compute-form");
+const newCompute = $("#new-compute");
+newCompute.addEventListener("click", () => toggleForm(newCompute, computeForm, computeForm.hidden));
+$("[data-cancel]", computeForm).addEventListener("click", () => toggleForm(newCompute, computeForm, false));
+computeForm.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const data = new FormData(computeForm);
+  const submit = $("button[type=submit]", computeForm);
+  submit.disabled = true;
+  formError(computeForm, "");
+  try {
+    const compute = await api("POST", "/api/computes", { name: data.get("name").trim(), url: data.get("url").trim() });
+    computeForm.reset();
+    toggleForm(newCompute, computeForm, false);
+    flash(`Compute ${compute.name} registered.`, "info");
+  } catch (error) {
+    formError(computeForm, error.message);
+  } finally {
+    submit.disabled = false;
+    await refreshAll();
+  }
+});
+
+// -- delete dialog ----------------------------------------------------------------------------
+
+const dialog = $("#delete-dialog");
+let deleting = null;
+
+function describeFiles() {
+  const remove = $("input[name=remove_files]", dialog).checked;
+  const note = $(".files-note", dialog);
+  note.classList.toggle("remove", remove);
+  note.textContent = remove
+    ? `Its folder ${deleting.folder} and every notebook in it will be deleted for good.`
+    : `Its notebook files are kept in ${deleting.folder}; a new workspace with the same name picks them up again.`;
+}
+
+function openDeleteDialog(row) {
+  deleting = { id: row.dataset.id, name: row.dataset.name, state: row.dataset.state, folder: row.dataset.folder };
+  const running = !["Idle", "Failed"].includes(deleting.state);
+  $("[data-field=name]", dialog).textContent = deleting.name;
+  $("[data-field=state]", dialog).textContent = deleting.state;
+  $(".running-note", dialog).hidden = !running;
+  $("input[name=force]", dialog).checked = false;
+  $("input[name=remove_files]", dialog).checked = false;
+  formError(dialog, "");
+  describeFiles();
+  dialog.showModal();
+}
+
+$("input[name=remove_files]", dialog).addEventListener("change", describeFiles);
+$("[data-close]", dialog).addEventListener("click", () => dialog.close());
+$("[data-confirm-delete]", dialog).addEventListener("click", async (event) => {
+  const button = event.currentTarget;
+  const params = new URLSearchParams({
+    remove_files: String($("input[name=remove_files]", dialog).checked),
+    force: String($("input[name=force]", dialog).checked),
+  });
+  button.disabled = true;
+  formError(dialog, "");
+  try {
+    const result = await api("DELETE", `/api/workspaces/${deleting.id}?${params}`);
+    dialog.close();
+    flash(result.files === "removed"
+      ? `Workspace ${result.name} deleted with its files.`
+      : `Workspace ${result.name} deleted; its files are kept in ${result.folder}.`, "info");
+  } catch (error) {
+    formError(dialog, error.message);
+  } finally {
+    button.disabled = false;
+    await refreshAll();
+  }
+});
+
+// -- row actions ------------------------------------------------------------------------------
+
+document.addEventListener("click", async (event) => {
+  const button = event.target.closest("button[data-action]");
+  if (!button) return;
+  const { action, id } = button.dataset;
+  if (action === "delete") { openDeleteDialog(button.closest("tr")); return; }
+  button.disabled = true;
+  try {
+    if (action === "start") await api("POST", `/api/workspaces/${id}/start`);
+    else if (action === "stop") await api("POST", `/api/workspaces/${id}/stop`);
+    else if (action === "remove-compute") {
+      const name = button.dataset.name;
+      if (!confirm(`Remove compute ${name}? Workspaces attached to it must be detached first.`)) return;
+      await api("DELETE", `/api/computes/${encodeURIComponent(name)}`);
+      flash(`Compute ${name} removed.`, "info");
+    }
+  } catch (error) {
+    flash(error.message);
+  } finally {
+    button.disabled = false;
+    await refreshAll();
+  }
+});
+
+document.addEventListener("change", async (event) => {
+  const select = event.target.closest("select[data-action=attach]");
+  if (!select) return;
+  const id = select.dataset.id;
+  select.disabled = true;
+  try {
+    if (select.value) await api("POST", `/api/workspaces/${id}/attach`, { compute: select.value });
+    else await api("POST", `/api/workspaces/${id}/detach`);
+  } catch (error) {
+    flash(error.message);
+  } finally {
+    select.blur();
+    await refreshAll();
+  }
+});

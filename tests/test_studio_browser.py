@@ -1,0 +1,195 @@
+"""The Studio end to end in a real browser: Playwright drives Debian's chromium against a real
+`studio serve` with its embedded session service (one warm Spark session) and real JupyterLab.
+
+A user opens the Studio, gets a clear error for a bad name, creates a workspace, starts it,
+opens its JupyterLab, sees the getting-started notebook, creates a PySpark notebook, runs
+`spark.range(5).count()` and sees 5, finds the session under the compute, is told that a running
+workspace is not deleted, stops the workspace and deletes it keeping its files. Every step leaves a screenshot in test-artifacts/studio-browser/.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from helpers import REPO, processes_under
+from workspace_helpers import StudioProcess, wait_gone
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="the test extra installs playwright")
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = REPO / "test-artifacts" / "studio-browser"
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="needs Debian's chromium (scripts/test.sh installs it)"
+)
+
+
+@pytest.fixture(scope="module")
+def studio(test_root):
+    folder = test_root / "browser"
+    server = StudioProcess(folder, env={"STUDIO_POOL_WARMUP_SECONDS": "3"}, pool=1).start()
+    yield server
+    assert server.stop() == 0, server.log_tail()
+    left = processes_under(folder)
+    assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def shots():
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
+    return ARTIFACTS
+
+
+def wait_warm_pool(url: str, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        local = httpx.get(f"{url}/api/computes/local", timeout=30).json()
+        if (local.get("status") or {}).get("pool", {}).get("ready", 0) >= 1:
+            return
+        time.sleep(1)
+    raise AssertionError("the embedded session service's warm pool never filled")
+
+
+@pytest.fixture
+def context(browser):
+    context = browser.new_context(viewport={"width": 1366, "height": 860})
+    context.set_default_timeout(60_000)
+    yield context
+    context.close()
+
+
+def test_a_user_runs_spark_in_a_new_workspace(studio, context, shots):
+    try:
+        user_story(studio, context, shots)
+    except BaseException:
+        for number, page in enumerate(context.pages):  # what the browser showed when a step failed
+            page.screenshot(path=shots / f"failure-{number}.png")
+        raise
+
+
+def user_story(studio, context, shots) -> None:
+    expect = playwright_api.expect
+    page = context.new_page()
+    page.goto(studio.url)
+    expect(page.get_by_role("heading", name="Workspaces")).to_be_visible()
+    expect(page.locator("#workspace-rows")).to_contain_text("No workspaces yet")
+    expect(page.locator("#compute-local")).to_contain_text("Healthy")
+    page.screenshot(path=shots / "01-studio.png", full_page=True)
+
+    # A name with a slash is refused with the API's message, right under the form.
+    page.get_by_role("button", name="New workspace").click()
+    form = page.locator("#create-form")
+    form.get_by_label("Name").fill("../etc")
+    form.get_by_role("button", name="Create workspace").click()
+    expect(form.locator(".form-error")).to_contain_text("contains a slash")
+    page.screenshot(path=shots / "02-create-error.png", full_page=True)
+
+    form.get_by_label("Name").fill("demo")
+    form.get_by_label("Description").fill("Spark in the browser")
+    expect(form.get_by_label("Compute")).to_have_value("local")
+    form.get_by_role("button", name="Create workspace").click()
+    expect(page.locator("#flash")).to_contain_text("Workspace demo created and starting")
+    row = page.locator("tr.ws-row", has_text="demo")
+    expect(row.locator("[data-role=state]")).to_have_text(re.compile("Starting|Attaching|Attached"))
+    expect(row.locator("[data-role=state]")).to_have_text("Attached", timeout=120_000)
+    page.screenshot(path=shots / "03-workspace-attached.png", full_page=True)
+
+    # JupyterLab opens in a new tab, logged in by the token in the link.
+    with context.expect_page() as opened:
+        row.get_by_role("link", name="Open JupyterLab").click()
+    lab = opened.value
+    lab.set_viewport_size({"width": 1366, "height": 860})
+    notebook_entry = lab.locator(".jp-DirListing-item", has_text="getting-started.ipynb")
+    expect(notebook_entry).to_be_visible(timeout=120_000)
+    launcher_card = lab.locator('.jp-LauncherCard[data-category="Notebook"]', has_text="PySpark")
+    expect(launcher_card).to_be_visible()
+    lab.screenshot(path=shots / "04-jupyterlab-launcher.png")
+
+    notebook_entry.dblclick()
+    expect(lab.locator(".jp-Notebook").first).to_contain_text("Getting started with Spark Studio")
+    expect(lab.locator(".jp-Toolbar-kernelName").first).to_contain_text("PySpark")
+    lab.screenshot(path=shots / "05-getting-started.png")
+
+    # A new notebook with the PySpark kernel, one cell, run.
+    lab.get_by_role("button", name=re.compile("^New Launcher")).first.click()
+    lab.locator('.jp-LauncherCard[data-category="Notebook"]:visible', has_text="PySpark").click()
+    panel = lab.locator(".jp-NotebookPanel:visible")
+    expect(panel.locator(".jp-Toolbar-kernelName")).to_contain_text("PySpark")
+    wait_warm_pool(studio.url)
+    panel.locator(".jp-Cell .cm-content").first.click()
+    lab.keyboard.type("spark.range(5).count()")
+    lab.keyboard.press("Shift+Enter")
+    # The kernel prints the result as Livy's text/plain, after the session's table and the progress line.
+    result = panel.locator(".jp-OutputArea-output", has_text=re.compile(r"^\s*5\s*$"))
+    expect(result).to_have_count(1, timeout=180_000)
+    expect(panel.locator(".jp-OutputArea-output").first).to_contain_text("Starting Spark application")
+    lab.screenshot(path=shots / "06-spark-range-count.png")
+
+    # The Studio shows the notebook's Spark session under the compute, with its Spark UI and log.
+    page.bring_to_front()
+    session_row = page.locator("#compute-local table.sessions tbody tr").first
+    expect(session_row).to_contain_text("idle", timeout=30_000)
+    expect(session_row.get_by_role("link", name="Spark UI")).to_have_attribute("href", re.compile(r"^http://"))
+    expect(session_row.get_by_role("link", name="Log")).to_have_attribute("href", re.compile(r"/ui/session/\d+/log$"))
+    page.locator("#computes").scroll_into_view_if_needed()
+    page.screenshot(path=shots / "07-compute-sessions.png", full_page=True)
+
+    # Deleting a running workspace is refused unless "stop it first" is ticked; the dialog says why.
+    row.get_by_role("button", name="Delete").click()
+    dialog = page.locator("#delete-dialog")
+    expect(dialog).to_contain_text("a running workspace is not deleted unless it is stopped first")
+    dialog.get_by_role("button", name="Delete").click()
+    expect(dialog.locator(".form-error")).to_contain_text("Workspace 'demo' is Attached; stop it first")
+    page.screenshot(path=shots / "08-delete-running-refused.png")
+    dialog.get_by_role("button", name="Cancel").click()
+    expect(row.locator("[data-role=state]")).to_have_text("Attached")
+
+    # Stop: JupyterLab and its kernels end, and the kernels end their Spark sessions.
+    lab_url = row.get_by_role("link", name="Open JupyterLab").get_attribute("href")
+    lab_pid = httpx.get(f"{studio.url}/api/workspaces", timeout=30).json()["workspaces"][0]["jupyterlab"]["pid"]
+    row.get_by_role("button", name="Stop").click()
+    expect(row.locator("[data-role=state]")).to_have_text("Idle", timeout=90_000)
+    expect(row.locator("[data-role=reason]")).to_have_text("Stopped on request.")
+    expect(row.get_by_role("link", name="Open JupyterLab")).to_have_count(0)
+    assert wait_gone(lab_pid)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(lab_url, timeout=5)
+    sessions = httpx.get(f"{studio.url}/api/computes/local", timeout=30).json()["sessions"]
+    assert sessions and all(s["state"] not in ("idle", "busy", "starting") for s in sessions), sessions
+    page.screenshot(path=shots / "09-workspace-stopped.png", full_page=True)
+
+    # Delete keeps the files unless asked, and the dialog says so.
+    row.get_by_role("button", name="Delete").click()
+    expect(dialog).to_contain_text("Its notebook files are kept in")
+    expect(dialog.locator(".running-note")).to_be_hidden()
+    page.screenshot(path=shots / "10-delete-dialog.png")
+    dialog.get_by_role("button", name="Delete").click()
+    expect(page.locator("#workspace-rows")).to_contain_text("No workspaces yet")
+    expect(page.locator("#flash")).to_contain_text("its files are kept in")
+    assert (studio.root / "demo" / "getting-started.ipynb").exists()
+    assert list((studio.root / "demo").glob("Untitled*.ipynb")), "the new notebook was saved in the workspace"
+    page.screenshot(path=shots / "11-deleted-files-kept.png", full_page=True)

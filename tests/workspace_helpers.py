@@ -1,0 +1,206 @@
+"""Test helpers for the workspace server: a real `studio serve` process on a loopback port and a
+small client for its API, speaking plain HTTP like the Studio's own page does."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from helpers import REPO, processes_under
+
+
+class StudioProcess:
+    """`python -m studio serve --port 0` with its own root and state folder.
+
+    Without ``livy_url`` it starts its embedded session service (``--livy-port 0``); ``pool``
+    sets that service's warm pool (0: no JVM until a session is created).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        env: dict[str, str] | None = None,
+        livy_url: str | None = None,
+        pool: int = 0,
+        args: list[str] | None = None,
+    ) -> None:
+        self.folder = folder
+        self.root = folder / "root"
+        self.state_dir = folder / "state"
+        self.env = {
+            **os.environ,
+            "STUDIO_CDS": "false",
+            "STUDIO_CACHE_DIR": str(folder / "cache"),
+            **(env or {}),
+        }
+        self.args = list(args or [])
+        if livy_url:
+            self.args += ["--livy-url", livy_url]
+        else:
+            self.args += ["--livy-port", "0", "--pool", str(pool)]
+        self.process: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / "serve.log"
+
+    def start(self, timeout: float = 120.0) -> "StudioProcess":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable, "-m", "studio", "serve", "--port", "0",
+            "--root", str(self.root), "--state-dir", str(self.state_dir), *self.args,
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=open(self.log_path, "ab"), text=True, env=self.env, cwd=str(REPO)
+        )
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"studio serve exited ({self.process.wait()}); log:\n{self.log_tail()}")
+            if "listening on " in line:
+                self.url = line.split("listening on ", 1)[1].split()[0]
+                return self
+        raise RuntimeError("studio serve did not announce its address in time")
+
+    def stop(self, timeout: float = 120.0) -> int:
+        """SIGTERM, as a user's Ctrl-C or a service manager would; its exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self._close()
+        return code
+
+    def crash(self) -> None:
+        """SIGKILL: the server gets no chance to stop anything."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        self._close()
+
+    def _close(self) -> None:
+        if self.process is not None and self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def log_tail(self, size: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-size:]
+        except OSError:
+            return ""
+
+    def leftovers(self) -> list[tuple[int, str]]:
+        return processes_under(self.folder)
+
+    def client(self) -> "StudioClient":
+        return StudioClient(self.url)
+
+
+class StudioClient:
+    """Just enough of the workspace API for tests."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.http = httpx.Client(base_url=url, timeout=60, trust_env=False)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def create(self, expect: int = 201, **body: Any) -> dict[str, Any]:
+        response = self.http.post("/api/workspaces", json=body)
+        assert response.status_code == expect, response.text
+        return response.json()
+
+    def workspace(self, workspace_id: int | str) -> dict[str, Any]:
+        response = self.http.get(f"/api/workspaces/{workspace_id}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def workspaces(self) -> list[dict[str, Any]]:
+        return self.http.get("/api/workspaces").json()["workspaces"]
+
+    def by_name(self, name: str) -> dict[str, Any]:
+        found = [w for w in self.workspaces() if w["name"] == name]
+        assert found, f"no workspace named {name}"
+        return found[0]
+
+    def action(self, workspace_id: int | str, verb: str, expect: int = 202, **body: Any) -> dict[str, Any]:
+        response = self.http.post(f"/api/workspaces/{workspace_id}/{verb}", json=body if body else None)
+        assert response.status_code == expect, response.text
+        return response.json()
+
+    def delete(self, workspace_id: int | str, expect: int = 200, **params: Any) -> dict[str, Any]:
+        response = self.http.delete(f"/api/workspaces/{workspace_id}", params={k: str(v).lower() for k, v in params.items()})
+        assert response.status_code == expect, response.text
+        return response.json()
+
+    def wait_state(
+        self, workspace_id: int | str, states: tuple[str, ...], timeout: float = 90.0
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            workspace = self.workspace(workspace_id)
+            if workspace["state"] in states:
+                return workspace
+            if time.monotonic() > deadline:
+                raise AssertionError(f"workspace {workspace_id} is {workspace['state']} ({workspace['reason']}), not {states}")
+            time.sleep(0.2)
+
+    def started(self, workspace_id: int | str, timeout: float = 90.0) -> dict[str, Any]:
+        """Start and wait until JupyterLab answers (Ready or Attached); fails on Failed."""
+        self.action(workspace_id, "start")
+        workspace = self.wait_state(workspace_id, ("Ready", "Attached", "Failed"), timeout)
+        assert workspace["state"] != "Failed", workspace["reason"]
+        return workspace
+
+    def stopped(self, workspace_id: int | str, timeout: float = 90.0) -> dict[str, Any]:
+        self.action(workspace_id, "stop")
+        return self.wait_state(workspace_id, ("Idle",), timeout)
+
+    def compute(self, name: str) -> dict[str, Any]:
+        response = self.http.get(f"/api/computes/{name}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+def lab_get(workspace: dict[str, Any], path: str, token: bool = True) -> httpx.Response:
+    """GET on a workspace's JupyterLab, with its token (from the workspace's url) or without."""
+    base, _, secret = workspace["url"].partition("/lab?token=")
+    headers = {"Authorization": f"token {secret}"} if token else {}
+    return httpx.get(base + path, headers=headers, timeout=30, trust_env=False)
+
+
+def lab_post(workspace: dict[str, Any], path: str, body: dict[str, Any]) -> httpx.Response:
+    base, _, secret = workspace["url"].partition("/lab?token=")
+    return httpx.post(base + path, json=body, headers={"Authorization": f"token {secret}"}, timeout=30, trust_env=False)
+
+
+def alive(pid: int) -> bool:
+    """The process runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def wait_gone(pid: int, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.1)
+    return False

@@ -216,6 +216,19 @@ class Settings(BaseSettings):
         "Default: the studio's own notebooks/ (getting-started.ipynb), when it is installed.",
     )
 
+    max_concurrent_executions: int = Field(
+        2,
+        ge=1,
+        description="Notebook executions (POST /api/executions) that run at once; the others wait in START_PENDING. "
+        "Each one holds a Spark session while it runs.",
+    )
+    execution_stop_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a stopped execution gets to cancel its cell, write its output notebook and delete its "
+        "Spark session after SIGINT, before it is terminated.",
+    )
+
     @field_validator("state_dir", "cache_dir", "root", mode="after")
     @classmethod
     def _absolute(cls, value: Path) -> Path:

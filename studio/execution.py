@@ -36,6 +36,10 @@ import nbformat
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
+# Progress lines on stderr that the executions API reads to follow a run (studio.workspaces.executions).
+KERNEL_READY = "studio run: kernel ready"
+CELL_LINE = re.compile(r"^\[(\d+)/(\d+)\] cell \d+ (completed|failed)")
+
 
 class RunError(Exception):
     """Bad input for a run (missing notebook, unknown parameter, wrong type): exit code 2."""
@@ -256,6 +260,9 @@ class NotebookRun:
     def _report(self, index: int) -> CellReport | None:
         return next((r for r in self.reports if r.index == index), None)
 
+    def on_notebook_start(self, notebook: Any) -> None:
+        self.log(f"{KERNEL_READY}; running {len(self.reports)} code cells")
+
     def on_cell_start(self, cell: Any, cell_index: int) -> None:
         report = self._report(cell_index)
         if report is None:  # markdown and empty cells are not run
@@ -300,6 +307,7 @@ class NotebookRun:
             interrupt_on_timeout=True,
             startup_timeout=120,
             resources={"metadata": {"path": str(self.options.notebook.parent.resolve())}},
+            on_notebook_start=self.on_notebook_start,
             on_cell_start=self.on_cell_start,
             on_cell_executed=self.on_cell_executed,
         )

@@ -3,7 +3,7 @@
 The session service keeps its live objects (sessions with their workers, batches with their
 spark-submit processes) in memory; a row here is their record: ids keep counting across
 restarts, and finished work stays on record with its log path. The workspace server keeps its
-workspaces and computes here; a workspace row also holds what is needed to find its JupyterLab
+workspaces, computes and notebook executions here; a workspace row also holds what is needed to find its JupyterLab
 again after a restart (``process``: pid, port, token), never the live process itself.
 """
 
@@ -33,6 +33,11 @@ CREATE TABLE IF NOT EXISTS workspaces (
     repository_url TEXT, compute TEXT, idle_timeout REAL, state TEXT NOT NULL, reason TEXT,
     created_at REAL NOT NULL, updated_at REAL, state_changed_at REAL, last_activity REAL, process TEXT
 );
+CREATE TABLE IF NOT EXISTS executions (
+    id INTEGER PRIMARY KEY, name TEXT, owner TEXT, workspace_id INTEGER, workspace TEXT, notebook TEXT NOT NULL,
+    parameters TEXT, compute TEXT, livy_url TEXT, kernel TEXT, cell_timeout REAL, state TEXT NOT NULL, reason TEXT,
+    created_at REAL NOT NULL, started_at REAL, ended_at REAL, state_changed_at REAL, exit_code INTEGER, warnings TEXT
+);
 CREATE TABLE IF NOT EXISTS computes (
     id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, url TEXT NOT NULL, owner TEXT,
     managed INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL
@@ -45,6 +50,7 @@ _JSON_COLUMNS: dict[str, tuple[str, ...]] = {
     "batches": ("request",),
     "workspaces": ("process",),
     "computes": (),
+    "executions": ("parameters", "warnings"),
 }
 _TABLES = tuple(_JSON_COLUMNS)
 

@@ -4,7 +4,8 @@
 A user opens the Studio, gets a clear error for a bad name, creates a workspace, starts it,
 opens its JupyterLab, sees the getting-started notebook, creates a PySpark notebook, runs
 `spark.range(5).count()` and sees 5, finds the session under the compute, is told that a running
-workspace is not deleted, stops the workspace and deletes it keeping its files. Every step leaves a screenshot in test-artifacts/studio-browser/.
+workspace is not deleted, stops the workspace, runs the saved notebook as an execution and finds
+its outputs, and deletes the workspace keeping its files. Every step leaves a screenshot in test-artifacts/studio-browser/.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+import nbformat
 import pytest
 
 from helpers import REPO, processes_under
@@ -144,10 +146,17 @@ def user_story(studio, context, shots) -> None:
     lab.keyboard.type("spark.range(5).count()")
     lab.keyboard.press("Shift+Enter")
     # The kernel prints the result as Livy's text/plain, after the session's table and the progress line.
-    result = panel.locator(".jp-OutputArea-output", has_text=re.compile(r"^\s*5\s*$"))
+    # (the result is the statement's stdout, as in sparkmagic, so it may share a stream output with the line above)
+    result = panel.locator(".jp-OutputArea-output", has_text=re.compile(r"(^|\n)\s*5\s*$"))
     expect(result).to_have_count(1, timeout=180_000)
     expect(panel.locator(".jp-OutputArea-output").first).to_contain_text("Starting Spark application")
     lab.screenshot(path=shots / "06-spark-range-count.png")
+    # Saved under a name (JupyterLab asks on a first save), so it can run headless below.
+    lab.keyboard.press("Control+s")
+    rename = lab.locator(".jp-Dialog")
+    rename.get_by_role("textbox", name="File name").fill("count.ipynb")
+    rename.get_by_role("button", name="Rename and Save").click()
+    expect(lab.locator(".jp-DirListing-item", has_text="count.ipynb")).to_be_visible()
 
     # The Studio shows the notebook's Spark session under the compute, with its Spark UI and log.
     page.bring_to_front()
@@ -182,14 +191,39 @@ def user_story(studio, context, shots) -> None:
     assert sessions and all(s["state"] not in ("idle", "busy", "starting") for s in sessions), sessions
     page.screenshot(path=shots / "09-workspace-stopped.png", full_page=True)
 
+    # The saved notebook runs headless as an execution (no JupyterLab needed), listed with its outputs.
+    saved = [studio.root / "demo" / "count.ipynb"]
+    assert saved[0].is_file(), "the new notebook was saved in the workspace"
+    page.get_by_role("button", name="Run notebook").click()
+    run_form = page.locator("#execution-form")
+    expect(run_form.locator("select[name=workspace]")).to_have_value("demo")
+    run_form.locator("input[name=notebook]").fill("missing.ipynb")
+    run_form.get_by_role("button", name="Run").click()
+    expect(run_form.locator(".form-error")).to_contain_text("Notebook 'missing.ipynb' not found")
+    run_form.locator("input[name=notebook]").fill(saved[0].name)
+    run_form.get_by_role("button", name="Run").click()
+    expect(page.locator("#flash")).to_contain_text(f"of {saved[0].name} queued on local")
+    execution_row = page.locator("tr.ex-row").first
+    expect(execution_row.locator("[data-role=status]")).to_have_text("FINISHED", timeout=240_000)
+    expect(execution_row).to_contain_text("1 cell succeeded")
+    expect(execution_row.get_by_role("link", name=".ipynb")).to_have_attribute("href", re.compile(r"/output\.ipynb$"))
+    ipynb = httpx.get(studio.url + execution_row.get_by_role("link", name=".ipynb").get_attribute("href"), timeout=30)
+    ran = nbformat.reads(ipynb.text, as_version=4).cells[0]
+    assert ran.source == "spark.range(5).count()"
+    assert re.search(r"(^|\n)5\n?$", "".join(o.get("text", "") for o in ran.outputs if o.output_type == "stream")), ran.outputs
+    html = httpx.get(studio.url + execution_row.get_by_role("link", name="HTML").get_attribute("href"), timeout=30)
+    assert html.status_code == 200 and "range" in html.text and "SparkSession available" in html.text
+    page.locator("#executions").scroll_into_view_if_needed()
+    page.screenshot(path=shots / "10-execution-finished.png", full_page=True)
+
     # Delete keeps the files unless asked, and the dialog says so.
     row.get_by_role("button", name="Delete").click()
     expect(dialog).to_contain_text("Its notebook files are kept in")
     expect(dialog.locator(".running-note")).to_be_hidden()
-    page.screenshot(path=shots / "10-delete-dialog.png")
+    page.screenshot(path=shots / "11-delete-dialog.png")
     dialog.get_by_role("button", name="Delete").click()
     expect(page.locator("#workspace-rows")).to_contain_text("No workspaces yet")
     expect(page.locator("#flash")).to_contain_text("its files are kept in")
     assert (studio.root / "demo" / "getting-started.ipynb").exists()
-    assert list((studio.root / "demo").glob("Untitled*.ipynb")), "the new notebook was saved in the workspace"
-    page.screenshot(path=shots / "11-deleted-files-kept.png", full_page=True)
+    assert (studio.root / "demo" / "count.ipynb").exists()
+    page.screenshot(path=shots / "12-deleted-files-kept.png", full_page=True)

@@ -3,8 +3,8 @@
 Its lifespan builds the parts in dependency order and tears them down in reverse: the store, the
 PySpark kernelspec for the JupyterLabs, the compute ``local`` (the embedded session service it
 starts, or ``settings.livy_url``), then the workspace manager, which finds the JupyterLabs of a
-previous run again. Stopping the server stops every JupyterLab and the session service it
-started. One error handler turns ``studio.errors`` into ``{"msg": ...}``.
+previous run again, then the execution manager (notebook runs). Stopping the server stops every
+notebook run, every JupyterLab and the session service it started. One error handler turns ``studio.errors`` into ``{"msg": ...}``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from studio.kernel.install import write_kernelspec
 from studio.store import Store
 from studio.workspaces import routes, ui
 from studio.workspaces.computes import LOCAL, ComputeManager
+from studio.workspaces.executions import ExecutionManager
 from studio.workspaces.jupyter import write_lab_defaults
 from studio.workspaces.manager import WorkspaceManager
 from studio.workspaces.session_service import EmbeddedSessionService
@@ -100,6 +101,7 @@ def create_app(settings: Settings) -> ASGIApp:
         computes = ComputeManager(settings, store)
         session_service: EmbeddedSessionService | None = None
         manager: WorkspaceManager | None = None
+        executions: ExecutionManager | None = None
         try:
             if settings.livy_url:
                 computes.register_managed(LOCAL, settings.livy_url)
@@ -110,13 +112,18 @@ def create_app(settings: Settings) -> ASGIApp:
                 computes.register_managed(LOCAL, await session_service.start())
             manager = WorkspaceManager(settings, store, computes, jupyter_dir, jupyter_config_dir)
             await manager.recover()
+            executions = ExecutionManager(settings, store, manager, computes)
+            await executions.recover()
             app.state.settings = settings
             app.state.store = store
             app.state.computes = computes
             app.state.workspaces = manager
             app.state.session_service = session_service
+            app.state.executions = executions
             yield
         finally:
+            if executions is not None:
+                await executions.shutdown()  # before the session service their runs use
             if manager is not None:
                 await manager.shutdown()
             if session_service is not None:

@@ -11,14 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 import studio
-from studio.errors import InvalidRequestError
+from studio.errors import InvalidRequestError, NotFoundError
 from studio.livy.models import parse_body
 from studio.livy.routes import read_body
 from studio.workspaces.computes import ComputeManager
+from studio.workspaces.executions import ExecutionManager, StartExecution
 from studio.workspaces.manager import WorkspaceManager, counts_by_state
 from studio.workspaces.models import AttachCompute, CreateCompute, CreateWorkspace, UpdateWorkspace
 
@@ -32,6 +33,10 @@ def workspaces(request: Request) -> WorkspaceManager:
 
 def computes(request: Request) -> ComputeManager:
     return request.app.state.computes  # type: ignore[no-any-return]
+
+
+def executions(request: Request) -> ExecutionManager:
+    return request.app.state.executions  # type: ignore[no-any-return]
 
 
 def _flag(request: Request, name: str) -> bool:
@@ -149,6 +154,60 @@ async def delete_compute(request: Request) -> Response:
     return JSONResponse({"msg": "deleted", "name": name})
 
 
+# -- notebook executions -------------------------------------------------------------------
+
+
+async def list_executions(request: Request) -> Response:
+    """``?status=RUNNING,FAILED`` and ``?workspace=NAME_OR_ID`` filter; newest first."""
+    items = executions(request).list(request.query_params.get("status"), request.query_params.get("workspace"))
+    return JSONResponse({"total": len(items), "executions": [e.to_json() for e in reversed(items)]})
+
+
+async def start_execution(request: Request) -> Response:
+    body = parse_body(StartExecution, await read_body(request))
+    execution = await executions(request).start(body)
+    return JSONResponse(execution.to_json(), status_code=201)
+
+
+async def get_execution(request: Request) -> Response:
+    return JSONResponse(executions(request).get(request.path_params["execution_id"]).to_json())
+
+
+async def stop_execution(request: Request) -> Response:
+    return JSONResponse(executions(request).stop(request.path_params["execution_id"]).to_json(), status_code=202)
+
+
+async def execution_output(request: Request) -> Response:
+    """The output notebook (a download) or its HTML rendering (shown, sandboxed: no scripts, no
+    access to this origin, since notebook outputs are arbitrary HTML)."""
+    execution = executions(request).get(request.path_params["execution_id"])
+    kind = request.path_params["kind"]
+    if kind not in ("ipynb", "html"):
+        raise NotFoundError(f"No output '{kind}': an execution's output is output.ipynb or output.html.")
+    path = execution.output_path if kind == "ipynb" else execution.html_path
+    if not path.is_file():
+        raise NotFoundError(f"Execution {execution.id} has no output {kind} yet (it is {execution.status.value}).")
+    filename = f"{execution.name or 'notebook'}-execution-{execution.id}.{kind}"
+    if kind == "ipynb":
+        return FileResponse(path, media_type="application/x-ipynb+json", filename=filename)
+    return FileResponse(
+        path,
+        media_type="text/html; charset=utf-8",
+        filename=filename,
+        content_disposition_type="inline",
+        headers={"Content-Security-Policy": "sandbox"},
+    )
+
+
+async def execution_log(request: Request) -> Response:
+    execution = executions(request).get(request.path_params["execution_id"])
+    try:
+        text = execution.log_path.read_text(errors="replace")
+    except OSError:
+        text = ""
+    return PlainTextResponse(text)
+
+
 ROUTES = [
     Route("/api/status", status, methods=["GET"]),
     Route("/api/workspaces", list_workspaces, methods=["GET"]),
@@ -161,6 +220,12 @@ ROUTES = [
     Route("/api/workspaces/{workspace_id}/attach", attach_workspace, methods=["POST"]),
     Route("/api/workspaces/{workspace_id}/detach", detach_workspace, methods=["POST"]),
     Route("/api/workspaces/{workspace_id}/log", workspace_log, methods=["GET"]),
+    Route("/api/executions", list_executions, methods=["GET"]),
+    Route("/api/executions", start_execution, methods=["POST"]),
+    Route("/api/executions/{execution_id}", get_execution, methods=["GET"]),
+    Route("/api/executions/{execution_id}/stop", stop_execution, methods=["POST"]),
+    Route("/api/executions/{execution_id}/output.{kind:str}", execution_output, methods=["GET"]),
+    Route("/api/executions/{execution_id}/log", execution_log, methods=["GET"]),
     Route("/api/computes", list_computes, methods=["GET"]),
     Route("/api/computes", create_compute, methods=["POST"]),
     Route("/api/computes/{name}", get_compute, methods=["GET"]),

@@ -1,7 +1,8 @@
 """The Studio web UI: server-rendered pages, plus fragments that a little JavaScript re-fetches.
 
 The page and its live parts come from the same templates: ``/`` renders everything, and
-``/ui/workspaces`` and ``/ui/computes`` render just the workspace rows and the compute list,
+``/ui/workspaces``, ``/ui/executions`` and ``/ui/computes`` render just the workspace rows, the
+latest 50 notebook executions and the compute list,
 which ``static/studio.js`` polls and swaps in. Actions go through the JSON API, so the UI shows
 the API's own error messages. Every asset is in this package; nothing is fetched from the
 internet.
@@ -21,7 +22,7 @@ from starlette.templating import Jinja2Templates
 
 import studio
 from studio.workspaces.models import OPEN_STATES, RUNNING_STATES, WorkspaceState
-from studio.workspaces.routes import computes, workspaces
+from studio.workspaces.routes import computes, executions, workspaces
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -83,6 +84,7 @@ def _context(request: Request) -> dict[str, Any]:
     return {
         "workspaces": _workspace_rows(request),
         "compute_names": [compute.name for compute in computes(request).list()],
+        "executions": [e.to_json() for e in reversed(executions(request).list()[-50:])],
     }
 
 
@@ -101,6 +103,11 @@ async def workspace_rows(request: Request) -> Response:
     return templates.TemplateResponse(request, "_workspaces.html", _context(request))
 
 
+async def execution_rows(request: Request) -> Response:
+    rows = [e.to_json() for e in reversed(executions(request).list()[-50:])]
+    return templates.TemplateResponse(request, "_executions.html", {"executions": rows})
+
+
 async def compute_list(request: Request) -> Response:
     items = await computes(request).describe_all()
     _add_attached(request, items)
@@ -115,6 +122,7 @@ def _add_attached(request: Request, items: list[dict[str, Any]]) -> None:
 ROUTES = [
     Route("/", page, methods=["GET"]),
     Route("/ui/workspaces", workspace_rows, methods=["GET"]),
+    Route("/ui/executions", execution_rows, methods=["GET"]),
     Route("/ui/computes", compute_list, methods=["GET"]),
     Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
 ]

@@ -142,6 +142,47 @@ computeForm.addEventListener("submit", async (event) => {
   }
 });
 
+const executionForm = $("#execution-form");
+const newExecution = $("#new-execution");
+newExecution.addEventListener("click", async () => {
+  toggleForm(newExecution, executionForm, executionForm.hidden);
+  if (executionForm.hidden) return;
+  const select = $("select[name=workspace]", executionForm);
+  try {  // workspaces created since the page loaded
+    const { workspaces } = await api("GET", "/api/workspaces");
+    const current = select.value;
+    select.replaceChildren(...workspaces.map((w) => new Option(w.name, w.name)));
+    if (workspaces.some((w) => w.name === current)) select.value = current;
+  } catch (_) { /* keep the options the page came with */ }
+});
+$("[data-cancel]", executionForm).addEventListener("click", () => toggleForm(newExecution, executionForm, false));
+executionForm.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const data = new FormData(executionForm);
+  const body = { workspace: data.get("workspace"), notebook: data.get("notebook").trim() };
+  if (data.get("compute")) body.compute = data.get("compute");
+  const submit = $("button[type=submit]", executionForm);
+  formError(executionForm, "");
+  const text = data.get("parameters").trim();
+  if (text) {
+    try { body.parameters = JSON.parse(text); } catch (error) {
+      formError(executionForm, `Parameters are not JSON: ${error.message}`);
+      return;
+    }
+  }
+  submit.disabled = true;
+  try {
+    const execution = await api("POST", "/api/executions", body);
+    toggleForm(newExecution, executionForm, false);
+    flash(`Execution ${execution.id} of ${execution.notebook} queued on ${execution.compute}.`, "info");
+  } catch (error) {
+    formError(executionForm, error.message);
+  } finally {
+    submit.disabled = false;
+    await refreshAll();
+  }
+});
+
 // -- delete dialog ----------------------------------------------------------------------------
 
 const dialog = $("#delete-dialog");
@@ -204,6 +245,7 @@ document.addEventListener("click", async (event) => {
   try {
     if (action === "start") await api("POST", `/api/workspaces/${id}/start`);
     else if (action === "stop") await api("POST", `/api/workspaces/${id}/stop`);
+    else if (action === "stop-execution") await api("POST", `/api/executions/${id}/stop`);
     else if (action === "remove-compute") {
       const name = button.dataset.name;
       if (!confirm(`Remove compute ${name}? Workspaces attached to it must be detached first.`)) return;

@@ -1,0 +1,510 @@
+"""Notebook executions: the workspace server's analogue of EMR's StartNotebookExecution.
+
+An execution runs one notebook of a workspace, headless, on a compute: it is a ``studio run``
+child process (``studio.execution``) given the compute's Livy URL, an output folder and the
+parameters, so the API and the CLI share one implementation. This module queues executions up to
+``max_concurrent_executions``, follows each run through the progress lines ``studio run`` writes
+on stderr, maps them to EMR's statuses and keeps the record in the store.
+
+Statuses (EMR's): ``START_PENDING`` (queued) -> ``STARTING`` (process and kernel starting) ->
+``RUNNING`` (cells run) -> ``FINISHING`` (last cell done; output, HTML, session cleanup) ->
+``FINISHED``; a failing cell goes ``FAILING`` -> ``FAILED``; a stop goes ``STOP_PENDING`` ->
+``STOPPING`` (SIGINT: the running cell is cancelled, the output written, the session deleted)
+-> ``STOPPED``. Every change has a ``last_state_change_reason``.
+
+Each run's files are in ``<state_dir>/executions/<id>/``: ``output.ipynb``, ``output.html``,
+``record.json`` (``studio run --record``), ``parameters.yaml`` and ``run.log``. The child
+processes die with the server (``die_with_parent``); a server that stops stops them first, and
+one that restarts marks the runs it lost as ``STOPPED`` with the reason and starts the queued
+ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import getpass
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import yaml
+from pydantic import Field
+
+from studio.config import Settings
+from studio.errors import ConflictError, InvalidRequestError, NotFoundError
+from studio.execution import CELL_LINE, KERNEL_READY, RunError, inject_parameters
+from studio.store import Store
+from studio.workspaces.computes import LOCAL, ComputeManager
+from studio.workspaces.manager import WorkspaceManager
+from studio.workspaces.models import _Body
+
+log = logging.getLogger("studio.workspaces.executions")
+
+
+class ExecutionStatus(str, enum.Enum):
+    START_PENDING = "START_PENDING"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    FINISHING = "FINISHING"
+    FINISHED = "FINISHED"
+    FAILING = "FAILING"
+    FAILED = "FAILED"
+    STOP_PENDING = "STOP_PENDING"
+    STOPPING = "STOPPING"
+    STOPPED = "STOPPED"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset({ExecutionStatus.FINISHED, ExecutionStatus.FAILED, ExecutionStatus.STOPPED})
+STOP_STATUSES = frozenset({ExecutionStatus.STOP_PENDING, ExecutionStatus.STOPPING})
+
+
+class StartExecution(_Body):
+    workspace: int | str = Field(description="The workspace's id or name.")
+    notebook: str = Field(max_length=4096, description="Path of the notebook inside the workspace's folder.")
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    compute: str | None = Field(None, description="Compute to run on; default the workspace's, else 'local'.")
+    name: str | None = Field(None, max_length=256)
+    kernel: str = Field("pyspark", min_length=1, max_length=128)
+    cell_timeout: float | None = Field(None, gt=0)
+
+
+class Execution:
+    """An execution's record, plus its ``studio run`` process while it runs."""
+
+    def __init__(self, row: dict[str, Any], folder: Path) -> None:
+        self.id: int = row["id"]
+        self.name: str = row.get("name") or ""
+        self.owner: str | None = row.get("owner")
+        self.workspace_id: int | None = row.get("workspace_id")
+        self.workspace: str = row.get("workspace") or ""
+        self.notebook: str = row["notebook"]
+        self.parameters: dict[str, Any] = row.get("parameters") or {}
+        self.compute: str = row.get("compute") or ""
+        self.livy_url: str = row.get("livy_url") or ""
+        self.kernel: str = row.get("kernel") or "pyspark"
+        self.cell_timeout: float | None = row.get("cell_timeout")
+        self.status = ExecutionStatus(row["state"])
+        self.reason: str | None = row.get("reason")
+        self.created_at: float = row["created_at"]
+        self.started_at: float | None = row.get("started_at")
+        self.ended_at: float | None = row.get("ended_at")
+        self.state_changed_at: float | None = row.get("state_changed_at")
+        self.exit_code: int | None = row.get("exit_code")
+        self.warnings: list[str] = row.get("warnings") or []
+        self.folder = folder
+        self.process: asyncio.subprocess.Process | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.cells_done = 0
+        self.cells_total: int | None = None
+        self.failure: str | None = None
+
+    @property
+    def output_path(self) -> Path:
+        return self.folder / "output.ipynb"
+
+    @property
+    def html_path(self) -> Path:
+        return self.folder / "output.html"
+
+    @property
+    def record_path(self) -> Path:
+        return self.folder / "record.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / "run.log"
+
+    def record(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.record_path.read_text())  # type: ignore[no-any-return]
+        except (OSError, ValueError):
+            return None
+
+    def to_json(self) -> dict[str, Any]:
+        record = self.record()
+        base = f"/api/executions/{self.id}"
+        return {
+            "id": self.id,
+            "name": self.name,
+            "owner": self.owner,
+            "status": self.status.value,
+            "last_state_change_reason": self.reason,
+            "workspace": {"id": self.workspace_id, "name": self.workspace},
+            "notebook": self.notebook,
+            "parameters": self.parameters,
+            "compute": self.compute,
+            "livy_url": self.livy_url,
+            "kernel": self.kernel,
+            "cell_timeout": self.cell_timeout,
+            "created_at": self.created_at,
+            "start_time": self.started_at,
+            "end_time": self.ended_at,
+            "state_changed_at": self.state_changed_at,
+            "exit_code": self.exit_code,
+            "warnings": self.warnings,
+            "progress": {"cells_done": self.cells_done, "cells_total": self.cells_total} if not self.status.is_final else None,
+            "spark_app_id": record.get("spark_app_id") if record else None,
+            "record": record,
+            "output": {
+                "notebook": f"{base}/output.ipynb" if self.output_path.is_file() else None,
+                "html": f"{base}/output.html" if self.html_path.is_file() else None,
+                "log": f"{base}/log",
+            },
+        }
+
+
+class ExecutionManager:
+    """Starts, queues, follows and stops executions; raises only ``studio.errors``."""
+
+    def __init__(self, settings: Settings, store: Store, workspaces: WorkspaceManager, computes: ComputeManager) -> None:
+        self.settings = settings
+        self.store = store
+        self.workspaces = workspaces
+        self.computes = computes
+        self.owner = getpass.getuser()
+        self._executions: dict[int, Execution] = {}
+        self._closing = False
+
+    def _folder(self, execution_id: int) -> Path:
+        return self.settings.state_dir / "executions" / str(execution_id)
+
+    # -- startup and shutdown --------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Load the records; runs a previous server lost are STOPPED with the reason; queued ones start."""
+        for row in self.store.all("executions"):
+            execution = Execution(row, self._folder(row["id"]))
+            self._executions[execution.id] = execution
+            if not execution.status.is_final and execution.status is not ExecutionStatus.START_PENDING:
+                self._set(
+                    execution,
+                    ExecutionStatus.STOPPED,
+                    f"Stopped: studio serve stopped while it was {execution.status.value} (its run was ended with the "
+                    "server); the output notebook holds the cells that ran.",
+                    ended_at=execution.ended_at or time.time(),
+                )
+        self._schedule()
+
+    async def shutdown(self) -> None:
+        """Stop every running execution (the server is stopping); queued ones stay queued for the next start."""
+        self._closing = True
+        running = [e for e in self._executions.values() if e.task is not None and not e.task.done()]
+        for execution in running:
+            if execution.status not in STOP_STATUSES:
+                self._set(execution, ExecutionStatus.STOP_PENDING, "Stopping because studio serve is stopping.")
+            self._signal(execution, signal.SIGINT)
+        await asyncio.gather(*(e.task for e in running if e.task is not None), return_exceptions=True)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def list(self, status: str | None = None, workspace: str | None = None) -> list[Execution]:
+        items = sorted(self._executions.values(), key=lambda e: e.id)
+        if status:
+            wanted = set()
+            for value in status.split(","):
+                try:
+                    wanted.add(ExecutionStatus(value.strip().upper()))
+                except ValueError:
+                    raise InvalidRequestError(
+                        f"Unknown execution status '{value.strip()}'; use one of {', '.join(s.value for s in ExecutionStatus)}."
+                    ) from None
+            items = [e for e in items if e.status in wanted]
+        if workspace:
+            items = [e for e in items if workspace in (e.workspace, str(e.workspace_id))]
+        return items
+
+    def get(self, execution_id: int | str) -> Execution:
+        try:
+            key = int(execution_id)
+        except (TypeError, ValueError):
+            raise NotFoundError(f"Execution '{execution_id}' not found; execution ids are integers.") from None
+        execution = self._executions.get(key)
+        if execution is None:
+            raise NotFoundError(f"Execution {key} not found.")
+        return execution
+
+    # -- start ------------------------------------------------------------------------------
+
+    async def start(self, body: StartExecution) -> Execution:
+        """Check everything that can be checked now, record the execution and queue it."""
+        if self._closing:
+            raise ConflictError("studio serve is stopping; start the execution again after it restarts.")
+        workspace = self._workspace(body.workspace)
+        path = self._notebook_path(workspace.folder, body.notebook)
+        warnings = self._check_parameters(path, body.parameters)
+        compute = self.computes.get(body.compute or workspace.compute or LOCAL)
+        await self.computes.health(compute.url, compute.name)  # 502 when it does not answer
+
+        execution_id = self.store.next_id("execution")
+        now = time.time()
+        row = {
+            "id": execution_id,
+            "name": body.name or Path(body.notebook).stem,
+            "owner": self.owner,
+            "workspace_id": workspace.id,
+            "workspace": workspace.name,
+            "notebook": path.relative_to(workspace.folder.resolve()).as_posix(),
+            "parameters": body.parameters,
+            "compute": compute.name,
+            "livy_url": compute.url,
+            "kernel": body.kernel,
+            "cell_timeout": body.cell_timeout,
+            "state": ExecutionStatus.START_PENDING.value,
+            "reason": "Waiting for a free execution slot.",
+            "created_at": now,
+            "state_changed_at": now,
+            "warnings": warnings,
+        }
+        self.store.insert("executions", row)
+        execution = Execution(row, self._folder(execution_id))
+        self._executions[execution_id] = execution
+        log.info("execution %s: %s in workspace %s on %s", execution_id, execution.notebook, workspace.name, compute.name)
+        self._schedule()
+        return execution
+
+    def _workspace(self, ref: int | str) -> Any:
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+            return self.workspaces.get(ref)
+        for workspace in self.workspaces.list():
+            if workspace.name == ref:
+                return workspace
+        raise NotFoundError(f"Workspace '{ref}' not found.")
+
+    @staticmethod
+    def _notebook_path(folder: Path, notebook: str) -> Path:
+        if not notebook.strip():
+            raise InvalidRequestError("'notebook' is empty; give the notebook's path inside the workspace.")
+        relative = Path(notebook)
+        if relative.is_absolute():
+            raise InvalidRequestError(f"Notebook path '{notebook}' is absolute; give it relative to the workspace's folder.")
+        root = folder.resolve()
+        path = (root / relative).resolve()
+        if path != root and root not in path.parents:
+            raise InvalidRequestError(f"Notebook path '{notebook}' leads outside the workspace's folder.")
+        if path.suffix != ".ipynb":
+            raise InvalidRequestError(f"Notebook path '{notebook}' is not an .ipynb file.")
+        if not path.is_file():
+            raise NotFoundError(f"Notebook '{notebook}' not found in the workspace's folder {folder}.")
+        return path
+
+    @staticmethod
+    def _check_parameters(path: Path, parameters: dict[str, Any]) -> list[str]:
+        """The run's own checks (unknown names, wrong types) before anything is queued; returns warnings."""
+        try:
+            notebook = nbformat.read(str(path), as_version=4)
+        except (OSError, ValueError) as exc:
+            raise InvalidRequestError(f"Notebook '{path.name}' cannot be read as a notebook: {exc}") from None
+        warnings: list[str] = []
+        try:
+            inject_parameters(notebook, {name: (value, False) for name, value in parameters.items()}, warnings.append)
+        except RunError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        return warnings
+
+    # -- stop -------------------------------------------------------------------------------
+
+    def stop(self, execution_id: int | str) -> Execution:
+        execution = self.get(execution_id)
+        if execution.status.is_final:
+            raise ConflictError(f"Execution {execution.id} is already {execution.status.value}; there is nothing to stop.")
+        if execution.status in STOP_STATUSES:
+            return execution
+        if execution.status is ExecutionStatus.START_PENDING:
+            self._set(execution, ExecutionStatus.STOPPED, "Stopped on request before it started.", ended_at=time.time())
+            return execution
+        self._set(execution, ExecutionStatus.STOP_PENDING, "Stop requested.")
+        self._signal(execution, signal.SIGINT)
+        return execution
+
+    def _signal(self, execution: Execution, sig: int) -> None:
+        process = execution.process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, sig)
+        if sig == signal.SIGINT and execution.status is ExecutionStatus.STOP_PENDING:
+            self._set(execution, ExecutionStatus.STOPPING, "Cancelling the running cell and deleting the Spark session.")
+
+    # -- running ----------------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        if self._closing:
+            return
+        running = sum(1 for e in self._executions.values() if e.task is not None and not e.task.done())
+        for execution in sorted(self._executions.values(), key=lambda e: e.id):
+            if running >= self.settings.max_concurrent_executions:
+                break
+            if execution.status is ExecutionStatus.START_PENDING and execution.task is None:
+                execution.task = asyncio.create_task(self._run(execution), name=f"execution-{execution.id}")
+                execution.task.add_done_callback(lambda _: self._schedule())  # once done, it frees its slot
+                running += 1
+
+    async def _run(self, execution: Execution) -> None:
+        try:
+            await self._run_process(execution)
+        except Exception as exc:  # noqa: BLE001 - a run's failure must never reach the server
+            log.exception("execution %s failed to run", execution.id)
+            if not execution.status.is_final:
+                self._set(execution, ExecutionStatus.FAILED, f"studio run could not be started: {exc}", ended_at=time.time())
+        finally:
+            execution.process = None
+
+    def _command(self, execution: Execution, notebook: Path) -> list[str]:
+        command = [
+            sys.executable, "-m", "studio", "run", str(notebook),
+            "-o", str(execution.output_path), "--html", str(execution.html_path),
+            "--livy-url", execution.livy_url, "--record", str(execution.folder), "--kernel", execution.kernel,
+        ]  # fmt: skip
+        if execution.parameters:
+            params = execution.folder / "parameters.yaml"
+            params.write_text(yaml.safe_dump(execution.parameters, sort_keys=False, allow_unicode=True))
+            command += ["-f", str(params)]
+        if execution.cell_timeout:
+            command += ["--cell-timeout", f"{execution.cell_timeout:g}"]
+        # SIGTERM reaches the run (which then cleans up like on Ctrl-C) even if this server is killed.
+        return [sys.executable, "-m", "studio.workspaces.die_with_parent", str(os.getpid()), "--", *command]
+
+    async def _run_process(self, execution: Execution) -> None:
+        if execution.status is not ExecutionStatus.START_PENDING:  # stopped while it was being scheduled
+            return
+        execution.folder.mkdir(parents=True, exist_ok=True)
+        compute = self.computes.find(execution.compute)  # its URL now: `local` moves when the server restarts
+        if compute is None:
+            self._set(execution, ExecutionStatus.FAILED, f"Compute '{execution.compute}' was removed before the run started.", ended_at=time.time())
+            return
+        execution.livy_url = compute.url
+        self._save(execution, livy_url=compute.url)
+        folder = self._workspace_folder(execution)
+        notebook = folder / execution.notebook
+        self._set(execution, ExecutionStatus.STARTING, f"Starting the PySpark kernel and a session on compute '{execution.compute}'.")
+        execution.started_at = time.time()
+        self._save(execution, started_at=execution.started_at)
+        env = {k: v for k, v in os.environ.items() if k not in ("STUDIO_WORKSPACE_DIR", "STUDIO_LIVY_URL")}
+        with open(execution.log_path, "ab") as run_log:
+            process = await asyncio.create_subprocess_exec(
+                *self._command(execution, notebook),
+                cwd=str(folder if folder.is_dir() else execution.folder),
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=run_log,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,  # a Ctrl-C at the server's terminal is the server's to handle
+            )
+            execution.process = process
+            if execution.status is ExecutionStatus.STOP_PENDING:  # stopped while the process started
+                self._signal(execution, signal.SIGINT)
+            assert process.stderr is not None
+            escalation = asyncio.create_task(self._escalate_stop(execution))
+            try:
+                async for raw in process.stderr:
+                    run_log.write(raw)
+                    run_log.flush()
+                    self._follow(execution, raw.decode("utf-8", "replace").rstrip("\n"))
+                code = await process.wait()
+            finally:
+                escalation.cancel()
+        self._finish(execution, code)
+
+    def _workspace_folder(self, execution: Execution) -> Path:
+        """The workspace's folder now (it may have been renamed since), or where it was."""
+        try:
+            return self.workspaces.get(execution.workspace_id).folder  # type: ignore[arg-type]
+        except NotFoundError:
+            return self.settings.root / execution.workspace
+
+    def _follow(self, execution: Execution, line: str) -> None:
+        """Move the status on from one of ``studio run``'s progress lines."""
+        if execution.status in STOP_STATUSES:
+            return
+        if line.startswith(KERNEL_READY) and execution.status is ExecutionStatus.STARTING:
+            self._set(execution, ExecutionStatus.RUNNING, "The kernel is running the notebook's cells.")
+            return
+        if " failed: " in line and line.startswith("studio run: "):
+            execution.failure = line[len("studio run: ") :]
+            return
+        match = CELL_LINE.match(line)
+        if not match:
+            return
+        done, total, outcome = int(match.group(1)), int(match.group(2)), match.group(3)
+        execution.cells_done, execution.cells_total = done, total
+        if outcome == "failed" and execution.status is not ExecutionStatus.FAILING:
+            self._set(execution, ExecutionStatus.FAILING, f"Cell {done} of {total} failed; saving the output and deleting the session.")
+        elif outcome == "completed" and done == total and execution.status is ExecutionStatus.RUNNING:
+            self._set(execution, ExecutionStatus.FINISHING, "All cells ran; saving the output and deleting the session.")
+
+    async def _escalate_stop(self, execution: Execution) -> None:
+        """A stopped run that does not end in time gets SIGTERM, then SIGKILL on its process group."""
+        while execution.status not in STOP_STATUSES:
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(self.settings.execution_stop_timeout)
+        self._signal(execution, signal.SIGTERM)
+        await asyncio.sleep(10)
+        process = execution.process
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+
+    def _finish(self, execution: Execution, code: int) -> None:
+        execution.exit_code = code
+        ended = time.time()
+        took = ended - (execution.started_at or ended)
+        record = execution.record() or {}
+        cells = record.get("cells") or []
+        if cells:
+            execution.cells_total = len(cells)
+            execution.cells_done = sum(1 for c in cells if c.get("status") in ("completed", "failed"))
+        if execution.status in STOP_STATUSES:
+            status, reason = ExecutionStatus.STOPPED, (
+                f"Stopped on request after {execution.cells_done} of {execution.cells_total or '?'} cells; "
+                "the running cell was cancelled and the session deleted."
+            )
+            if self._closing:
+                reason = "Stopped because studio serve stopped; the running cell was cancelled and the session deleted."
+        elif code == 0:
+            count = len(cells) or execution.cells_total or 0
+            ran = "The notebook has no code cells" if count == 0 else "1 cell succeeded" if count == 1 else f"All {count} cells succeeded"
+            status, reason = ExecutionStatus.FINISHED, f"{ran} in {took:.1f} s."
+        elif code == 130 or code == -signal.SIGTERM:
+            status, reason = ExecutionStatus.STOPPED, "Stopped: studio run was interrupted from outside the Studio."
+        else:
+            status = ExecutionStatus.FAILED
+            reason = execution.failure or self._last_error(execution) or f"studio run exited with code {code}."
+        self._set(execution, status, reason, ended_at=ended, exit_code=code)
+        log.info("execution %s: %s (%s)", execution.id, status.value, reason)
+
+    @staticmethod
+    def _last_error(execution: Execution) -> str | None:
+        try:
+            lines = execution.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return None
+        for line in reversed(lines):
+            if line.startswith("studio run: ") and "output notebook is" not in line:
+                return line[len("studio run: ") :]
+        return None
+
+    # -- records ----------------------------------------------------------------------------
+
+    def _set(self, execution: Execution, status: ExecutionStatus, reason: str, **fields: Any) -> None:
+        log.info("execution %s: %s -> %s (%s)", execution.id, execution.status.value, status.value, reason)
+        execution.status = status
+        execution.reason = reason
+        execution.state_changed_at = time.time()
+        for name, value in fields.items():
+            setattr(execution, name, value)
+        self._save(execution, state=status.value, reason=reason, state_changed_at=execution.state_changed_at, **fields)
+
+    def _save(self, execution: Execution, **fields: Any) -> None:
+        self.store.update("executions", execution.id, **fields)

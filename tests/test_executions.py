@@ -1,0 +1,279 @@
+"""The executions API of the workspace server (`POST /api/executions` ...), end to end: a real
+`studio serve` with its embedded session service, real `studio run` processes, real PySpark.
+
+One server for the module (at most one execution at a time, so queueing shows); the last test
+stops and restarts it.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from workspace_helpers import StudioProcess
+
+FINAL = ("FINISHED", "FAILED", "STOPPED")
+
+
+@pytest.fixture(scope="module")
+def studio(test_root):
+    server = StudioProcess(
+        test_root / "executions",
+        env={"STUDIO_POOL_WARMUP_SECONDS": "2", "STUDIO_MAX_CONCURRENT_EXECUTIONS": "1"},
+        pool=1,
+    ).start()
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        assert server.stop() == 0, server.log_tail()
+    assert not server.leftovers(), f"processes left behind: {server.leftovers()}"
+
+
+@pytest.fixture(scope="module")
+def workspace(studio) -> dict[str, Any]:
+    client = studio.client()
+    created = client.create(name="jobs", description="scheduled notebooks")
+    client.close()
+    return created
+
+
+def api(studio) -> httpx.Client:
+    return httpx.Client(base_url=studio.url, timeout=60, trust_env=False)
+
+
+def write(folder: Path, name: str, *cells: str, parameters: str | None = None) -> str:
+    notebook = new_notebook()
+    if parameters is not None:
+        notebook.cells.append(new_code_cell(parameters, metadata={"tags": ["parameters"]}))
+    notebook.cells += [new_markdown_cell(c[4:]) if c.startswith("#md ") else new_code_cell(c) for c in cells]
+    notebook.metadata["kernelspec"] = {"name": "pyspark", "display_name": "PySpark", "language": "python"}
+    folder.mkdir(parents=True, exist_ok=True)
+    nbformat.write(notebook, folder / name)
+    return name
+
+
+def start(client: httpx.Client, expect: int = 201, **body: Any) -> dict[str, Any]:
+    response = client.post("/api/executions", json=body)
+    assert response.status_code == expect, response.text
+    return response.json()
+
+
+def wait_status(client: httpx.Client, execution_id: int, statuses: tuple[str, ...], timeout: float = 240) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    seen = []
+    while True:
+        execution = client.get(f"/api/executions/{execution_id}").json()
+        if not seen or seen[-1] != execution["status"]:
+            seen.append(execution["status"])
+        if execution["status"] in statuses:
+            execution["seen"] = seen
+            return execution
+        if time.monotonic() > deadline:
+            raise AssertionError(f"execution {execution_id} went {seen}, not to {statuses}: {execution['last_state_change_reason']}")
+        time.sleep(0.2)
+
+
+def live_run_sessions(studio) -> list[dict[str, Any]]:
+    """Sessions of `studio run`s on the embedded compute that are not over."""
+    local = httpx.get(f"{studio.url}/api/computes/local", timeout=30, trust_env=False).json()
+    return [
+        s for s in local["sessions"]
+        if (s.get("name") or "").startswith("studio-run-") and s["state"] not in ("dead", "killed", "success", "error")
+    ]  # fmt: skip
+
+
+def test_parameterised_notebook_runs_to_finished_with_outputs_and_record(studio, workspace):
+    folder = Path(workspace["folder"])
+    name = write(
+        folder / "reports",
+        "daily.ipynb",
+        "#md # Daily",
+        "rows = spark.range(n).count()\nprint(f'{label}: {rows} rows')",
+        "rows * 2",
+        parameters="n = 3\nlabel = 'default'",
+    )
+    with api(studio) as client:
+        created = start(client, workspace="jobs", notebook=f"reports/{name}", parameters={"n": 7, "label": "nightly"}, name="daily")
+        assert created["status"] in ("START_PENDING", "STARTING")
+        assert created["workspace"] == {"id": workspace["id"], "name": "jobs"}
+        assert created["compute"] == "local" and created["notebook"] == "reports/daily.ipynb"
+        done = wait_status(client, created["id"], FINAL)
+        assert done["status"] == "FINISHED", done["last_state_change_reason"]
+        assert "cells succeeded" in done["last_state_change_reason"]
+        assert done["exit_code"] == 0 and done["end_time"] >= done["start_time"]
+
+        notebook = client.get(done["output"]["notebook"])
+        assert notebook.status_code == 200 and "attachment" in notebook.headers["content-disposition"]
+        output = nbformat.reads(notebook.text, as_version=4)
+        text = json.dumps([c.get("outputs") for c in output.cells])
+        assert "nightly: 7 rows" in text and "14" in text
+        injected = [c for c in output.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert injected and "n = 7" in injected[0].source
+
+        html = client.get(done["output"]["html"])
+        assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+        assert "nightly: 7 rows" in html.text and html.headers["content-security-policy"] == "sandbox"
+
+        record = done["record"]
+        assert record["parameters"] == {"n": 7, "label": "nightly"}
+        assert len(record["notebook_sha256"]) == 64
+        assert done["spark_app_id"] and record["spark_app_id"] == done["spark_app_id"]
+        assert [c["status"] for c in record["cells"]] == ["completed"] * 4  # parameters, injected, two cells
+        assert all(c["duration"] is not None for c in record["cells"])
+        assert "kernel ready" in client.get(done["output"]["log"]).text
+
+        listed = client.get("/api/executions", params={"status": "FINISHED", "workspace": "jobs"}).json()
+        assert created["id"] in [e["id"] for e in listed["executions"]]
+    assert not live_run_sessions(studio)
+
+
+def test_failing_notebook_is_failed_with_the_error_and_its_output(studio, workspace):
+    name = write(Path(workspace["folder"]), "broken.ipynb", "x = 1", "x / 0", "print('never')")
+    with api(studio) as client:
+        created = start(client, workspace=workspace["id"], notebook=name)
+        done = wait_status(client, created["id"], FINAL)
+        assert done["status"] == "FAILED"
+        assert "ZeroDivisionError" in done["last_state_change_reason"], done["last_state_change_reason"]
+        assert done["exit_code"] == 1
+        assert [c["status"] for c in done["record"]["cells"]] == ["completed", "failed", "pending"]
+        output = nbformat.reads(client.get(done["output"]["notebook"]).text, as_version=4)
+        assert any(o.get("ename") == "ZeroDivisionError" for c in output.cells for o in c.get("outputs", []))
+        # a finished execution cannot be stopped
+        stop = client.post(f"/api/executions/{created['id']}/stop")
+        assert stop.status_code == 409 and "already FAILED" in stop.json()["msg"]
+    assert not live_run_sessions(studio)
+
+
+class _VersionOnly(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        body = json.dumps({"version": "0.8.0"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_bad_input_gets_clear_errors(studio, workspace):
+    folder = Path(workspace["folder"])
+    write(folder, "params.ipynb", "print(n, ratio)", parameters="n = 1\nratio = 0.5")
+    write(folder, "plain.ipynb", "print(n)")
+    with api(studio) as client:
+        cases = [
+            ({"workspace": "jobs", "notebook": "nope.ipynb"}, 404, "not found"),
+            ({"workspace": "nobody", "notebook": "params.ipynb"}, 404, "Workspace 'nobody' not found"),
+            ({"workspace": "jobs", "notebook": "../../etc/passwd.ipynb"}, 400, "outside the workspace"),
+            ({"workspace": "jobs", "notebook": "/etc/hosts"}, 400, "absolute"),
+            ({"workspace": "jobs", "notebook": "params.ipynb", "parameters": {"m": 2}}, 400, "unknown parameter m"),
+            ({"workspace": "jobs", "notebook": "params.ipynb", "parameters": {"n": "two"}}, 400, "expects int"),
+            ({"workspace": "jobs", "notebook": "params.ipynb", "compute": "elsewhere"}, 404, "Compute 'elsewhere' not found"),
+            ({"workspace": "jobs"}, 400, "notebook"),
+            ({"workspace": "jobs", "notebook": "params.ipynb", "parameters": [1]}, 400, "parameters"),
+        ]
+        for body, status, words in cases:
+            response = client.post("/api/executions", json=body)
+            assert response.status_code == status, (body, response.text)
+            assert words in response.json()["msg"], (body, response.json())
+        assert client.post("/api/executions", content=b"{not json").status_code == 400
+        assert client.get("/api/executions/999").status_code == 404
+        assert client.get("/api/executions/abc").status_code == 404
+        assert client.post("/api/executions/999/stop").status_code == 404
+        assert client.get("/api/executions", params={"status": "DONE"}).status_code == 400
+
+        # a compute that stops answering: 502 and nothing queued
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _VersionOnly)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert client.post("/api/computes", json={"name": "flaky", "url": url}).status_code == 201
+        server.shutdown()
+        server.server_close()
+        before = client.get("/api/executions").json()["total"]
+        response = client.post("/api/executions", json={"workspace": "jobs", "notebook": "params.ipynb", "compute": "flaky"})
+        assert response.status_code == 502 and "flaky" in response.json()["msg"]
+        assert client.get("/api/executions").json()["total"] == before
+        assert client.delete("/api/computes/flaky").status_code == 200
+
+        # parameters for a notebook without a parameters cell: injected at the top, with a warning
+        created = start(client, workspace="jobs", notebook="plain.ipynb", parameters={"n": 5})
+        assert any("no cell tagged 'parameters'" in w for w in created["warnings"])
+        done = wait_status(client, created["id"], FINAL)
+        assert done["status"] == "FINISHED", done["last_state_change_reason"]
+        assert '"5' in json.dumps(nbformat.reads(client.get(done["output"]["notebook"]).text, as_version=4).cells[1].outputs)
+
+
+def test_stop_a_running_execution_and_the_queue_moves_on(studio, workspace):
+    folder = Path(workspace["folder"])
+    write(folder, "slow.ipynb", "import time\nspark.range(1).count()", "time.sleep(600)", "print('not reached')")
+    write(folder, "quick.ipynb", "spark.range(4).count()")
+    with api(studio) as client:
+        slow = start(client, workspace="jobs", notebook="slow.ipynb")
+        wait_status(client, slow["id"], ("RUNNING",))
+        # the limit is one at a time: the next ones wait
+        quick = start(client, workspace="jobs", notebook="quick.ipynb")
+        dropped = start(client, workspace="jobs", notebook="quick.ipynb", name="dropped")
+        assert client.get(f"/api/executions/{quick['id']}").json()["status"] == "START_PENDING"
+        pending = client.get("/api/executions", params={"status": "START_PENDING"}).json()["executions"]
+        assert {quick["id"], dropped["id"]} <= {e["id"] for e in pending}
+        # a queued execution stops at once
+        stopped = client.post(f"/api/executions/{dropped['id']}/stop")
+        assert stopped.status_code == 202 and stopped.json()["status"] == "STOPPED"
+        assert "before it started" in stopped.json()["last_state_change_reason"]
+
+        deadline = time.monotonic() + 120  # stop while the second cell (the sleep) runs
+        while (client.get(f"/api/executions/{slow['id']}").json()["progress"] or {}).get("cells_done", 0) < 1:
+            assert time.monotonic() < deadline, "the first cell never finished"
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        response = client.post(f"/api/executions/{slow['id']}/stop")
+        assert response.status_code == 202 and response.json()["status"] in ("STOP_PENDING", "STOPPING")
+        done = wait_status(client, slow["id"], FINAL, timeout=90)
+        assert done["status"] == "STOPPED", done["last_state_change_reason"]
+        assert "Stopped on request" in done["last_state_change_reason"]
+        assert time.monotonic() - t0 < 60
+        assert done["output"]["notebook"], "the output notebook is written on stop too"
+        statuses = [c["status"] for c in done["record"]["cells"]]
+        assert statuses[0] == "completed" and statuses[1] in ("failed", "interrupted"), statuses
+
+        finished = wait_status(client, quick["id"], FINAL)
+        assert finished["status"] == "FINISHED", finished["last_state_change_reason"]
+        assert client.get(f"/api/executions/{dropped['id']}").json()["status"] == "STOPPED"
+    assert not live_run_sessions(studio)
+
+
+def test_records_survive_a_restart_and_a_stopping_server_stops_its_runs(studio, workspace):
+    folder = Path(workspace["folder"])
+    write(folder, "long.ipynb", "import time\ntime.sleep(600)")
+    write(folder, "after.ipynb", "spark.range(2).count()")
+    with api(studio) as client:
+        before = {e["id"]: e["status"] for e in client.get("/api/executions").json()["executions"]}
+        long = start(client, workspace="jobs", notebook="long.ipynb")
+        wait_status(client, long["id"], ("RUNNING",))
+        queued = start(client, workspace="jobs", notebook="after.ipynb")
+        assert client.get(f"/api/executions/{queued['id']}").json()["status"] == "START_PENDING"
+
+    assert studio.stop() == 0, studio.log_tail()
+    assert not studio.leftovers(), f"processes left behind: {studio.leftovers()}"
+    studio.start()
+    with api(studio) as client:
+        again = client.get(f"/api/executions/{long['id']}").json()
+        assert again["status"] == "STOPPED"
+        assert "studio serve stopped" in again["last_state_change_reason"]
+        assert client.get(again["output"]["notebook"]).status_code == 200
+        listed = {e["id"]: e["status"] for e in client.get("/api/executions").json()["executions"]}
+        assert {k: listed[k] for k in before} == before, "finished records are unchanged"
+        # the queued one was kept and runs now
+        done = wait_status(client, queued["id"], FINAL)
+        assert done["status"] == "FINISHED", done["last_state_change_reason"]
+    assert not live_run_sessions(studio)

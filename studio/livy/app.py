@@ -15,13 +15,10 @@ import re
 from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from studio.config import Settings
-from studio.errors import StudioError
 from studio.livy import sparkconf
 from studio.livy.batches import BatchManager
 from studio.livy.cds import CdsArchive
@@ -30,33 +27,12 @@ from studio.livy.routes import ROUTES
 from studio.livy.sessions import SessionManager
 from studio.livy.workers import WorkerProcess, WorkerSpec
 from studio.store import Store
+from studio.web import error_handlers
 
 log = logging.getLogger("studio.livy")
 
 WARM_APP_NAME = "spark-studio-session"
 _ACCEPT = re.compile(r"application/vnd\.livy\.v([\w.]+)\+json")
-
-
-async def _studio_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StudioError)
-    if exc.log_message:
-        log.info("%s: %s", exc.msg, exc.log_message)
-    return JSONResponse({"msg": exc.msg}, status_code=exc.status_code)
-
-
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, HTTPException)
-    message = exc.detail
-    if exc.status_code == 404:
-        message = f"No such resource: {request.method} {request.url.path}"
-    elif exc.status_code == 405:
-        message = f"Method {request.method} is not allowed on {request.url.path}"
-    return JSONResponse({"msg": message}, status_code=exc.status_code)
-
-
-async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"msg": f"Unhandled error: {type(exc).__name__}: {exc}"}, status_code=500)
 
 
 class _AcceptVersion:
@@ -157,6 +133,6 @@ def create_app(settings: Settings) -> ASGIApp:
     app = Starlette(
         routes=ROUTES,
         lifespan=lifespan,
-        exception_handlers={StudioError: _studio_error, HTTPException: _http_error, Exception: _unhandled},
+        exception_handlers=error_handlers(log),
     )
     return _AcceptVersion(app)

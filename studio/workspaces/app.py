@@ -15,15 +15,13 @@ from typing import AsyncIterator
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from studio.config import Settings, is_loopback
-from studio.errors import StudioError
 from studio.kernel.install import write_kernelspec
 from studio.store import Store
+from studio.web import error_handlers
 from studio.workspaces import routes, ui
 from studio.workspaces.computes import LOCAL, ComputeManager
 from studio.workspaces.executions import ExecutionManager
@@ -34,28 +32,6 @@ from studio.workspaces.session_service import EmbeddedSessionService
 log = logging.getLogger("studio.workspaces")
 
 _SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
-
-
-async def _studio_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StudioError)
-    if exc.log_message:
-        log.info("%s: %s", exc.msg, exc.log_message)
-    return JSONResponse({"msg": exc.msg}, status_code=exc.status_code)
-
-
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, HTTPException)
-    message = exc.detail
-    if exc.status_code == 404:
-        message = f"No such resource: {request.method} {request.url.path}"
-    elif exc.status_code == 405:
-        message = f"Method {request.method} is not allowed on {request.url.path}"
-    return JSONResponse({"msg": message}, status_code=exc.status_code)
-
-
-async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"msg": f"Unhandled error: {type(exc).__name__}: {exc}"}, status_code=500)
 
 
 class _SameOriginOnly:
@@ -134,6 +110,6 @@ def create_app(settings: Settings) -> ASGIApp:
     app = Starlette(
         routes=[*routes.ROUTES, *ui.ROUTES],
         lifespan=lifespan,
-        exception_handlers={StudioError: _studio_error, HTTPException: _http_error, Exception: _unhandled},
+        exception_handlers=error_handlers(log),
     )
     return _SameOriginOnly(app, loopback_only=is_loopback(settings.serve_host))

@@ -32,7 +32,6 @@ from studio.config import Settings
 from studio.errors import (
     ComputeUnreachableError,
     ConflictError,
-    InvalidRequestError,
     NotFoundError,
     StudioError,
 )

@@ -94,10 +94,20 @@ class ServiceProcess:
         with httpx.Client(base_url=self.url, timeout=10) as http:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                if http.get("/studio/status").json()["pool"]["ready"] >= ready:
+                pool = http.get("/studio/status").json()["pool"]
+                if pool["ready"] >= ready:
                     return
+                if pool["failuresInARow"] >= 3:  # the service gives up soon; say why now, not at the timeout
+                    break
                 time.sleep(0.5)
-        raise AssertionError(f"warm pool did not reach {ready} ready workers; log:\n{self.log_path.read_text()[-3000:]}")
+        raise AssertionError(
+            f"warm pool did not reach {ready} ready workers; log:\n{self.log_path.read_text()[-3000:]}\n"
+            f"last worker log:\n{self.last_worker_log()}"
+        )
+
+    def last_worker_log(self) -> str:
+        logs = sorted((self.state_dir / "logs").glob("worker-*.log"), key=lambda p: p.stat().st_mtime)
+        return logs[-1].read_text(errors="replace")[-3000:] if logs else "(none)"
 
 
 class LivyClient:

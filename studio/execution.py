@@ -386,9 +386,25 @@ def _delete_session(url: str, name: str) -> bool:
         return False
 
 
+def _nbconvert_data_dir() -> str | None:
+    """The ``share/jupyter`` of the prefix nbconvert is installed in, which holds its templates.
+
+    Jupyter's search path only has this environment's prefix, so a virtualenv made with
+    ``--system-site-packages`` sees nbconvert's code but not its templates without this."""
+    import nbconvert
+
+    prefix = Path(nbconvert.__file__).resolve().parents[4]  # <prefix>/lib/pythonX.Y/site-packages/nbconvert
+    data = prefix / "share" / "jupyter"
+    return str(data) if (data / "nbconvert" / "templates").is_dir() else None
+
+
 def write_html(notebook_path: Path, html_path: Path) -> None:
     from nbconvert import HTMLExporter
 
+    extra = _nbconvert_data_dir()
+    paths = os.environ.get("JUPYTER_PATH", "").split(os.pathsep)
+    if extra and extra not in paths:
+        os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (*paths, extra) if p)
     body, _ = HTMLExporter().from_filename(str(notebook_path))
     html_path.parent.mkdir(parents=True, exist_ok=True)
     html_path.write_text(body, encoding="utf-8")
@@ -454,10 +470,14 @@ def run(options: RunOptions, log: Callable[[str], None] = lambda m: print(m, fil
             _delete_session(url, run.session_name)  # whatever the kernel managed to do
         if service is not None:
             service.stop()
-    if options.html is not None:
-        write_html(options.output, options.html)
     if options.record is not None:
         write_record(run, options, url, session)
+    if options.html is not None:
+        try:
+            write_html(options.output, options.html)
+        except Exception as exc:  # noqa: BLE001 - the run's own result stands; say what is missing
+            log(f"studio run: warning: the HTML could not be written ({type(exc).__name__}: {exc}); "
+                f"the output notebook is complete")
     if run.interrupted:
         log(f"studio run: interrupted; the output notebook is {options.output}")
         return EXIT_INTERRUPTED

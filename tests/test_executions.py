@@ -223,6 +223,9 @@ def test_stop_a_running_execution_and_the_queue_moves_on(studio, workspace):
         # the limit is one at a time: the next ones wait
         quick = start(client, workspace="jobs", notebook="quick.ipynb")
         dropped = start(client, workspace="jobs", notebook="quick.ipynb", name="dropped")
+        write(folder, "gone.ipynb", "1 + 1")
+        gone = start(client, workspace="jobs", notebook="gone.ipynb")
+        (folder / "gone.ipynb").unlink()  # removed while it waits: the run fails and says why
         assert client.get(f"/api/executions/{quick['id']}").json()["status"] == "START_PENDING"
         pending = client.get("/api/executions", params={"status": "START_PENDING"}).json()["executions"]
         assert {quick["id"], dropped["id"]} <= {e["id"] for e in pending}
@@ -249,6 +252,9 @@ def test_stop_a_running_execution_and_the_queue_moves_on(studio, workspace):
         finished = wait_status(client, quick["id"], FINAL)
         assert finished["status"] == "FINISHED", finished["last_state_change_reason"]
         assert client.get(f"/api/executions/{dropped['id']}").json()["status"] == "STOPPED"
+        failed = wait_status(client, gone["id"], FINAL)
+        assert failed["status"] == "FAILED" and "no notebook at" in failed["last_state_change_reason"], failed
+        assert failed["exit_code"] == 2
     assert not live_run_sessions(studio)
 
 

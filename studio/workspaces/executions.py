@@ -486,13 +486,17 @@ class ExecutionManager:
 
     @staticmethod
     def _last_error(execution: Execution) -> str | None:
+        """Why a run failed when it printed no failing cell: its last error line, or how it crashed."""
         try:
-            lines = execution.log_path.read_text(errors="replace").splitlines()
+            lines = [line for line in execution.log_path.read_text(errors="replace").splitlines() if line.strip()]
         except OSError:
             return None
+        progress = (KERNEL_READY, "studio run: running ", "studio run: starting ", "studio run: warning: ")
         for line in reversed(lines):
-            if line.startswith("studio run: ") and "output notebook is" not in line:
+            if line.startswith("studio run: ") and not line.startswith(progress) and "output notebook is" not in line:
                 return line[len("studio run: ") :]
+        if any(line.startswith("Traceback") for line in lines):
+            return f"studio run crashed: {lines[-1].strip()}"
         return None
 
     # -- records ----------------------------------------------------------------------------

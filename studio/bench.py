@@ -85,26 +85,24 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def pss_mb(pid: int) -> float:
+def _proc_mb(pid: int, filename: str, field: str) -> float:
+    """A kB figure of /proc/PID/FILENAME (``field:`` line) in MB; 0 when the process is gone."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as handle:
+        with open(f"/proc/{pid}/{filename}") as handle:
             for line in handle:
-                if line.startswith("Pss:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return 0.0
+
+
+def pss_mb(pid: int) -> float:
+    return _proc_mb(pid, "smaps_rollup", "Pss")
 
 
 def rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return _proc_mb(pid, "status", "VmRSS")
 
 
 def group_pids(pgid: int) -> list[int]:

@@ -336,24 +336,22 @@ class NotebookRun:
         provisioner = getattr(getattr(self.client, "km", None), "provisioner", None)
         return getattr(provisioner, "pid", None)
 
+    def _signal_kernel(self, sig: int) -> None:
+        pid = self.kernel_pid()
+        if pid is not None:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
     def interrupt(self) -> None:
         """On SIGINT/SIGTERM: interrupt the kernel, which cancels the running statement in the
         session; nbclient then sees the cell fail and shuts the kernel down (deleting the session)."""
         self.interrupted = True
-        pid = self.kernel_pid()
-        if pid is not None:
-            try:
-                os.kill(pid, signal.SIGINT)
-            except ProcessLookupError:
-                pass
+        self._signal_kernel(signal.SIGINT)
 
     def kill_kernel(self) -> None:
-        pid = self.kernel_pid()
-        if pid is not None:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        self._signal_kernel(signal.SIGTERM)
 
 
 def git_commit(folder: Path) -> dict[str, Any] | None:
@@ -368,22 +366,27 @@ def git_commit(folder: Path) -> dict[str, Any] | None:
 
 
 def _session(url: str, name: str) -> dict[str, Any] | None:
-    import httpx
+    from studio.kernel.livy_client import LivyClient, LivyError
 
+    client = LivyClient(url, timeout=10)
     try:
-        response = httpx.get(f"{url.rstrip('/')}/sessions/{name}", timeout=10)
-        return response.json() if response.status_code == 200 else None
-    except httpx.HTTPError:
+        return client.get_session(name)
+    except LivyError:
         return None
+    finally:
+        client.close()
 
 
-def _delete_session(url: str, name: str) -> bool:
-    import httpx
+def _delete_session(url: str, name: str) -> None:
+    from studio.kernel.livy_client import LivyClient, LivyError
 
+    client = LivyClient(url, timeout=120)
     try:
-        return httpx.delete(f"{url.rstrip('/')}/sessions/{name}", timeout=120).status_code == 200
-    except httpx.HTTPError:
-        return False
+        client.delete_session(name)
+    except LivyError:
+        pass  # the service is gone, and its sessions with it
+    finally:
+        client.close()
 
 
 def _nbconvert_data_dir() -> str | None:

@@ -101,13 +101,14 @@ class LivyClient:
     def create_session(self, body: dict[str, Any]) -> dict[str, Any]:
         return self.request("POST", "/sessions", json=body)
 
-    def get_session(self, session_id: int) -> dict[str, Any]:
+    def get_session(self, session_id: int | str) -> dict[str, Any]:
+        """By id, or by name (our service and Livy 0.7+ look a session up by its name too)."""
         return self.request("GET", f"/sessions/{session_id}")
 
     def list_sessions(self) -> list[dict[str, Any]]:
         return list(self.request("GET", "/sessions", params={"size": 1000}).get("sessions", []))
 
-    def delete_session(self, session_id: int) -> None:
+    def delete_session(self, session_id: int | str) -> None:
         self.request("DELETE", f"/sessions/{session_id}", ok=(200, 404))
 
     def log(self, session_id: int, size: int = 1000) -> list[str]:

@@ -44,7 +44,7 @@ from studio.execution import CELL_LINE, KERNEL_READY, RunError, inject_parameter
 from studio.store import Store
 from studio.workspaces.computes import LOCAL, ComputeManager
 from studio.workspaces.manager import WorkspaceManager
-from studio.workspaces.models import _Body
+from studio.workspaces.models import _Body, record_id
 
 log = logging.getLogger("studio.workspaces.executions")
 
@@ -106,6 +106,8 @@ class Execution:
         self.folder = folder
         self.process: asyncio.subprocess.Process | None = None
         self.task: asyncio.Task[None] | None = None
+        self.escalation: asyncio.Task[None] | None = None  # SIGTERM, then SIGKILL, if a stop takes too long
+        self._record: dict[str, Any] | None = None  # record.json, kept once the run is over
         self.cells_done = 0
         self.cells_total: int | None = None
         self.failure: str | None = None
@@ -127,10 +129,16 @@ class Execution:
         return self.folder / "run.log"
 
     def record(self) -> dict[str, Any] | None:
+        """``record.json`` of the run; read once it is final (the UI asks every few seconds)."""
+        if self._record is not None:
+            return self._record
         try:
-            return json.loads(self.record_path.read_text())  # type: ignore[no-any-return]
+            record: dict[str, Any] = json.loads(self.record_path.read_text())
         except (OSError, ValueError):
             return None
+        if self.status.is_final:
+            self._record = record
+        return record
 
     def to_json(self) -> dict[str, Any]:
         record = self.record()
@@ -226,10 +234,7 @@ class ExecutionManager:
         return items
 
     def get(self, execution_id: int | str) -> Execution:
-        try:
-            key = int(execution_id)
-        except (TypeError, ValueError):
-            raise NotFoundError(f"Execution '{execution_id}' not found; execution ids are integers.") from None
+        key = record_id(execution_id, "Execution")
         execution = self._executions.get(key)
         if execution is None:
             raise NotFoundError(f"Execution {key} not found.")
@@ -336,6 +341,7 @@ class ExecutionManager:
             os.kill(process.pid, sig)
         if sig == signal.SIGINT and execution.status is ExecutionStatus.STOP_PENDING:
             self._set(execution, ExecutionStatus.STOPPING, "Cancelling the running cell and deleting the Spark session.")
+            execution.escalation = asyncio.create_task(self._escalate_stop(execution))
 
     # -- running ----------------------------------------------------------------------------
 
@@ -406,7 +412,6 @@ class ExecutionManager:
             if execution.status is ExecutionStatus.STOP_PENDING:  # stopped while the process started
                 self._signal(execution, signal.SIGINT)
             assert process.stderr is not None
-            escalation = asyncio.create_task(self._escalate_stop(execution))
             try:
                 async for raw in process.stderr:
                     run_log.write(raw)
@@ -414,7 +419,8 @@ class ExecutionManager:
                     self._follow(execution, raw.decode("utf-8", "replace").rstrip("\n"))
                 code = await process.wait()
             finally:
-                escalation.cancel()
+                if execution.escalation is not None:
+                    execution.escalation.cancel()
         self._finish(execution, code)
 
     def _workspace_folder(self, execution: Execution) -> Path:
@@ -446,8 +452,6 @@ class ExecutionManager:
 
     async def _escalate_stop(self, execution: Execution) -> None:
         """A stopped run that does not end in time gets SIGTERM, then SIGKILL on its process group."""
-        while execution.status not in STOP_STATUSES:
-            await asyncio.sleep(0.2)
         await asyncio.sleep(self.settings.execution_stop_timeout)
         self._signal(execution, signal.SIGTERM)
         await asyncio.sleep(10)

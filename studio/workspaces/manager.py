@@ -46,6 +46,7 @@ from studio.workspaces.models import (
     UpdateWorkspace,
     WorkspaceState,
     check_name,
+    record_id,
 )
 
 log = logging.getLogger("studio.workspaces")
@@ -215,10 +216,7 @@ class WorkspaceManager:
         return sorted(self._workspaces.values(), key=lambda w: w.id)
 
     def get(self, workspace_id: int | str) -> Workspace:
-        try:
-            key = int(workspace_id)
-        except (TypeError, ValueError):
-            raise NotFoundError(f"Workspace '{workspace_id}' not found; workspace ids are integers.") from None
+        key = record_id(workspace_id, "Workspace")
         workspace = self._workspaces.get(key)
         if workspace is None:
             raise NotFoundError(f"Workspace {key} not found.")

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from studio.errors import InvalidRequestError
+from studio.errors import InvalidRequestError, NotFoundError
 
 
 class WorkspaceState(str, enum.Enum):
@@ -72,6 +72,14 @@ def check_name(name: object, what: str = "Workspace") -> str:
     if not _NAME.fullmatch(name):
         raise InvalidRequestError(f"{what} name '{name}' may contain only letters, digits, '-', '_' and '.'.")
     return name
+
+
+def record_id(value: int | str, what: str) -> int:
+    """The integer id in a URL, or NotFoundError (no such record can exist) naming what was asked for."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise NotFoundError(f"{what} '{value}' not found; {what.lower()} ids are integers.") from None
 
 
 def check_livy_url(url: object) -> str:

@@ -84,8 +84,12 @@ def _context(request: Request) -> dict[str, Any]:
     return {
         "workspaces": _workspace_rows(request),
         "compute_names": [compute.name for compute in computes(request).list()],
-        "executions": [e.to_json() for e in reversed(executions(request).list()[-50:])],
+        "executions": _execution_rows(request),
     }
+
+
+def _execution_rows(request: Request, latest: int = 50) -> list[dict[str, Any]]:
+    return [e.to_json() for e in reversed(executions(request).list()[-latest:])]
 
 
 async def page(request: Request) -> Response:
@@ -104,8 +108,7 @@ async def workspace_rows(request: Request) -> Response:
 
 
 async def execution_rows(request: Request) -> Response:
-    rows = [e.to_json() for e in reversed(executions(request).list()[-50:])]
-    return templates.TemplateResponse(request, "_executions.html", {"executions": rows})
+    return templates.TemplateResponse(request, "_executions.html", {"executions": _execution_rows(request)})
 
 
 async def compute_list(request: Request) -> Response:

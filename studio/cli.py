@@ -52,6 +52,9 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+KEEP_ALIVE_SECONDS = 75
+
+
 async def serve_app(app: Any, sock: socket.socket, announce: str) -> None:
     """Serve an ASGI app with uvicorn on an already bound socket until SIGINT/SIGTERM."""
     import signal
@@ -62,8 +65,18 @@ async def serve_app(app: Any, sock: socket.socket, announce: str) -> None:
     # that is a no-op, so a stop by SIGINT/SIGTERM after a clean shutdown exits with status 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
+    # Keep idle client connections open far longer than uvicorn's 5 s default: polling clients
+    # (the `livy` client waits 5 s between batch polls, Airflow's LivyOperator and sparkmagic poll
+    # on their own timers) reuse a kept-alive connection, and one the server closes at the very
+    # moment the client sends on it fails with "connection reset" instead of being retried.
     config = uvicorn.Config(
-        app, lifespan="on", log_level="warning", access_log=False, timeout_graceful_shutdown=5, loop="auto"
+        app,
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        loop="auto",
     )
     server = uvicorn.Server(config)
     startup = asyncio.create_task(server.serve(sockets=[sock]))

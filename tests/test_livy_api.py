@@ -6,6 +6,7 @@ One service with a warm pool serves the whole module (Spark takes 10-20 s to sta
 from __future__ import annotations
 
 import base64
+import http.client
 import re
 import threading
 import time
@@ -338,6 +339,22 @@ def test_unknown_ids_and_routes(livy, sid):
     assert livy.http.put("/sessions").status_code == 405
     assert livy.http.get("/version", headers={"Accept": "application/vnd.livy.v9.9+json"}).status_code == 406
     assert livy.http.get("/version", headers={"Accept": "application/vnd.livy.v0.1+json"}).status_code == 200
+
+
+def test_an_idle_kept_alive_connection_outlives_a_polling_interval(service):
+    # The `livy` client sleeps 5 s between batch polls on one kept-alive connection; a server that
+    # closes idle connections at 5 s resets some of those polls.
+    host, port = service.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.request("GET", "/version")
+        assert connection.getresponse().read()
+        time.sleep(6)
+        connection.request("GET", "/version")  # the same socket: http.client does not reconnect
+        response = connection.getresponse()
+        assert response.status == 200 and b"version" in response.read()
+    finally:
+        connection.close()
 
 
 def test_bad_statements(livy, sid):

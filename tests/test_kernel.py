@@ -164,6 +164,14 @@ def test_local_and_ipython_magics_run_locally(kernel):
     assert kernel.run("local_only").reply["ename"] == "NameError"  # plain cells are remote
 
 
+def test_the_kernel_starts_without_a_debugger_that_cannot_follow_remote_cells(kernel):
+    info = kernel.request("kernel_info")
+    assert info["implementation"] == "spark-studio-pyspark"
+    assert "debugger" not in info.get("supported_features", [])
+    # debugpy is refused only while the kernel starts: local code can still import it.
+    assert kernel.ok("%%local\nimport importlib.util\nprint(importlib.util.find_spec('debugpy') is not None)").stdout.strip() == "True"
+
+
 def test_completion_and_inspection(kernel):
     kernel.ok("completion_target_value = 1")
     reply = kernel.request("complete", "completion_tar", 14)

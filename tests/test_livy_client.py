@@ -15,7 +15,7 @@ FILES = REPO / "tests" / "files"
 @pytest.fixture(scope="module")
 def service(test_root):
     svc = start_service(test_root, "pylivy", env={"STUDIO_POOL_SIZE": "2", "STUDIO_POOL_WARMUP_SECONDS": "3"})
-    svc.wait_pool(1)
+    svc.wait_pool(2)  # both sessions tests take a warm worker; neither waits for a refill
     yield svc
     assert svc.stop() == 0
     assert not svc.leftovers()

@@ -57,6 +57,7 @@ class PySparkKernel(IPythonKernel):
         super().__init__(**kwargs)
         timeout = float(os.environ.get("STUDIO_SESSION_STARTUP_TIMEOUT", "600"))
         self.remote = RemoteSession(startup_timeout=timeout)
+        self.remote.prepare_in_background()
 
     # -- execution ------------------------------------------------------------------------
 

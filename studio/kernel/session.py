@@ -63,6 +63,7 @@ class RemoteSession:
         self.info: dict[str, Any] | None = None  # the Livy session, once started
         self._stop_heartbeat = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self._connect_lock = threading.Lock()
 
     @property
     def id(self) -> int | None:
@@ -74,13 +75,30 @@ class RemoteSession:
 
     def connect(self) -> LivyClient:
         """The client for the current endpoint (resolved again while no session runs)."""
-        url, source = resolve_livy_url()
-        if self.client is None or (not self.started and url != self.url):
-            if self.client is not None:
-                self.client.close()
-            self.client = LivyClient(url)
-            self.url, self.url_source = url, source
-        return self.client
+        with self._connect_lock:
+            url, source = resolve_livy_url()
+            if self.client is None or (not self.started and url != self.url):
+                if self.client is not None:
+                    self.client.close()
+                self.client = LivyClient(url)
+                self.url, self.url_source = url, source
+            return self.client
+
+    def prepare_in_background(self) -> None:
+        """Build the HTTP client and ask the service what it is, without starting a session.
+
+        Done in a thread while the kernel starts and waits for its first cell: building the client
+        imports httpx's transport stack (~0.1-0.2 s here), which would otherwise be paid by the
+        first Spark cell. Failures are ignored: the first remote cell connects and reports them.
+        """
+
+        def prepare() -> None:
+            try:
+                self.connect().is_studio
+            except Exception:  # noqa: BLE001 - reported by the first remote cell instead
+                pass
+
+        threading.Thread(target=prepare, name="studio-prepare", daemon=True).start()
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"kind": "pyspark", "heartbeatTimeoutInSecond": HEARTBEAT_TIMEOUT}

@@ -95,6 +95,9 @@ def test_a_user_runs_spark_in_a_new_workspace(studio, context, shots):
 
 def user_story(studio, context, shots) -> None:
     expect = playwright_api.expect
+    # Assertions wait up to 20 s, not Playwright's 5 s: a CI machine with two cores also runs a
+    # Spark driver, a JupyterLab and the Studio while the browser redraws.
+    expect.set_options(timeout=20_000)
     page = context.new_page()
     page.goto(studio.url)
     expect(page.get_by_role("heading", name="Workspaces")).to_be_visible()
@@ -156,7 +159,10 @@ def user_story(studio, context, shots) -> None:
     rename = lab.locator(".jp-Dialog")
     rename.get_by_role("textbox", name="File name").fill("count.ipynb")
     rename.get_by_role("button", name="Rename and Save").click()
-    expect(lab.locator(".jp-DirListing-item", has_text="count.ipynb")).to_be_visible()
+    expect(panel.locator(".jp-Toolbar-kernelName")).to_contain_text("PySpark")
+    expect(lab.get_by_role("tab", name="count.ipynb")).to_be_visible()
+    # The file browser shows the new name on its next refresh, which can take a few seconds.
+    expect(lab.locator(".jp-DirListing-item", has_text="count.ipynb")).to_be_visible(timeout=30_000)
 
     # The Studio shows the notebook's Spark session under the compute, with its Spark UI and log.
     page.bring_to_front()

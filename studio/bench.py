@@ -262,9 +262,12 @@ class BenchKernel:
     """A PySpark kernel driven through jupyter_client, as JupyterLab drives it."""
 
     def __init__(self, jupyter_path: Path, livy_url: str) -> None:
+        from jupyter_client.kernelspec import KernelSpecManager
         from jupyter_client.manager import KernelManager
 
-        self.manager = KernelManager(kernel_name="pyspark")
+        # Looked up in this process: the kernelspec written for this run, never an installed one.
+        specs = KernelSpecManager(kernel_dirs=[str(jupyter_path / "kernels")])
+        self.manager = KernelManager(kernel_name="pyspark", kernel_spec_manager=specs)
         env = {**os.environ, "JUPYTER_PATH": str(jupyter_path), "STUDIO_LIVY_URL": livy_url}
         self.manager.start_kernel(env=env)
         self.client = self.manager.client()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
 from studio.kernel.install import write_kernelspec
@@ -52,7 +53,10 @@ class Kernel:
     def __init__(self, folder: Path, env: dict[str, str], cwd: Path | None = None) -> None:
         write_kernelspec(folder / "jupyter")
         self.env = {**os.environ, "JUPYTER_PATH": str(folder / "jupyter"), **env}
-        self.manager = KernelManager(kernel_name="pyspark")
+        # The kernelspec is looked up in this process, so it must come from the folder written
+        # here, never from whatever `pyspark` kernelspec the machine happens to have installed.
+        specs = KernelSpecManager(kernel_dirs=[str(folder / "jupyter" / "kernels")])
+        self.manager = KernelManager(kernel_name="pyspark", kernel_spec_manager=specs)
         self.manager.start_kernel(env=self.env, cwd=str(cwd or folder))
         self.client = self.manager.client()
         self.client.start_channels()

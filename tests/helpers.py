@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -13,6 +14,14 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The secret every test session service is started with (STUDIO_TOKEN); clients send it as a
+# Bearer token. Tests of the other ways in (Basic, cookies, a generated token) use it explicitly.
+TEST_TOKEN = secrets.token_urlsafe(24)
+
+
+def auth_headers(token: str = TEST_TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 def processes_under(folder: Path) -> list[tuple[int, str]]:
@@ -42,6 +51,7 @@ class ServiceProcess:
             **os.environ,
             "STUDIO_CDS": "false",
             "STUDIO_CACHE_DIR": str(state_dir / "cache"),
+            "STUDIO_TOKEN": TEST_TOKEN,
             **(env or {}),
         }
         self.args = args or []
@@ -87,11 +97,24 @@ class ServiceProcess:
     def leftovers(self) -> list[tuple[int, str]]:
         return processes_under(self.state_dir)
 
+    @property
+    def token(self) -> str:
+        return self.env["STUDIO_TOKEN"]
+
     def client(self) -> "LivyClient":
-        return LivyClient(self.url)
+        return LivyClient(self.url, self.token)
+
+    def http(self, timeout: float = 30) -> httpx.Client:
+        """An httpx client that authenticates to this service."""
+        return httpx.Client(base_url=self.url, timeout=timeout, headers=auth_headers(self.token), trust_env=False)
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        """One authenticated GET (``path`` relative to the service, or a full URL on it)."""
+        url = path if path.startswith("http") else self.url + path
+        return httpx.get(url, headers=auth_headers(self.token), timeout=kwargs.pop("timeout", 30), trust_env=False, **kwargs)
 
     def wait_pool(self, ready: int, timeout: float = 240.0) -> None:
-        with httpx.Client(base_url=self.url, timeout=10) as http:
+        with self.http(timeout=10) as http:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 pool = http.get("/studio/status").json()["pool"]
@@ -113,9 +136,9 @@ class ServiceProcess:
 class LivyClient:
     """Just enough of a Livy client for tests, speaking plain HTTP like any client would."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, token: str = TEST_TOKEN) -> None:
         self.url = url
-        self.http = httpx.Client(base_url=url, timeout=120)
+        self.http = httpx.Client(base_url=url, timeout=120, headers=auth_headers(token), trust_env=False)
 
     def close(self) -> None:
         self.http.close()

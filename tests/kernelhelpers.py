@@ -11,6 +11,7 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
+from helpers import TEST_TOKEN
 from studio.kernel.install import write_kernelspec
 
 
@@ -52,7 +53,7 @@ class Kernel:
 
     def __init__(self, folder: Path, env: dict[str, str], cwd: Path | None = None) -> None:
         write_kernelspec(folder / "jupyter")
-        self.env = {**os.environ, "JUPYTER_PATH": str(folder / "jupyter"), **env}
+        self.env = {**os.environ, "JUPYTER_PATH": str(folder / "jupyter"), "STUDIO_LIVY_TOKEN": TEST_TOKEN, **env}
         # The kernelspec is looked up in this process, so it must come from the folder written
         # here, never from whatever `pyspark` kernelspec the machine happens to have installed.
         specs = KernelSpecManager(kernel_dirs=[str(folder / "jupyter" / "kernels")])

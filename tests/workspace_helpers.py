@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from helpers import REPO, processes_under
+from helpers import REPO, auth_headers, processes_under
 
 
 class StudioProcess:
@@ -105,16 +105,29 @@ class StudioProcess:
     def leftovers(self) -> list[tuple[int, str]]:
         return processes_under(self.folder)
 
+    @property
+    def token(self) -> str:
+        """The token `studio serve` generated at its first start (the one its start-up URL carries)."""
+        path = self.state_dir / "token"
+        return path.read_text().strip() if path.exists() else ""
+
     def client(self) -> "StudioClient":
-        return StudioClient(self.url)
+        return StudioClient(self.url, self.token)
+
+    def http(self, timeout: float = 60) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout, headers=auth_headers(self.token), trust_env=False)
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        url = path if path.startswith("http") else self.url + path
+        return httpx.get(url, headers=auth_headers(self.token), timeout=kwargs.pop("timeout", 30), trust_env=False, **kwargs)
 
 
 class StudioClient:
     """Just enough of the workspace API for tests."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, token: str) -> None:
         self.url = url
-        self.http = httpx.Client(base_url=url, timeout=60, trust_env=False)
+        self.http = httpx.Client(base_url=url, timeout=60, trust_env=False, headers=auth_headers(token))
 
     def close(self) -> None:
         self.http.close()

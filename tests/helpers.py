@@ -45,8 +45,11 @@ def processes_under(folder: Path) -> list[tuple[int, str]]:
 class ServiceProcess:
     """`python -m studio livy --port 0` with settings from STUDIO_* variables."""
 
-    def __init__(self, state_dir: Path, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+    def __init__(
+        self, state_dir: Path, env: dict[str, str] | None = None, args: list[str] | None = None, cwd: Path | None = None
+    ) -> None:
         self.state_dir = state_dir
+        self.cwd = cwd or REPO
         self.env = {
             **os.environ,
             "STUDIO_CDS": "false",
@@ -64,14 +67,14 @@ class ServiceProcess:
 
     def start(self, timeout: float = 60.0) -> "ServiceProcess":
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "studio", "livy", "--port", "0", "--state-dir", str(self.state_dir), *self.args]
+        command = [sys.executable, "-P", "-m", "studio", "livy", "--port", "0", "--state-dir", str(self.state_dir), *self.args]
         self.process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
             stderr=open(self.log_path, "ab"),
             text=True,
             env=self.env,
-            cwd=str(REPO),
+            cwd=str(self.cwd),
         )
         deadline = time.monotonic() + timeout
         assert self.process.stdout is not None

@@ -30,8 +30,10 @@ class StudioProcess:
         livy_url: str | None = None,
         pool: int = 0,
         args: list[str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.folder = folder
+        self.cwd = cwd or REPO
         self.root = folder / "root"
         self.state_dir = folder / "state"
         self.env = {
@@ -55,11 +57,11 @@ class StudioProcess:
     def start(self, timeout: float = 120.0) -> "StudioProcess":
         self.folder.mkdir(parents=True, exist_ok=True)
         command = [
-            sys.executable, "-m", "studio", "serve", "--port", "0",
+            sys.executable, "-P", "-m", "studio", "serve", "--port", "0",
             "--root", str(self.root), "--state-dir", str(self.state_dir), *self.args,
         ]  # fmt: skip
         self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=open(self.log_path, "ab"), text=True, env=self.env, cwd=str(REPO)
+            command, stdout=subprocess.PIPE, stderr=open(self.log_path, "ab"), text=True, env=self.env, cwd=str(self.cwd)
         )
         assert self.process.stdout is not None
         deadline = time.monotonic() + timeout

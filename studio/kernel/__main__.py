@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.abc
+import os
 import sys
 
 
@@ -22,6 +23,20 @@ class _RefuseDebugpy(importlib.abc.MetaPathFinder):
         return None
 
 
+def notebook_folder_last() -> None:
+    """Put the notebook's folder at the end of ``sys.path`` instead of before site-packages.
+
+    The kernelspec starts this module with ``python -P``, so nothing in the notebook's folder (the
+    kernel's working directory, often a cloned repository) is importable while the kernel starts.
+    ipykernel's ``init_path`` then inserts ``''`` before site-packages, where a ``pandas.py`` beside
+    the notebook would shadow pandas when the kernel imports it later. At the end, ``%%local import
+    mymodule`` still finds a sibling file, and nothing installed can be shadowed.
+    """
+    here = os.getcwd()
+    sys.path[:] = [entry for entry in sys.path if entry not in ("", ".", here)]
+    sys.path.append("")
+
+
 def main() -> None:
     refuse = _RefuseDebugpy()
     sys.meta_path.insert(0, refuse)
@@ -34,6 +49,7 @@ def main() -> None:
         app.initialize()
     finally:
         sys.meta_path.remove(refuse)
+    notebook_folder_last()
     app.start()
 
 

@@ -91,6 +91,7 @@ class CdsArchive:
             with open(training_log, "wb") as handle:
                 process = await asyncio.create_subprocess_exec(
                     sys.executable,
+                    "-P",  # nothing from the working directory on sys.path
                     "-m",
                     "studio.worker.cds_train",
                     self.settings.master if self.settings.master.startswith("local") else "local[*]",

@@ -95,7 +95,7 @@ class WorkerProcess:
     # -- lifecycle --------------------------------------------------------------------------
 
     def command(self) -> list[str]:
-        return list(self.settings.worker_command) or [sys.executable, "-m", "studio.worker"]
+        return list(self.settings.worker_command) or [sys.executable, "-P", "-m", "studio.worker"]
 
     async def start(self, nice: int = 0) -> None:
         """Spawn the worker and send it its start message; ``ready`` resolves when Spark is up."""

@@ -65,7 +65,7 @@ class SessionPackages:
         if not args or not isinstance(args, list) or not all(isinstance(a, str) for a in args):
             raise ValueError("pip needs a command, e.g. %pip install arrow")
         python = self._ensure_venv()
-        command = [sys.executable, "-m", "pip", "--python", str(python), "--disable-pip-version-check", *args]
+        command = [sys.executable, "-P", "-m", "pip", "--python", str(python), "--disable-pip-version-check", *args]
         if args[0] == "install":
             command.append("--no-warn-script-location")
         result = subprocess.run(command, capture_output=True, text=True, env=_pip_env())
@@ -82,7 +82,7 @@ class SessionPackages:
         python = self.venv / "bin" / "python"
         if not python.exists():
             subprocess.run(
-                [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(self.venv)],
+                [sys.executable, "-P", "-m", "venv", "--system-site-packages", "--without-pip", str(self.venv)],
                 check=True,
                 capture_output=True,
             )

@@ -52,11 +52,14 @@ def test_static_settings_get_a_cold_worker_with_exactly_those_settings(service, 
 
 
 def test_a_cold_start_that_fails_ends_dead_with_the_reason(livy):
-    session = livy.create_session(kind="pyspark", driverMemory="lots")
+    # A malformed memory size is refused up front; what only Spark's launcher judges is not.
+    refused = livy.http.post("/sessions", json={"kind": "pyspark", "driverMemory": "lots"})
+    assert refused.status_code == 400 and "driverMemory 'lots'" in refused.json()["msg"]
+    session = livy.create_session(kind="pyspark", conf={"spark.driver.extraJavaOptions": "-Xmx8k"})
     livy.wait_session(session["id"], states=("dead",), timeout=120)
     log = "\n".join(livy.log(session["id"], size=-1)["log"])
     assert "failed to start" in log
-    assert "lots" in log  # Spark's own complaint about the memory size
+    assert "Xmx" in log  # the launcher's own complaint
 
 
 def test_an_invalid_runtime_conf_value_is_a_clear_400(service, livy):

@@ -77,12 +77,13 @@ def test_warm_session_is_idle_at_once_with_every_livy_key(livy, sid):
     assert isinstance(session["id"], int)
     assert session["state"] == "idle"
     assert session["kind"] == "pyspark"
-    assert session["proxyUser"] is None and session["owner"] is None
+    # The owner is who authenticated: the holder of the studio's token is "admin".
+    assert session["proxyUser"] is None and session["owner"] == "admin"
     assert session["appId"].startswith("local-")
     assert isinstance(session["log"], list)
     ui = httpx.get(session["appInfo"]["sparkUiUrl"] + "/api/v1/applications", timeout=10)
     assert ui.status_code == 200 and ui.json()[0]["id"] == session["appId"]
-    driver_log = httpx.get(session["appInfo"]["driverLogUrl"], timeout=10)
+    driver_log = livy.http.get(session["appInfo"]["driverLogUrl"])
     assert "SparkSession ready" in driver_log.text
 
 
@@ -316,7 +317,15 @@ def test_runtime_conf_is_applied_to_a_warm_worker(service, livy):
         (b'{"kind": "cobol"}', 400, "Invalid kind"),
         (b'{"conf": {"spark.master": "yarn"}}', 400, "Blacklisted"),
         (b'{"ttl": "soon"}', 400, "ttl"),
+        (b'{"idleTimeout": "1 fortnight"}', 400, "idleTimeout"),
         (b'{"name": "123"}', 400, "must not be a number"),
+        (b'{"heartbeatTimeoutInSecond": -1}', 400, "heartbeatTimeoutInSecond"),
+        (b'{"driverMemory": "lots"}', 400, "invalid driverMemory 'lots'"),
+        (b'{"executorMemory": "1.5g"}', 400, "invalid executorMemory"),
+        (b'{"conf": {"spark.driver.memory": "2 g"}}', 400, "invalid spark.driver.memory"),
+        (b'{"numExecutors": -2}', 400, "numExecutors must not be negative"),
+        (b'{"conf": {"livy.rsc.sql.num-rows": "many"}}', 400, "livy.rsc.sql.num-rows"),
+        (b'{"conf": {"spark.sql.x": {"nested": 1}}}', 400, "conf"),
     ],
 )
 def test_bad_session_requests_get_livy_shaped_errors(livy, body, status, text):
@@ -325,6 +334,26 @@ def test_bad_session_requests_get_livy_shaped_errors(livy, body, status, text):
     assert response.status_code == status
     assert text in response.json()["msg"]
     assert livy.http.get("/sessions").json()["total"] == before
+    # The kernel asks before %%configure -f deletes a working session: the same answer, word for word.
+    checked = livy.http.post("/studio/sessions/check", content=body, headers={"Content-Type": "application/json"})
+    assert (checked.status_code, checked.json()) == (status, response.json())
+
+
+def test_check_accepts_what_create_accepts_and_starts_nothing(service, livy, sid):
+    livy.http.post("/sessions", json={"kind": "pyspark", "name": "checked-name"})
+    before = livy.http.get("/sessions").json()["total"]
+    bodies = [
+        {},
+        {"kind": "pyspark", "conf": {"spark.sql.shuffle.partitions": 3}},
+        {"kind": "sql", "driverMemory": "2g", "executorMemory": "512M", "numExecutors": "2", "ttl": "20m"},
+        {"idleTimeout": "90s", "heartbeatTimeoutInSecond": 60, "conf": {"livy.rsc.sql.num-rows": "5"}},
+        {"name": "checked-name"},  # taken now, but it may be free by the time the real create comes
+    ]
+    for body in bodies:
+        response = livy.http.post("/studio/sessions/check", json=body)
+        assert (response.status_code, response.json()) == (200, {"msg": "ok"}), body
+    assert livy.http.get("/sessions").json()["total"] == before
+    livy.http.delete("/sessions/checked-name")
 
 
 def test_unknown_ids_and_routes(livy, sid):

@@ -134,6 +134,18 @@ def parse_duration(value: str | None, field: str) -> float | None:
     return int(number) * _UNIT_SECONDS[(unit or "ms").lower()]
 
 
+# JVM memory sizes as Spark parses them (JavaUtils.byteStringAs): whole numbers, an optional unit;
+# a bare number is bytes. Checked here so a typo is a 400 instead of a driver that never starts.
+_MEMORY = re.compile(r"^\s*\d+(b|k|kb|m|mb|g|gb|t|tb|p|pb)?\s*$", re.IGNORECASE)
+
+
+def check_memory(value: str | None, field: str) -> None:
+    if value is not None and not _MEMORY.match(value):
+        raise InvalidRequestError(
+            f"Rejected, Reason: invalid {field} '{value}': use a whole number with a unit, e.g. 512m, 2g."
+        )
+
+
 def _conf_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 import studio
@@ -21,6 +21,7 @@ from studio.livy.models import (
     parse_body,
 )
 from studio.livy.sessions import Session, SessionManager
+from studio.web import JSONResponse
 
 LIVY_VERSION = "0.9.0-incubating"
 MAX_WAIT_SECONDS = 60.0
@@ -136,6 +137,15 @@ async def create_session(request: Request) -> Response:
     body = parse_body(CreateSession, await read_body(request))
     session = await _sessions(request).create(body, owner=_owner(request))
     return JSONResponse(session.to_json(_base_url(request)), status_code=201, headers={"Location": f"/{session.id}"})
+
+
+async def check_session(request: Request) -> Response:
+    """``POST /studio/sessions/check`` (an extension): would ``POST /sessions`` accept this body?
+    200 ``{"msg": "ok"}``, or the 400 that POST /sessions would give, worded alike. Nothing starts;
+    name uniqueness and capacity are not checked (they can change before the real create)."""
+    body = parse_body(CreateSession, await read_body(request))
+    _sessions(request).validate(body)
+    return JSONResponse({"msg": "ok"})
 
 
 async def get_session(request: Request) -> Response:
@@ -287,6 +297,7 @@ async def delete_batch(request: Request) -> Response:
 ROUTES = [
     Route("/version", version, methods=["GET"]),
     Route("/studio/status", status, methods=["GET"]),
+    Route("/studio/sessions/check", check_session, methods=["POST"]),
     Route("/sessions", list_sessions, methods=["GET"]),
     Route("/sessions", create_session, methods=["POST"]),
     Route("/sessions/{session_id}", get_session, methods=["GET"]),

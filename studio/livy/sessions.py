@@ -191,6 +191,8 @@ class SessionManager:
         self._new_worker = new_worker
         self._base_conf = base_conf
         self.sessions: dict[int, Session] = {}
+        self._creating = 0  # creates under way (they hold a place against max_sessions)
+        self._creating_names: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
         pool.is_busy = self.any_busy
 
@@ -201,15 +203,22 @@ class SessionManager:
         return len(ordered), ordered[start : start + size] if size >= 0 else ordered[start:]
 
     def get(self, key: str | int) -> Session:
-        """A session by id, or by name (Livy accepts both in every /sessions/{id} route)."""
+        """A session by id, or by name (Livy accepts both in every /sessions/{id} route).
+
+        A name passes from session to session (a new one may take the name of one that is no
+        longer live), so a name means its live session, else the newest that had it."""
         text = str(key)
         if text.lstrip("-").isdigit():
             session = self.sessions.get(int(text))
         else:
-            session = next((s for s in self.sessions.values() if s.name == text), None)
+            named = [s for s in self.sessions.values() if s.name == text]
+            session = self._live_named(text) or (max(named, key=lambda s: s.id) if named else None)
         if session is None:
             raise NotFoundError(f"Session '{text}' not found.")
         return session
+
+    def _live_named(self, name: str) -> Session | None:
+        return next((s for s in self.sessions.values() if s.live and s.name == name), None)
 
     def any_busy(self) -> bool:
         return any(s.state is SessionState.BUSY for s in self.sessions.values())
@@ -222,24 +231,55 @@ class SessionManager:
 
     # -- create ---------------------------------------------------------------------------
 
-    async def create(self, body: CreateSession, owner: str | None = None) -> Session:
+    def validate(self, body: CreateSession) -> tuple[SessionKind, dict[str, str]]:
+        """Everything about a create request that can be checked without starting anything
+        (``POST /studio/sessions/check`` and ``create`` share it, so both word a refusal alike).
+        Returns the kind and the requested conf; name uniqueness and capacity are create's."""
         kind = parse_kind(body.kind, statement=False) or SessionKind.SHARED
-        if body.name is not None:
-            if body.name.strip().lstrip("-").isdigit() or not body.name.strip():
-                raise InvalidRequestError(f"Rejected, Reason: session name '{body.name}' must not be a number or empty.")
-            if any(s.name == body.name for s in self.sessions.values()):
-                raise InvalidRequestError(f"Rejected, Reason: a session named '{body.name}' already exists.")
+        if body.name is not None and (body.name.strip().lstrip("-").isdigit() or not body.name.strip()):
+            raise InvalidRequestError(f"Rejected, Reason: session name '{body.name}' must not be a number or empty.")
         if body.heartbeatTimeoutInSecond < 0:
             raise InvalidRequestError("Rejected, Reason: heartbeatTimeoutInSecond must not be negative.")
+        parse_duration(body.ttl, "ttl")
+        parse_duration(body.idleTimeout, "idleTimeout")
+        sparkconf.check_settings(body)
         requested = sparkconf.requested_conf(body)
+        _int_conf(sparkconf.split_service_conf(requested)[1], "livy.rsc.sql.num-rows")
+        return kind, requested
+
+    async def create(self, body: CreateSession, owner: str | None = None) -> Session:
+        kind, requested = self.validate(body)
+        if body.name is not None and (body.name in self._creating_names or self._live_named(body.name)):
+            raise InvalidRequestError(f"Rejected, Reason: a session named '{body.name}' already exists.")
         spark_conf, service_conf = sparkconf.split_service_conf(requested)
-        if self.live_count() >= self.settings.max_sessions:
+        live = self.live_count() + self._creating
+        if live >= self.settings.max_sessions:
             raise TooManySessionsError(
-                f"Rejected, too many sessions: {self.live_count()} of {self.settings.max_sessions} are live "
+                f"Rejected, too many sessions: {live} of {self.settings.max_sessions} are live "
                 "(STUDIO_MAX_SESSIONS); delete one first."
             )
+        # The name and the capacity are held from here: creating can wait on a worker, and a second
+        # request meanwhile must not take the same name or the last place.
+        if body.name is not None:
+            self._creating_names.add(body.name)
+        self._creating += 1
+        try:
+            return await self._create(body, owner, kind, requested, spark_conf, service_conf)
+        finally:
+            self._creating -= 1
+            self._creating_names.discard(body.name or "")
+
+    async def _create(
+        self,
+        body: CreateSession,
+        owner: str | None,
+        kind: SessionKind,
+        requested: dict[str, str],
+        spark_conf: dict[str, str],
+        service_conf: dict[str, str],
+    ) -> Session:
         session_id = self.store.next_id("session")
-        session = Session(session_id, body, kind, requested)  # parses ttl/idleTimeout: may raise 400
+        session = Session(session_id, body, kind, requested)
         session.owner = owner
         session.sql_num_rows = _int_conf(service_conf, "livy.rsc.sql.num-rows")
 

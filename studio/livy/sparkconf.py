@@ -13,6 +13,7 @@ from typing import Any
 
 from studio.config import Settings
 from studio.errors import InvalidRequestError
+from studio.livy.models import check_memory
 
 # Livy field -> Spark conf key (Livy's own mapping).
 _FIELDS = {
@@ -47,6 +48,33 @@ BLACKLIST = frozenset(
 #  - spark.pyspark.virtualenv.*: what EMR notebooks set before sc.install_pypi_package;
 #    notebook-scoped packages work without it here.
 SERVICE_PREFIXES = ("livy.rsc.", "spark.pyspark.virtualenv.")
+
+
+# Conf keys that hold JVM memory sizes: a malformed one only shows when the driver fails to start.
+MEMORY_KEYS = frozenset(
+    {
+        "spark.driver.memory",
+        "spark.executor.memory",
+        "spark.driver.memoryOverhead",
+        "spark.executor.memoryOverhead",
+        "spark.executor.pyspark.memory",
+        "spark.driver.maxResultSize",
+    }
+)
+
+
+def check_settings(body: Any) -> None:
+    """What can be checked in a session's or batch's settings without starting a driver: memory
+    sizes (fields and conf) and counts that must not be negative. Raises InvalidRequestError."""
+    for field in ("driverMemory", "executorMemory"):
+        check_memory(getattr(body, field), field)
+    for key, value in body.conf.items():
+        if key in MEMORY_KEYS:
+            check_memory(value, key)
+    for field in ("driverCores", "executorCores", "numExecutors"):
+        value = getattr(body, field)
+        if value is not None and value < 0:
+            raise InvalidRequestError(f"Rejected, Reason: {field} must not be negative, got {value}.")
 
 
 def requested_conf(body: Any) -> dict[str, str]:

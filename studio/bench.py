@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -125,13 +126,14 @@ class BenchService:
     def __init__(self, state_dir: Path, pool: int, env: dict[str, str] | None = None) -> None:
         self.state_dir = state_dir
         self.pool = pool
-        self.env = {**os.environ, **(env or {})}
+        self.token = secrets.token_urlsafe(32)  # each bench service has its own; passed in its environment
+        self.env = {**os.environ, **(env or {}), "STUDIO_TOKEN": self.token}
         self.process: subprocess.Popen[str] | None = None
         self.url = ""
 
     def __enter__(self) -> "BenchService":
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "studio", "livy", "--port", "0", "--pool", str(self.pool), "--state-dir", str(self.state_dir)]
+        command = [sys.executable, "-P", "-m", "studio", "livy", "--port", "0", "--pool", str(self.pool), "--state-dir", str(self.state_dir)]
         self.process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=open(self.state_dir / "service.log", "ab"), text=True, env=self.env
         )
@@ -145,7 +147,9 @@ class BenchService:
         # TCP_NODELAY: httpx writes a POST's headers and body separately, and Nagle's algorithm
         # would hold the body until the server's delayed ACK (~40 ms). curl and requests set it too.
         transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-        self.http = httpx.Client(base_url=self.url, timeout=600, transport=transport)
+        self.http = httpx.Client(
+            base_url=self.url, timeout=600, transport=transport, headers={"Authorization": f"Bearer {self.token}"}
+        )
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -216,7 +220,7 @@ def plain_pyspark_first_result(master: str, env: dict[str, str]) -> float:
     code = PLAIN_PYSPARK.format(master=master)
     with tempfile.TemporaryDirectory() as folder:
         result = subprocess.run(
-            [sys.executable, "-c", code, repr(time.time())],
+            [sys.executable, "-P", "-c", code, repr(time.time())],
             capture_output=True, text=True, cwd=folder, env=env, timeout=600,
         )
     for line in result.stdout.splitlines():
@@ -261,14 +265,14 @@ def rest_round_trips(service: BenchService, session_id: int, runs: int) -> dict[
 class BenchKernel:
     """A PySpark kernel driven through jupyter_client, as JupyterLab drives it."""
 
-    def __init__(self, jupyter_path: Path, livy_url: str) -> None:
+    def __init__(self, jupyter_path: Path, livy_url: str, livy_token: str) -> None:
         from jupyter_client.kernelspec import KernelSpecManager
         from jupyter_client.manager import KernelManager
 
         # Looked up in this process: the kernelspec written for this run, never an installed one.
         specs = KernelSpecManager(kernel_dirs=[str(jupyter_path / "kernels")])
         self.manager = KernelManager(kernel_name="pyspark", kernel_spec_manager=specs)
-        env = {**os.environ, "JUPYTER_PATH": str(jupyter_path), "STUDIO_LIVY_URL": livy_url}
+        env = {**os.environ, "JUPYTER_PATH": str(jupyter_path), "STUDIO_LIVY_URL": livy_url, "STUDIO_LIVY_TOKEN": livy_token}
         self.manager.start_kernel(env=env)
         self.client = self.manager.client()
         self.client.start_channels()
@@ -309,7 +313,7 @@ def kernel_figures(service: BenchService, args: argparse.Namespace, jupyter_path
     for run in range(args.warm_runs):
         service.wait_pool()
         started = time.perf_counter()
-        kernel = BenchKernel(jupyter_path, service.url)
+        kernel = BenchKernel(jupyter_path, service.url, service.token)
         try:
             kernel.client.wait_for_ready(timeout=60)
             kernel.run(FIRST_RESULT)
@@ -320,7 +324,7 @@ def kernel_figures(service: BenchService, args: argparse.Namespace, jupyter_path
 
     rows = args.transfer_rows
     service.wait_pool()
-    kernel = BenchKernel(jupyter_path, service.url)
+    kernel = BenchKernel(jupyter_path, service.url, service.token)
     ours, in_process, json_lines = [], [], []
     try:
         kernel.client.wait_for_ready(timeout=60)

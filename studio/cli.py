@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
@@ -35,13 +36,33 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def refuse_remote(settings: Settings) -> None:
-    if not is_loopback(settings.host) and not settings.allow_unauthenticated_remote_access:
+def check_bind(settings: Settings, host: str) -> None:
+    """Authentication may be off only on loopback: anyone who reaches the port runs code as you."""
+    if settings.insecure_no_auth and not is_loopback(host):
         sys.exit(
-            f"studio: refusing to bind to {settings.host}: the API has no authentication yet, so anyone who can "
-            "reach it can run code on this machine. Bind to 127.0.0.1, or pass "
-            "--allow-unauthenticated-remote-access if this network is trusted."
+            f"studio: refusing to bind to {host} with --insecure-no-auth: anyone who can reach it could run code "
+            "on this machine. Bind to 127.0.0.1, or leave authentication on."
         )
+
+
+def with_token(settings: Settings) -> tuple[Settings, str]:
+    """The settings with the studio's token resolved (STUDIO_TOKEN, else kept in the state directory)."""
+    from pydantic import SecretStr
+
+    from studio.auth.gate import settings_token
+
+    token = settings_token(settings)
+    return settings.model_copy(update={"token": SecretStr(token)}), token
+
+
+def sign_in_hint(url: str, settings: Settings, token: str) -> str:
+    """What to print for people: a ready-to-click URL on a terminal; never the token into a log file."""
+    if settings.insecure_no_auth:
+        return f"  authentication is OFF (--insecure-no-auth): {url}/"
+    if sys.stdout.isatty():
+        return f"  open {url}/?token={token}\n  (API clients: 'Authorization: Bearer <token>' or HTTP Basic with it as password)"
+    where = "STUDIO_TOKEN" if os.environ.get("STUDIO_TOKEN") else settings.state_dir / "token"
+    return f"  sign in with the token in {where} (API clients: Bearer token, or HTTP Basic with it as password)"
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -55,11 +76,17 @@ def setup_logging(verbose: bool = False) -> None:
 KEEP_ALIVE_SECONDS = 75
 
 
-async def serve_app(app: Any, sock: socket.socket, announce: str) -> None:
-    """Serve an ASGI app with uvicorn on an already bound socket until SIGINT/SIGTERM."""
+async def serve_app(app: Any, sock: socket.socket, announce: str, settings: Settings) -> None:
+    """Serve an ASGI app with uvicorn on an already bound socket until SIGINT/SIGTERM.
+
+    At most ``settings.max_connections`` open connections are served (more get 503), and a request
+    head must be complete within ``settings.header_timeout`` seconds (see ``studio.http_limits``).
+    """
     import signal
 
     import uvicorn
+
+    from studio.http_limits import ConnectionBudget, protocol_class
 
     # uvicorn re-raises the signal that stopped it once it has shut down; with these handlers
     # that is a no-op, so a stop by SIGINT/SIGTERM after a clean shutdown exits with status 0.
@@ -69,16 +96,19 @@ async def serve_app(app: Any, sock: socket.socket, announce: str) -> None:
     # (the `livy` client waits 5 s between batch polls, Airflow's LivyOperator and sparkmagic poll
     # on their own timers) reuse a kept-alive connection, and one the server closes at the very
     # moment the client sends on it fails with "connection reset" instead of being retried.
+    budget = ConnectionBudget(app, None, settings.max_connections)
     config = uvicorn.Config(
-        app,
+        budget,
         lifespan="on",
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         loop="auto",
+        http=protocol_class(settings.header_timeout),
     )
     server = uvicorn.Server(config)
+    budget.server_state = server.server_state
     startup = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not startup.done():
         await asyncio.sleep(0.05)
@@ -95,10 +125,11 @@ def cmd_livy(args: argparse.Namespace) -> int:
         pool="pool_size",
         master="master",
         state_dir="state_dir",
-        allow_unauthenticated_remote_access="allow_unauthenticated_remote_access",
+        insecure_no_auth="insecure_no_auth",
     )
-    refuse_remote(settings)
+    check_bind(settings, settings.host)
     setup_logging(args.verbose)
+    settings, token = with_token(settings)
     from studio.livy.app import create_app
 
     sock = bind_socket(settings.host, settings.port)
@@ -106,9 +137,9 @@ def cmd_livy(args: argparse.Namespace) -> int:
     url = f"http://{host}:{port}"
     announce = (
         f"studio livy: listening on {url} (master {settings.master}, warm pool {settings.pool_size}, "
-        f"state {settings.state_dir})"
+        f"state {settings.state_dir})\n{sign_in_hint(url, settings, token)}"
     )
-    asyncio.run(serve_app(create_app(settings), sock, announce))
+    asyncio.run(serve_app(create_app(settings), sock, announce, settings))
     return 0
 
 
@@ -163,20 +194,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         livy_port="port",
         pool="pool_size",
         state_dir="state_dir",
-        allow_unauthenticated_remote_access="allow_unauthenticated_remote_access",
+        insecure_no_auth="insecure_no_auth",
     )
-    refuse_remote(settings.model_copy(update={"host": settings.serve_host}))
+    check_bind(settings, settings.serve_host)
     setup_logging(args.verbose)
     if not args.verbose:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check and status poll
+    settings, token = with_token(settings)
     from studio.workspaces.app import create_app
 
     sock = bind_socket(settings.serve_host, settings.serve_port)
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
     compute = settings.livy_url or "embedded session service"
-    announce = f"studio serve: listening on {url} (root {settings.root}, compute local: {compute}, state {settings.state_dir})"
-    asyncio.run(serve_app(create_app(settings), sock, announce))
+    announce = (
+        f"studio serve: listening on {url} (root {settings.root}, compute local: {compute}, state {settings.state_dir})"
+        f"\n{sign_in_hint(url, settings, token)}"
+    )
+    asyncio.run(serve_app(create_app(settings, url), sock, announce, settings))
     return 0
 
 
@@ -191,10 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     livy.add_argument("--master", help="spark.master for sessions and batches (default local[*])")
     livy.add_argument("--state-dir", type=Path, help="database and logs (default ~/.local/state/spark-studio)")
     livy.add_argument(
-        "--allow-unauthenticated-remote-access",
+        "--insecure-no-auth",
         action="store_true",
         default=None,
-        help="allow a non-loopback --host although the API has no authentication",
+        help="turn authentication off (loopback only: anyone who reaches the port runs code as you)",
     )
     livy.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     livy.set_defaults(func=cmd_livy)
@@ -244,10 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pool", type=int, help="warm workers of the session service it starts (default 1)")
     serve.add_argument("--state-dir", type=Path, help="database and logs (default ~/.local/state/spark-studio)")
     serve.add_argument(
-        "--allow-unauthenticated-remote-access",
+        "--insecure-no-auth",
         action="store_true",
         default=None,
-        help="allow a non-loopback --host although the Studio has no authentication",
+        help="turn authentication off for the Studio and its session service (loopback only)",
     )
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     serve.set_defaults(func=cmd_serve)
@@ -256,4 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("serve", "livy", "run"):
+        # Everything these and their children create is private to this user (README: Files and modes).
+        # Not for `kernel install`: a kernelspec in a shared prefix must stay readable by everyone.
+        from studio.files import private_umask
+
+        private_umask()
     return int(args.func(args) or 0)

@@ -7,26 +7,17 @@ Settings are passed explicitly (``create_app(settings)``), never read from modul
 
 from __future__ import annotations
 
-import ipaddress
+import json
 import os
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from studio.paths import default_cache_dir, default_root, default_state_dir, is_loopback
 
-def _default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "spark-studio"
-
-
-def _default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "spark-studio"
-
-
-def _default_root() -> Path:
-    return Path(os.path.expanduser("~")) / "spark-studio"
+__all__ = ["Settings", "is_loopback"]
 
 
 def _default_max_sessions() -> int:
@@ -39,16 +30,6 @@ def _default_max_sessions() -> int:
         return 8
 
 
-def is_loopback(host: str) -> bool:
-    """True when ``host`` names only this machine (127.0.0.0/8, ::1 or localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class Settings(BaseSettings):
     """Settings of the session service (``studio livy``) and the workspace server (``studio serve``)."""
 
@@ -57,10 +38,30 @@ class Settings(BaseSettings):
     # --- network -------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the session service binds to.")
     port: int = Field(8998, description="Port of the session service (Livy's default is 8998); 0 picks a free port.")
-    allow_unauthenticated_remote_access: bool = Field(
+    token: SecretStr | None = Field(
+        None,
+        description="The studio's secret (STUDIO_TOKEN). Unset: one is generated at the first start and kept in "
+        "<state_dir>/token (0600). API clients send it as `Authorization: Bearer <token>` or as the password of "
+        "HTTP Basic (any user name); browsers exchange it once for a session cookie.",
+    )
+    insecure_no_auth: bool = Field(
         False,
-        description="The API has no authentication yet, so binding to a non-loopback address is refused "
-        "unless this is set.",
+        description="Turn authentication off (anyone who reaches the port runs code as you). Refused together with "
+        "a non-loopback address. Host, Origin and Content-Type checks stay on.",
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names (besides loopback names and the bound address) that requests may name in their Host "
+        "header, e.g. the name of a reverse proxy in front of the studio: a comma-separated list or JSON. '*' turns "
+        "the Host check off. Other Host values are refused (DNS rebinding).",
+    )
+    livy_token: SecretStr | None = Field(
+        None,
+        description="Credential `studio serve` uses for the Livy endpoint it was given with --livy-url (default: the "
+        "studio's own token, right for a `studio livy` that shares the state directory).",
+    )
+    session_cookie_days: float = Field(
+        7.0, gt=0, description="Days a browser stays signed in after it logged in with the token."
     )
 
     # --- Spark ---------------------------------------------------------------------------
@@ -84,7 +85,7 @@ class Settings(BaseSettings):
         description="Use an AppCDS class-data archive for driver JVMs; it is built once per installation "
         "in the background and roughly halves a cold driver's start time.",
     )
-    cache_dir: Path = Field(default_factory=_default_cache_dir, description="Where the AppCDS archive is kept.")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="Where the AppCDS archive is kept.")
 
     # --- pool and workers ------------------------------------------------------------------
     pool_size: int = Field(1, ge=0, description="Warm workers kept ready (SparkSession up, first job run). 0: cold only.")
@@ -145,7 +146,11 @@ class Settings(BaseSettings):
         3600.0, ge=0, description="Seconds of inactivity after which an idle session is stopped (Livy: 1h). 0: never."
     )
     session_state_retain: float = Field(
-        600.0, ge=0, description="Seconds a finished session or batch stays visible with its log (Livy: 600s)."
+        600.0,
+        ge=0,
+        description="Seconds a session or batch that ended on its own (dead, success) stays listed with its log "
+        "(Livy: 600s). A DELETEd one leaves the API at once, as in Livy; its log stays readable this long at its "
+        "appInfo.driverLogUrl (/ui/session/{id}/log, /ui/batch/{id}/log).",
     )
     cull_interval: float = Field(
         30.0, gt=0, description="Seconds between checks for idle, expired and finished sessions."
@@ -153,23 +158,51 @@ class Settings(BaseSettings):
     retained_statements: int = Field(100, ge=1, description="Statements kept per session (Livy: 100).")
     max_code_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest statement code accepted, in bytes.")
     max_output_bytes: int = Field(
-        10 * 1024 * 1024, ge=1024, description="Largest statement output kept; longer text is truncated with a note."
+        10 * 1024 * 1024,
+        ge=1024,
+        description="Largest output of one statement, in UTF-8 bytes: longer text is cut, a `sql` result keeps "
+        "the rows that fit, other oversized parts are dropped, each with a note saying so.",
+    )
+    max_session_output_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of statement output one session keeps in the service's memory; beyond it the oldest "
+        "finished statements are forgotten (404), as Livy forgets statements beyond its retained 100.",
+    )
+    max_log_page_lines: int = Field(
+        10000,
+        ge=1,
+        description="Lines one /log request may read: a larger explicit `size` is refused with 400, and `size=-1` "
+        "(all) returns the newest this many lines.",
     )
     sql_num_rows: int = Field(1000, ge=1, description="Rows a `sql` statement returns at most (livy.rsc.sql.num-rows).")
     max_request_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted, in bytes."
     )
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        description="Open HTTP connections (and requests in progress) each server accepts at most; beyond it a "
+        "request gets 503. Idle kept-alive connections count.",
+    )
+    header_timeout: float = Field(
+        15.0,
+        gt=0,
+        description="Seconds a new HTTP connection has to send its complete request head (request line and "
+        "headers) before the server closes it, so connections that trickle their headers (slowloris) cannot "
+        "hold the server's slots.",
+    )
 
     # --- storage -------------------------------------------------------------------------
     state_dir: Path = Field(
-        default_factory=_default_state_dir, description="Where the database and the worker and batch logs live."
+        default_factory=default_state_dir, description="Where the database and the worker and batch logs live."
     )
 
     # --- workspace server (studio serve) ----------------------------------------------------
     serve_host: str = Field("127.0.0.1", description="Address the workspace server and its Studio UI bind to.")
     serve_port: int = Field(8890, description="Port of the workspace server and Studio UI; 0 picks a free port.")
     root: Path = Field(
-        default_factory=_default_root,
+        default_factory=default_root,
         description="Folder that holds one sub-folder of notebooks per workspace (<root>/<workspace name>).",
     )
     livy_url: str = Field(
@@ -186,6 +219,12 @@ class Settings(BaseSettings):
     )
     workspace_cull_interval: float = Field(
         30.0, gt=0, description="Seconds between checks for idle workspaces and for JupyterLab servers that died."
+    )
+    max_running_workspaces: int = Field(
+        10,
+        ge=1,
+        description="Workspaces whose JupyterLab runs (or is starting) at once; starting one more is refused with "
+        "429 until one stops. Each JupyterLab with its kernels takes ~150 MB and more.",
     )
     jupyterlab_start_timeout: float = Field(
         60.0,
@@ -206,6 +245,17 @@ class Settings(BaseSettings):
     )
     git_clone_timeout: float = Field(
         300.0, gt=0, description="Seconds `git clone` of a workspace's repository may take before it is stopped."
+    )
+    git_clone_max_bytes: int = Field(
+        1024**3,
+        ge=1024,
+        description="Bytes a workspace's clone may take on disk; a clone that grows beyond it is stopped and its "
+        "folder removed.",
+    )
+    git_allow_local: bool = Field(
+        False,
+        description="Allow workspaces to clone local paths and file:// URLs (by default only https:// and ssh "
+        "repositories, including scp-like git@host:path): a local path reads whatever the server's user can read.",
     )
     compute_timeout: float = Field(
         5.0, gt=0, description="Seconds a compute (a Livy URL) gets to answer a health check or a session listing."
@@ -228,6 +278,16 @@ class Settings(BaseSettings):
         description="Seconds a stopped execution gets to cancel its cell, write its output notebook and delete its "
         "Spark session after SIGINT, before it is terminated.",
     )
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
 
     @field_validator("state_dir", "cache_dir", "root", mode="after")
     @classmethod

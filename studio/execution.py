@@ -18,8 +18,11 @@ import ast
 import datetime as dt
 import hashlib
 import json
+import keyword
+import math
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -37,12 +40,18 @@ import nbformat
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # Progress lines on stderr that the executions API reads to follow a run (studio.workspaces.executions).
+# RUN_STARTED: the run handles SIGINT/SIGTERM from now on (a stop before it would kill the process raw).
+RUN_STARTED = "studio run: started"
 KERNEL_READY = "studio run: kernel ready"
-CELL_LINE = re.compile(r"^\[(\d+)/(\d+)\] cell \d+ (completed|failed)")
+CELL_LINE = re.compile(r"^\[(\d+)/(\d+)\] (completed|failed)")
 
 
 class RunError(Exception):
     """Bad input for a run (missing notebook, unknown parameter, wrong type): exit code 2."""
+
+
+class RunStopped(Exception):
+    """A stop was requested before the next cell started: no further cell runs."""
 
 
 # -- parameters ---------------------------------------------------------------------------------
@@ -55,23 +64,39 @@ def parameters_cell(notebook: Any) -> int | None:
     return None
 
 
+def check_parameter_names(names: Any) -> None:
+    """Every name must be a plain Python name: the injected cell assigns it as code."""
+    for name in names:
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+            raise RunError(f"parameter name {name!r} is not a Python name (letters, digits and _, not a keyword)")
+
+
 def declared_parameters(source: str) -> dict[str, Any]:
-    """Names the parameters cell assigns, with their literal defaults (Ellipsis when not literal)."""
+    """Names the parameters cell assigns, with their literal defaults (Ellipsis when not literal).
+
+    ``a, b = 1, 2`` declares both names with their own defaults."""
     code = re.sub(r"^%%local[^\n]*\n", "", source)
     try:
         module = ast.parse(code)
     except SyntaxError as exc:
         raise RunError(f"the parameters cell does not parse: {exc}") from None
     declared: dict[str, Any] = {}
+
+    def declare(target: ast.AST, value: ast.AST | None) -> None:
+        if isinstance(target, ast.Name):
+            try:
+                declared[target.id] = ast.literal_eval(value) if value is not None else Ellipsis
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                declared[target.id] = Ellipsis
+        elif isinstance(target, (ast.Tuple, ast.List)):
+            values = value.elts if isinstance(value, (ast.Tuple, ast.List)) and len(value.elts) == len(target.elts) else None
+            for index, element in enumerate(target.elts):
+                declare(element.value if isinstance(element, ast.Starred) else element, values[index] if values else None)
+
     for node in module.body:
         targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        value = getattr(node, "value", None)
         for target in targets:
-            if isinstance(target, ast.Name):
-                try:
-                    declared[target.id] = ast.literal_eval(value) if value is not None else Ellipsis
-                except ValueError:
-                    declared[target.id] = Ellipsis
+            declare(target, getattr(node, "value", None))
     return declared
 
 
@@ -87,6 +112,28 @@ def _infer(text: str) -> Any:
     return text
 
 
+def _container(text: str, expected: type) -> Any:
+    """A list, tuple, dict or set from the command line: JSON, or a Python literal."""
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        try:
+            parsed = ast.literal_eval(text)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            raise ValueError(text) from None
+    return _as_container(parsed, expected)
+
+
+def _as_container(value: Any, expected: type) -> Any:
+    if expected in (tuple, set, frozenset) and isinstance(value, (list, tuple, set, frozenset)):
+        return expected(value)
+    if expected is list and isinstance(value, (tuple, list)):
+        return list(value)
+    if isinstance(value, expected):
+        return value
+    raise ValueError(value)
+
+
 def _coerce(name: str, value: Any, default: Any, from_text: bool) -> Any:
     """The value in the type of the parameter's default; RunError when it cannot be."""
     if default is Ellipsis or default is None:
@@ -97,6 +144,11 @@ def _coerce(name: str, value: Any, default: Any, from_text: bool) -> Any:
             return value
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+        if expected in (list, tuple, set, frozenset):
+            try:
+                return _as_container(value, expected)
+            except ValueError:
+                pass
         raise RunError(f"parameter '{name}' expects {expected.__name__} (default {default!r}), got {type(value).__name__} {value!r}")
     try:
         if expected is bool:
@@ -106,16 +158,56 @@ def _coerce(name: str, value: Any, default: Any, from_text: bool) -> Any:
             return lowered in ("true", "1", "yes")
         if expected in (int, float, str):
             return expected(value)
-        parsed = json.loads(value)
-        if not isinstance(parsed, expected):
-            raise ValueError(value)
-        return parsed
+        return _container(value, expected)
     except ValueError:
         raise RunError(f"parameter '{name}' expects {expected.__name__} (default {default!r}), got {value!r}") from None
 
 
+def python_source(value: Any) -> str:
+    """Python code that evaluates to ``value``: its repr, except that NaN and infinities (whose repr,
+    ``nan``/``inf``, is no Python name) become ``float('nan')`` and ``float('inf')``, also inside
+    lists, tuples, sets and dicts. RunError for a value that has no such code."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "float('nan')" if math.isnan(value) else "float('inf')" if value > 0 else "-float('inf')"
+    if isinstance(value, list):
+        return "[" + ", ".join(python_source(v) for v in value) + "]"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(python_source(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    if isinstance(value, (set, frozenset)) and value:
+        items = "{" + ", ".join(python_source(v) for v in value) + "}"
+        return items if isinstance(value, set) else f"frozenset({items})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{python_source(k)}: {python_source(v)}" for k, v in value.items()) + "}"
+    text = repr(value)
+    try:
+        same = ast.literal_eval(text) == value
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        same = False
+    if not same:
+        raise RunError(f"a parameter value of type {type(value).__name__} cannot be written as Python code: {text[:80]}")
+    return text
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as strict JSON can carry it: NaN and infinities become the strings "NaN",
+    "Infinity" and "-Infinity" (JSON has no such numbers; a bare NaN token breaks most readers),
+    tuples and sets become lists, dates ISO text, other objects their str."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (dt.date, dt.time)):
+        return value.isoformat()
+    return str(value)
+
+
 def inject_parameters(notebook: Any, given: dict[str, tuple[Any, bool]], warn: Callable[[str], None]) -> dict[str, Any]:
     """Insert the injected-parameters cell; returns the typed values. ``given``: name -> (value, from_text)."""
+    check_parameter_names(given)
     notebook.cells = [c for c in notebook.cells if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
     if not given:
         return {}
@@ -137,7 +229,7 @@ def inject_parameters(notebook: Any, given: dict[str, tuple[Any, bool]], warn: C
             )
         values = {name: _coerce(name, v, declared[name], text) for name, (v, text) in given.items()}
         position = index + 1
-    lines = ["# Parameters injected by studio run"] + [f"{name} = {value!r}" for name, value in values.items()]
+    lines = ["# Parameters injected by studio run"] + [f"{name} = {python_source(value)}" for name, value in values.items()]
     source = ("%%local\n" if local else "") + "\n".join(lines)
     cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
     notebook.cells.insert(position, cell)
@@ -145,15 +237,30 @@ def inject_parameters(notebook: Any, given: dict[str, tuple[Any, bool]], warn: C
 
 
 def load_parameter_file(path: Path) -> dict[str, Any]:
+    """Parameters from YAML; dates and times (YAML reads ``2026-11-01`` as a date) become ISO text."""
     import yaml
 
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise RunError(f"cannot read parameters from {path}: {exc}") from None
     if not isinstance(data, dict):
         raise RunError(f"{path} must hold a mapping of parameter names to values")
-    return data
+    check_parameter_names(data)
+    return {name: _plain(value, f"{path}: parameter '{name}'") for name, value in data.items()}
+
+
+def _plain(value: Any, where: str) -> Any:
+    """A YAML value as the plain Python value a parameter can take."""
+    if isinstance(value, (dt.date, dt.time)):
+        return value.isoformat()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, where) for v in value]
+    if isinstance(value, dict):
+        return {_plain(k, where): _plain(v, where) for k, v in value.items()}
+    raise RunError(f"{where} is a {type(value).__name__}; use text, numbers, booleans, lists or mappings")
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -193,11 +300,17 @@ class EmbeddedService:
         self.folder = Path(tempfile.mkdtemp(prefix="studio-run-"))
         self.process: subprocess.Popen[str] | None = None
         self.url = ""
+        self.token = secrets.token_urlsafe(32)  # this run's service answers only this run
 
     def start(self) -> str:
-        command = [sys.executable, "-m", "studio", "livy", "--port", "0", "--pool", "0", "--state-dir", str(self.folder)]
+        command = [sys.executable, "-P", "-m", "studio", "livy", "--port", "0", "--pool", "0", "--state-dir", str(self.folder)]
         self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=open(self.folder / "service.log", "ab"), text=True, start_new_session=True
+            command,
+            stdout=subprocess.PIPE,
+            stderr=open(self.folder / "service.log", "ab"),
+            text=True,
+            start_new_session=True,
+            env={**os.environ, "STUDIO_TOKEN": self.token},  # in the environment: `ps` shows command lines
         )
         assert self.process.stdout is not None
         for line in self.process.stdout:
@@ -217,29 +330,57 @@ class EmbeddedService:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def read_notebook(path: Path) -> tuple[bytes, Any]:
+    """(the file's bytes, the notebook), or RunError saying why it is not a notebook.
+
+    Cells without ``metadata`` (or code cells without ``outputs``), which some generators write,
+    get empty ones: nothing is lost by that, and the notebook runs."""
+    if not path.is_file():
+        raise RunError(f"no notebook at {path}")
+    try:
+        raw = path.read_bytes()
+        data = json.loads(raw.decode("utf-8"))
+    except OSError as exc:
+        raise RunError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path} is not a notebook: it is not JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("cells", data.get("worksheets")), list):
+        raise RunError(f"{path} is not a notebook: its JSON has no list of 'cells'")
+    for cell in data.get("cells", []):
+        if isinstance(cell, dict):
+            cell.setdefault("metadata", {})
+            if cell.get("cell_type") == "code":
+                cell.setdefault("outputs", [])
+                cell.setdefault("execution_count", None)
+    try:
+        notebook = nbformat.reads(json.dumps(data), as_version=4)
+    except Exception as exc:  # noqa: BLE001 - nbformat raises several kinds for a malformed notebook
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunError(f"{path} is not a valid notebook: {reason}") from None
+    return raw, notebook
+
+
 class NotebookRun:
-    def __init__(self, options: RunOptions, log: Callable[[str], None]) -> None:
+    def __init__(self, options: RunOptions, log: Callable[[str], None], stop_requested: threading.Event | None = None) -> None:
         self.options = options
         self.log = log
+        self.stop_requested = stop_requested or threading.Event()
         self.session_name = f"studio-run-{uuid.uuid4().hex[:12]}"
         self.reports: list[CellReport] = []
-        self.failure: tuple[int, str, str] | None = None  # (cell number, ename, evalue)
+        self.failure: tuple[int, str, str] | None = None  # (notebook cell index, ename, evalue)
         self.interrupted = False
         self.started = _now()
         self.client: Any = None
+        self.source_bytes = b""
+        self.values: dict[str, Any] = {}
+        self.notebook: Any = None
 
     def prepare(self) -> Any:
         path = self.options.notebook
-        if not path.is_file():
-            raise RunError(f"no notebook at {path}")
-        try:
-            self.source_bytes = path.read_bytes()
-            notebook = nbformat.reads(self.source_bytes.decode("utf-8"), as_version=4)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise RunError(f"{path} is not a notebook: {exc}") from None
+        self.source_bytes, notebook = read_notebook(path)
         self.values = inject_parameters(notebook, self.options.parameters, lambda m: self.log(f"warning: {m}"))
         metadata = notebook.metadata.setdefault("papermill", {})
-        metadata.update({"parameters": self.values, "input_path": str(path), "output_path": str(self.options.output)})
+        metadata.update({"parameters": json_safe(self.values), "input_path": str(path), "output_path": str(self.options.output)})
         for index, cell in enumerate(notebook.cells):
             if cell.cell_type == "code" and cell.source.strip():
                 cell.outputs = []
@@ -247,13 +388,52 @@ class NotebookRun:
                 cell.metadata["papermill"] = {"status": "pending"}
                 self.reports.append(CellReport(index))
         self.notebook = notebook
+        self._warn_restarts()
         return notebook
 
+    def _warn_restarts(self) -> None:
+        """A %%configure -f after remote parameter cells starts a new session, without their variables."""
+        remote = [
+            i for i, c in enumerate(self.notebook.cells)
+            if {"parameters", "injected-parameters"} & set(c.metadata.get("tags", [])) and not c.source.lstrip().startswith("%%local")
+        ]  # fmt: skip
+        for index, cell in enumerate(self.notebook.cells):
+            first = cell.source.lstrip().split("\n", 1)[0].split()
+            if cell.cell_type == "code" and first[:1] == ["%%configure"] and "-f" in first and any(i < index for i in remote):
+                self.log(
+                    f"warning: %%configure -f in {self.cell_label(index)} starts a new session: the parameters set "
+                    "before it are gone after it (put the %%configure cell first)"
+                )
+
     def save(self) -> None:
-        self.options.output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.options.output.with_suffix(".tmp")
-        nbformat.write(self.notebook, str(tmp))
-        os.replace(tmp, self.options.output)
+        """Write the output notebook (atomically); RunError when it cannot be written."""
+        output = self.options.output
+        tmp = output.with_name(output.name + ".tmp")
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            nbformat.write(self.notebook, str(tmp))
+            os.replace(tmp, output)
+        except OSError as exc:
+            raise RunError(f"cannot write the output notebook {output}: {exc.strerror or exc}") from None
+
+    def check_writable(self) -> None:
+        """The output notebook, the HTML and the record folder can be written: checked before anything runs."""
+        self.save()
+        if self.options.html is not None:
+            _check_writable_file(self.options.html, "the HTML output")
+        if self.options.record is not None:
+            try:
+                self.options.record.mkdir(parents=True, exist_ok=True)
+                probe = self.options.record / f".studio-run-{os.getpid()}"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as exc:
+                raise RunError(f"cannot write the record folder {self.options.record}: {exc.strerror or exc}") from None
+
+    def cell_label(self, index: int) -> str:
+        """How messages name a cell: its place among the code cells that run, "cell 2 of 3"."""
+        numbers = [r.index for r in self.reports]
+        return f"cell {numbers.index(index) + 1} of {len(numbers)}" if index in numbers else "the run"
 
     # -- nbclient hooks ----------------------------------------------------------------------
 
@@ -267,6 +447,8 @@ class NotebookRun:
         report = self._report(cell_index)
         if report is None:  # markdown and empty cells are not run
             return
+        if self.stop_requested.is_set():
+            raise RunStopped(f"stopped before {self.cell_label(cell_index)}")
         report.status, report.start = "running", _now()
         cell.metadata["papermill"] = {"status": "running", "start_time": report.start}
         self._t0 = time.monotonic()
@@ -282,6 +464,8 @@ class NotebookRun:
         report.status = "failed" if failed else "completed"
         if failed:
             report.ename, report.evalue = content.get("ename"), content.get("evalue")
+            if report.ename == "KeyboardInterrupt" and self.stop_requested.is_set():
+                report.status = "interrupted"
         cell.metadata["papermill"] = {
             "status": report.status,
             "start_time": report.start,
@@ -291,12 +475,12 @@ class NotebookRun:
         }
         number = [r.index for r in self.reports].index(cell_index) + 1
         first_line = (cell.source.strip().splitlines() or [""])[0][:60]
-        self.log(f"[{number}/{len(self.reports)}] cell {cell_index} {report.status} in {report.duration:.1f}s  {first_line}")
+        self.log(f"[{number}/{len(self.reports)}] {report.status} in {report.duration:.1f}s  {first_line}")
         self.save()
 
     # -- the run -------------------------------------------------------------------------------
 
-    def execute(self, jupyter_path: Path, env: dict[str, str]) -> None:
+    def execute(self, env: dict[str, str]) -> None:
         from nbclient import NotebookClient
         from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
@@ -313,24 +497,44 @@ class NotebookRun:
         )
         try:
             self.client.execute(env=env)
+        except RunStopped:
+            pass
         except CellExecutionError as exc:
-            failed = next((r for r in self.reports if r.status == "failed"), None)
+            failed = next((r for r in self.reports if r.status in ("failed", "interrupted")), None)
             number = failed.index if failed else -1
             self.failure = (number, exc.ename, exc.evalue)
             limit = self.options.cell_timeout
-            if failed and limit and exc.ename == "KeyboardInterrupt" and not self.interrupted and (failed.duration or 0) >= limit:
+            if failed and limit and exc.ename == "KeyboardInterrupt" and not self.stop_requested.is_set() and (failed.duration or 0) >= limit:
                 # nbclient interrupted the kernel at the timeout; the kernel cancelled the statement.
-                failed.ename, failed.evalue = "CellTimeoutError", f"the cell ran longer than {limit:g}s and was cancelled"
-                self.failure = (number, failed.ename, failed.evalue)
+                self._timed_out(failed, f"the cell ran longer than {limit:g}s and was cancelled")
         except CellTimeoutError as exc:
             running = next((r for r in self.reports if r.status == "running"), None)
             if running is not None:
-                running.status, running.ename, running.evalue = "failed", "CellTimeoutError", str(exc)
+                running.status = "failed"
                 self.notebook.cells[running.index].metadata["papermill"]["status"] = "failed"
-            self.failure = (running.index if running else -1, "CellTimeoutError", f"the cell ran longer than {self.options.cell_timeout}s")
+                self._timed_out(running, f"the cell ran longer than {self.options.cell_timeout:g}s ({exc})")
+            else:
+                self.failure = (-1, "CellTimeoutError", f"the cell ran longer than {self.options.cell_timeout}s")
         except (DeadKernelError, RuntimeError, Exception) as exc:  # noqa: BLE001 - also after an interrupt
             if not self.failure:
                 self.failure = (-1, type(exc).__name__, str(exc))
+
+    def _timed_out(self, report: CellReport, evalue: str) -> None:
+        """Say CellTimeoutError everywhere: on stderr, in the record and in the cell's own error output
+        (where the kernel, interrupted by nbclient, wrote KeyboardInterrupt)."""
+        report.ename, report.evalue = "CellTimeoutError", evalue
+        self.failure = (report.index, report.ename, evalue)
+        cell = self.notebook.cells[report.index]
+        errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+        if errors:
+            for output in errors:
+                output["ename"], output["evalue"] = report.ename, evalue
+                output["traceback"] = [f"{report.ename}: {evalue}"]
+        else:
+            cell.setdefault("outputs", []).append(
+                nbformat.v4.new_output("error", ename=report.ename, evalue=evalue, traceback=[f"{report.ename}: {evalue}"])
+            )
+        self.save()
 
     def kernel_pid(self) -> int | None:
         provisioner = getattr(getattr(self.client, "km", None), "provisioner", None)
@@ -346,20 +550,63 @@ class NotebookRun:
 
     def interrupt(self) -> None:
         """On SIGINT/SIGTERM: interrupt the kernel, which cancels the running statement in the
-        session; nbclient then sees the cell fail and shuts the kernel down (deleting the session)."""
+        session; nbclient then sees the cell fail and shuts the kernel down (deleting the session).
+        A kernel that is still starting gets no signal: no further cell starts (``on_cell_start``)."""
         self.interrupted = True
+        self.stop_requested.set()
         self._signal_kernel(signal.SIGINT)
 
     def kill_kernel(self) -> None:
         self._signal_kernel(signal.SIGTERM)
 
 
-def git_commit(folder: Path) -> dict[str, Any] | None:
+def _check_writable_file(path: Path, what: str) -> None:
+    existed = path.exists()
     try:
-        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as exc:
+        raise RunError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+
+
+def check_kernel(name: str) -> None:
+    """RunError unless Jupyter knows the kernel (checked before any service or kernel starts)."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    manager = KernelSpecManager()
+    try:
+        manager.get_kernel_spec(name)
+    except NoSuchKernel:
+        known = ", ".join(sorted(manager.find_kernel_specs())) or "none"
+        raise RunError(f"no kernel named '{name}' (installed kernels: {known})") from None
+
+
+# What a repository's own .git/config could make `git status` run: an fsmonitor command, hooks
+# (post-index-change), clean filters, and the same again inside submodules. All off.
+_SAFE_GIT = ["-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null", "-c", "core.untrackedCache=false"]
+
+
+def git_commit(folder: Path) -> dict[str, Any] | None:
+    """The commit the notebook's folder is at, and whether it has changes; None outside a repository.
+
+    The folder may be a cloned repository whose ``.git/config`` names commands; nothing it names runs.
+    """
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0", "GIT_PAGER": "cat"}
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", *_SAFE_GIT, *args], capture_output=True, text=True, timeout=10, cwd=folder, env=env)
+
+    try:
+        commit = git("rev-parse", "--verify", "HEAD")
         if commit.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain"], capture_output=True, text=True, timeout=10)
+        # Reading config runs nothing; every filter it defines is switched off for the status below.
+        filters = git("config", "--name-only", "--get-regexp", r"^filter\..*\.(clean|smudge|process)$").stdout.split()
+        off = [arg for name in filters for arg in ("-c", f"{name}=")]
+        dirty = git(*off, "status", "--porcelain", "--ignore-submodules=all")
         return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -414,38 +661,53 @@ def write_html(notebook_path: Path, html_path: Path) -> None:
 
 
 def run(options: RunOptions, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> int:
-    """Run a notebook to its output file; returns the process exit code."""
-    run = NotebookRun(options, log)
+    """Run a notebook to its output file; returns the process exit code.
+
+    SIGINT and SIGTERM are handled from the first line on (``RUN_STARTED`` says so to the
+    executions API), so a stop at any moment ends the run cleanly with its output notebook."""
+    stop_requested = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop_requested.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        log(f"{RUN_STARTED} (pid {os.getpid()})")
+        with tempfile.TemporaryDirectory(prefix="studio-kernelspec-") as folder:
+            return _run(options, log, stop_requested, Path(folder))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(options: RunOptions, log: Callable[[str], None], stop_requested: threading.Event, kernelspecs: Path) -> int:
+    from studio.kernel.install import write_kernelspec
+
+    run = NotebookRun(options, log, stop_requested)
+    write_kernelspec(kernelspecs)
+    jupyter_path = os.pathsep.join(p for p in (str(kernelspecs), os.environ.get("JUPYTER_PATH", "")) if p)
+    os.environ["JUPYTER_PATH"] = jupyter_path  # nbclient finds the kernelspec in this process
+    try:  # everything that can be checked is checked before a service or a kernel starts
         run.prepare()
+        run.check_writable()
+        check_kernel(options.kernel)
     except RunError as exc:
         log(f"studio run: {exc}")
         return EXIT_USAGE
-    run.save()
     service = None if options.livy_url else EmbeddedService()
     url = options.livy_url or ""
-    stop_requested = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop_requested.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     session: dict[str, Any] | None = None
+    driver_log: list[str] | None = None
     try:
-        if service is not None:
+        if service is not None and not stop_requested.is_set():
             log("starting an embedded Spark session service for this run")
             url = service.start()
-        with tempfile.TemporaryDirectory(prefix="studio-kernelspec-") as folder:
-            from studio.kernel.install import write_kernelspec
-
-            write_kernelspec(Path(folder))
-            env = {k: v for k, v in os.environ.items() if k != "STUDIO_WORKSPACE_DIR"}
-            env.update(
-                {
-                    "STUDIO_LIVY_URL": url,
-                    "STUDIO_SESSION_NAME": run.session_name,
-                    "JUPYTER_PATH": os.pathsep.join(p for p in (folder, os.environ.get("JUPYTER_PATH", "")) if p),
-                }
-            )
-            os.environ["JUPYTER_PATH"] = env["JUPYTER_PATH"]  # nbclient finds the kernelspec in this process
+            # The kernel, and this process's own calls (record, cleanup), authenticate with it from here on.
+            os.environ["STUDIO_LIVY_TOKEN"] = service.token
+            os.environ.pop("STUDIO_LIVY_USER", None)
+        env = {k: v for k, v in os.environ.items() if k != "STUDIO_WORKSPACE_DIR"}
+        env.update({"STUDIO_LIVY_URL": url, "STUDIO_SESSION_NAME": run.session_name, "JUPYTER_PATH": jupyter_path})
+        if stop_requested.is_set():
+            run.interrupted = True
+        else:
             log(f"running {options.notebook} on {url} (kernel {options.kernel})")
-            worker = threading.Thread(target=run.execute, args=(Path(folder), env), name="notebook", daemon=True)
+            worker = threading.Thread(target=run.execute, args=(env,), name="notebook", daemon=True)
             worker.start()
             while worker.is_alive():
                 worker.join(0.2)
@@ -457,24 +719,31 @@ def run(options: RunOptions, log: Callable[[str], None] = lambda m: print(m, fil
                         run.kill_kernel()
                         worker.join(10)
                     break
+            # The session that exists now: %%configure -f may have replaced the first one (same name).
             session = _session(url, run.session_name)
+            if session is not None and options.record is not None:
+                driver_log = _driver_log(url, run.session_name)
     except RunError as exc:
         log(f"studio run: {exc}")
         run.failure = run.failure or (-1, "RunError", str(exc))
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         for report in run.reports:
             if report.status == "running":
                 report.status = "failed" if not run.interrupted else "interrupted"
                 run.notebook.cells[report.index].metadata["papermill"]["status"] = report.status
-        run.save()
+        try:
+            run.save()
+        except RunError as exc:  # written once already: this is a disk that filled up meanwhile
+            log(f"studio run: {exc}")
         if url:
             _delete_session(url, run.session_name)  # whatever the kernel managed to do
         if service is not None:
             service.stop()
     if options.record is not None:
-        write_record(run, options, url, session)
+        try:
+            write_record(run, options, url, session, driver_log)
+        except OSError as exc:
+            log(f"studio run: warning: the record could not be written ({exc})")
     if options.html is not None:
         try:
             write_html(options.output, options.html)
@@ -482,21 +751,51 @@ def run(options: RunOptions, log: Callable[[str], None] = lambda m: print(m, fil
             log(f"studio run: warning: the HTML could not be written ({type(exc).__name__}: {exc}); "
                 f"the output notebook is complete")
     if run.interrupted:
-        log(f"studio run: interrupted; the output notebook is {options.output}")
+        ran = sum(1 for r in run.reports if r.status in ("completed", "failed"))
+        log(f"studio run: interrupted after {ran} of {len(run.reports)} cells; the output notebook is {options.output}")
         return EXIT_INTERRUPTED
     if run.failure:
-        number, ename, evalue = run.failure
-        where = f"cell {number}" if number >= 0 else "the run"
-        log(f"studio run: {where} failed: {ename}: {evalue}")
+        index, ename, evalue = run.failure
+        log(f"studio run: {run.cell_label(index)} failed: {ename}: {evalue}")
         log(f"studio run: the output notebook is {options.output}")
         return EXIT_FAILED
     log(f"studio run: all {len(run.reports)} cells succeeded; the output notebook is {options.output}")
     return EXIT_OK
 
 
-def write_record(run: NotebookRun, options: RunOptions, url: str, session: dict[str, Any] | None) -> Path:
-    """The run record: what ran, with what, where, and how each cell went."""
-    options.record.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+DRIVER_LOG_LINES = 10_000  # the end of the driver log that a record keeps
+
+
+def _driver_log(url: str, name: str) -> list[str] | None:
+    """The end of the session's driver log, kept in the record: the service's link to it dies with the session."""
+    from studio.kernel.livy_client import LivyClient, LivyError
+
+    client = LivyClient(url, timeout=30)
+    try:
+        return client.log(name, size=DRIVER_LOG_LINES)  # type: ignore[arg-type]
+    except LivyError:
+        return None
+    finally:
+        client.close()
+
+
+def write_record(
+    run: NotebookRun, options: RunOptions, url: str, session: dict[str, Any] | None, driver_log: list[str] | None = None
+) -> Path:
+    """The run record: what ran, with what, where, and how each cell went; the driver log beside it."""
+    folder: Path = options.record  # type: ignore[assignment]
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = None
+    if session is not None:
+        kept = {k: session.get(k) for k in ("id", "appId", "appInfo", "kind", "driverMemory", "executorMemory", "conf", "jars", "pyFiles")}
+        if driver_log is not None:
+            (folder / "driver.log").write_text("\n".join(driver_log) + "\n", encoding="utf-8", errors="replace")
+            kept["driver_log"] = "driver.log"  # beside record.json; appInfo.driverLogUrl ends with the session
+    failure = None
+    if run.failure:
+        index, ename, evalue = run.failure
+        numbers = [r.index for r in run.reports]
+        failure = {"cell": numbers.index(index) + 1 if index in numbers else None, "index": index, "ename": ename, "evalue": evalue}
     record = {
         "notebook": str(options.notebook),
         "notebook_sha256": hashlib.sha256(run.source_bytes).hexdigest(),
@@ -505,17 +804,15 @@ def write_record(run: NotebookRun, options: RunOptions, url: str, session: dict[
         "git": git_commit(options.notebook.parent),
         "livy_url": url,
         "session_name": run.session_name,
-        "session": None
-        if session is None
-        else {k: session.get(k) for k in ("id", "appId", "appInfo", "kind", "driverMemory", "executorMemory", "conf", "jars", "pyFiles")},
+        "session": kept,
         "spark_app_id": session.get("appId") if session else None,
         "kernel": options.kernel,
         "started": run.started,
         "ended": _now(),
         "status": "interrupted" if run.interrupted else "failed" if run.failure else "succeeded",
-        "failure": None if not run.failure else dict(zip(("cell", "ename", "evalue"), run.failure)),
+        "failure": failure,
         "cells": [r.__dict__ for r in run.reports],
     }
-    path = options.record / "record.json"  # type: ignore[operator]
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    path = folder / "record.json"
+    path.write_text(json.dumps(json_safe(record), indent=2, allow_nan=False) + "\n")
     return path

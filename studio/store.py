@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from studio import files
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (
@@ -40,16 +42,19 @@ CREATE TABLE IF NOT EXISTS executions (
 );
 CREATE TABLE IF NOT EXISTS computes (
     id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, url TEXT NOT NULL, owner TEXT,
-    managed INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL
+    managed INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, auth TEXT
 );
 """
+
+# Columns added after a table was first created: (table, column, declaration). Added at start when missing.
+_ADDED_COLUMNS = (("computes", "auth", "TEXT"),)
 
 # table -> its columns that hold JSON (encoded on the way in, decoded on the way out)
 _JSON_COLUMNS: dict[str, tuple[str, ...]] = {
     "sessions": ("request",),
     "batches": ("request",),
     "workspaces": ("process",),
-    "computes": (),
+    "computes": ("auth",),
     "executions": ("parameters", "warnings"),
 }
 _TABLES = tuple(_JSON_COLUMNS)
@@ -59,7 +64,8 @@ class Store:
     """A small typed wrapper over one SQLite file (WAL mode; safe to call from any thread)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        files.private_dir(path.parent)
+        files.private_file(path)  # SQLite gives the -wal and -shm files the same mode
         self.path = path
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
@@ -67,6 +73,10 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        for table, column, declaration in _ADDED_COLUMNS:
+            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         with self._lock:

@@ -46,7 +46,7 @@ def workspace(studio) -> dict[str, Any]:
 
 
 def api(studio) -> httpx.Client:
-    return httpx.Client(base_url=studio.url, timeout=60, trust_env=False)
+    return studio.http(timeout=60)
 
 
 def write(folder: Path, name: str, *cells: str, parameters: str | None = None) -> str:
@@ -83,7 +83,7 @@ def wait_status(client: httpx.Client, execution_id: int, statuses: tuple[str, ..
 
 def live_run_sessions(studio) -> list[dict[str, Any]]:
     """Sessions of `studio run`s on the embedded compute that are not over."""
-    local = httpx.get(f"{studio.url}/api/computes/local", timeout=30, trust_env=False).json()
+    local = studio.get("/api/computes/local").json()
     return [
         s for s in local["sessions"]
         if (s.get("name") or "").startswith("studio-run-") and s["state"] not in ("dead", "killed", "success", "error")
@@ -258,6 +258,69 @@ def test_stop_a_running_execution_and_the_queue_moves_on(studio, workspace):
     assert not live_run_sessions(studio)
 
 
+def test_parameters_are_checked_before_anything_is_created(studio, workspace):
+    """NaN and Infinity (which Python's JSON parser accepts) and names that are not Python names
+    are refused with 400, and no execution is recorded."""
+    folder = Path(workspace["folder"])
+    write(folder, "ratio.ipynb", "print(ratio)", parameters="ratio = 0.5")
+    write(folder, "noparams.ipynb", "print(1)")
+    with api(studio) as client:
+        before = client.get("/api/executions").json()["total"]
+        cases = [
+            (b'{"workspace": "jobs", "notebook": "ratio.ipynb", "parameters": {"ratio": NaN}}', "NaN or Infinity"),
+            (b'{"workspace": "jobs", "notebook": "ratio.ipynb", "parameters": {"ratio": 1e400}}', "NaN or Infinity"),
+            (b'{"workspace": "jobs", "notebook": "ratio.ipynb", "parameters": {"ratio": [1, -Infinity]}}', "NaN or Infinity"),
+            (b'{"workspace": "jobs", "notebook": "noparams.ipynb", "parameters": {"class": 1}}', "not a Python name"),
+            (b'{"workspace": "jobs", "notebook": "noparams.ipynb", "parameters": {"__import__(\'os\').system(\'id\'); x": 1}}',
+             "not a Python name"),
+        ]  # fmt: skip
+        for body, words in cases:
+            response = client.post("/api/executions", content=body, headers={"Content-Type": "application/json"})
+            assert response.status_code == 400, (body, response.text)
+            assert words in response.json()["msg"], (body, response.json())
+        listed = client.get("/api/executions")
+        assert listed.status_code == 200 and listed.json()["total"] == before
+
+
+def test_a_stop_in_the_first_moments_ends_cleanly(studio, workspace):
+    """A stop while `studio run` is still starting (its process, service client and kernel):
+    STOPPED with exit code 130, a reason that counts right, the output notebook, no traceback."""
+    write(Path(workspace["folder"]), "early.ipynb", "x = 1", "print('never')")
+    with api(studio) as client:
+        created = start(client, workspace="jobs", notebook="early.ipynb")
+        wait_status(client, created["id"], ("STARTING",))
+        assert client.post(f"/api/executions/{created['id']}/stop").status_code == 202
+        done = wait_status(client, created["id"], FINAL, timeout=120)
+        reason = done["last_state_change_reason"]
+        assert done["status"] == "STOPPED" and done["exit_code"] == 130, (done["exit_code"], reason)
+        assert reason.startswith("Stopped on request ") and "?" not in reason and "after 0" not in reason, reason
+        assert done["output"]["notebook"], "the output notebook is written on an early stop too"
+        assert "Traceback" not in client.get(done["output"]["log"]).text
+    assert not live_run_sessions(studio)
+
+
+def test_configure_f_after_a_remote_parameters_cell(studio, workspace):
+    """Issue 10: an EMR Studio-style notebook runs through the API as it does through studio run."""
+    name = write(
+        Path(workspace["folder"]),
+        "emr.ipynb",
+        '%%configure -f\n{"conf": {"spark.sql.shuffle.partitions": "7"}}',
+        "print('partitions', spark.conf.get('spark.sql.shuffle.partitions'))",
+        "%%info",
+        parameters="label = 'default'",
+    )
+    with api(studio) as client:
+        created = start(client, workspace="jobs", notebook=name, parameters={"label": "nightly"})
+        done = wait_status(client, created["id"], FINAL, timeout=300)
+        assert done["status"] == "FINISHED", done["last_state_change_reason"]
+        assert done["exit_code"] == 0
+        output = nbformat.reads(client.get(done["output"]["notebook"]).text, as_version=4)
+        text = json.dumps([c.get("outputs") for c in output.cells])
+        assert "partitions 7" in text and "Current session configs" in text
+        assert done["record"]["session"]["conf"] == {"spark.sql.shuffle.partitions": "7"}
+    assert not live_run_sessions(studio)
+
+
 def test_records_survive_a_restart_and_a_stopping_server_stops_its_runs(studio, workspace):
     folder = Path(workspace["folder"])
     write(folder, "long.ipynb", "import time\ntime.sleep(600)")
@@ -271,6 +334,7 @@ def test_records_survive_a_restart_and_a_stopping_server_stops_its_runs(studio, 
 
     assert studio.stop() == 0, studio.log_tail()
     assert not studio.leftovers(), f"processes left behind: {studio.leftovers()}"
+    old_id = _store_a_record_of_an_older_version(studio)
     studio.start()
     with api(studio) as client:
         again = client.get(f"/api/executions/{long['id']}").json()
@@ -279,7 +343,34 @@ def test_records_survive_a_restart_and_a_stopping_server_stops_its_runs(studio, 
         assert client.get(again["output"]["notebook"]).status_code == 200
         listed = {e["id"]: e["status"] for e in client.get("/api/executions").json()["executions"]}
         assert {k: listed[k] for k in before} == before, "finished records are unchanged"
+        # a record an older version stored with NaN in it is listed, and every route answers JSON
+        listed = client.get("/api/executions")
+        assert listed.status_code == 200 and old_id in [e["id"] for e in listed.json()["executions"]]
+        assert client.get("/api/executions", params={"status": "FINISHED"}).status_code == 200
+        old = client.get(f"/api/executions/{old_id}")
+        assert old.status_code == 200 and old.json()["parameters"] == {"f": "NaN", "g": ["Infinity"]}
+        assert old.json()["record"]["parameters"] == {"f": "NaN"}
+        assert client.post(f"/api/executions/{old_id}/stop").status_code == 409
         # the queued one was kept and runs now
         done = wait_status(client, queued["id"], FINAL)
         assert done["status"] == "FINISHED", done["last_state_change_reason"]
     assert not live_run_sessions(studio)
+
+
+def _store_a_record_of_an_older_version(studio) -> int:
+    """What an older version stored for `{"f": NaN}`: a bare NaN in the row and in record.json."""
+    import sqlite3
+
+    with sqlite3.connect(studio.state_dir / "studio.db") as db:
+        (last,) = db.execute("SELECT max(id) FROM executions").fetchone()
+        old_id = last + 1000
+        now = time.time()
+        db.execute(
+            "INSERT INTO executions (id, name, notebook, parameters, state, reason, created_at, ended_at, exit_code, warnings) "
+            "VALUES (?, 'old', 'old.ipynb', ?, 'FINISHED', 'All 1 cells succeeded', ?, ?, 0, '[]')",
+            (old_id, '{"f": NaN, "g": [Infinity]}', now, now),
+        )
+    folder = studio.state_dir / "executions" / str(old_id)
+    folder.mkdir(parents=True)
+    (folder / "record.json").write_text('{"parameters": {"f": NaN}, "cells": [], "spark_app_id": null}')
+    return old_id

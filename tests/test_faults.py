@@ -130,7 +130,8 @@ def test_service_shutdown_stops_every_worker(test_root):
 def test_oversized_request_bodies_are_refused(test_root, size):
     service = start_service(test_root, "limits", env={"STUDIO_POOL_SIZE": "0", "STUDIO_MAX_REQUEST_BYTES": "1048576"})
     try:
-        response = httpx.post(service.url + "/sessions", content=b"{" + b" " * size + b"}", timeout=30)
+        with service.http() as http:
+            response = http.post("/sessions", content=b"{" + b" " * size + b"}", headers={"Content-Type": "application/json"})
         assert response.status_code == 413 and "limit" in response.json()["msg"]
     finally:
         assert service.stop() == 0

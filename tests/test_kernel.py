@@ -39,7 +39,7 @@ def new_kernel(service, tmp_path, **env):
 
 
 def sessions(service):
-    return httpx.get(service.url + "/sessions", timeout=10).json()["sessions"]
+    return service.get("/sessions").json()["sessions"]
 
 
 # -- cells ---------------------------------------------------------------------------------
@@ -289,13 +289,25 @@ def test_an_unreachable_service_is_a_clear_error_and_the_kernel_lives(tmp_path):
         kernel.shutdown()
 
 
-def test_the_workspace_compute_file_picks_the_service(service, tmp_path):
+def test_a_compute_file_in_the_notebook_folder_is_ignored(service, tmp_path):
+    """A cloned repository's `.studio/compute.json` must not send cells elsewhere (or learn credentials)."""
     workspace = tmp_path / "workspace"
     (workspace / ".studio").mkdir(parents=True)
-    (workspace / ".studio" / "compute.json").write_text(json.dumps({"name": "local", "livy_url": service.url}))
-    kernel = Kernel(tmp_path, {"STUDIO_LIVY_URL": "http://127.0.0.1:9", "STUDIO_WORKSPACE_DIR": str(workspace)}, cwd=workspace)
+    (workspace / ".studio" / "compute.json").write_text(json.dumps({"name": "evil", "livy_url": "http://127.0.0.1:9"}))
+    kernel = Kernel(tmp_path, {"STUDIO_LIVY_URL": service.url}, cwd=workspace)
     try:
-        assert "workspace compute 'local'" in kernel.ok("%%info").text()
+        info = kernel.ok("%%info").text()
+        assert "STUDIO_LIVY_URL" in info and "evil" not in info and "127.0.0.1:9 " not in info
         assert kernel.ok("spark.range(2).count()").stdout.strip().endswith("2")
+    finally:
+        kernel.shutdown()
+
+
+def test_the_kernel_authenticates_or_says_why_not(service, tmp_path):
+    """Credentials come from STUDIO_LIVY_TOKEN; a wrong one fails the cell with the service's reason."""
+    kernel = Kernel(tmp_path, {"STUDIO_LIVY_URL": service.url, "STUDIO_LIVY_TOKEN": "wrong"})
+    try:
+        result = kernel.run("spark.range(1).count()")
+        assert result.status == "error" and "Authentication failed" in result.reply["evalue"], result.text()
     finally:
         kernel.shutdown()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import http.client
+import json
+import os
 import re
 import threading
 import time
@@ -35,6 +37,8 @@ def service(test_root):
             "STUDIO_SESSION_STATE_RETAIN": "20",
             "STUDIO_MAX_CODE_BYTES": "200000",
             "STUDIO_MAX_OUTPUT_BYTES": "100000",
+            "STUDIO_MAX_SESSION_OUTPUT_BYTES": "350000",
+            "STUDIO_MAX_LOG_PAGE_LINES": "3000",
             "STUDIO_POOL_REFILL_MAX_DELAY": "5",
         },
     )
@@ -275,6 +279,95 @@ def test_log_has_spark_lines_and_pages(livy, sid):
     assert tail["log"] == log["log"][-3:] and tail["from"] == log["total"] - 3
 
 
+def test_log_and_list_paging_follow_livys_arithmetic(livy, sid):
+    spammed = new_session(livy, kind="pyspark")
+    try:
+        livy.text(spammed, "import sys\nfor i in range(4000):\n    print('spam', i, file=sys.__stderr__)\nsys.__stderr__.flush()")
+        total = livy.log(spammed, size=1)["total"]
+        assert total > 4000
+        # size < 0 is "all", capped at STUDIO_MAX_LOG_PAGE_LINES (3000 here): the newest 3000 lines.
+        everything = livy.log(spammed, size=-1)
+        assert (everything["from"], everything["total"], len(everything["log"])) == (total - 3000, total, 3000)
+        assert any(line.endswith("spam 3999") for line in everything["log"][-50:])
+        # A negative from is the tail, as in Livy's serializeLogs.
+        tail = livy.log(spammed, **{"from": -1, "size": 2})
+        assert tail["from"] == total - 2 and tail["log"] == everything["log"][-2:]
+        assert livy.log(spammed, **{"from": 10, "size": 3000})["from"] == 10
+        over = livy.http.get(f"/sessions/{spammed}/log", params={"size": 3001})
+        assert over.status_code == 400 and "STUDIO_MAX_LOG_PAGE_LINES" in over.json()["msg"]
+    finally:
+        livy.http.delete(f"/sessions/{spammed}")
+    # Lists are Scala's view(from, from + size): a negative from still ends at from + size.
+    listing = livy.http.get("/sessions", params={"from": -1, "size": 2}).json()
+    assert listing["from"] == -1 and len(listing["sessions"]) == 1
+    assert livy.http.get("/sessions", params={"size": -1}).json()["sessions"] == []
+    statements = livy.http.get(f"/sessions/{sid}/statements").json()
+    assert len(statements["statements"]) == statements["total_statements"] > 2
+    assert livy.http.get(f"/sessions/{sid}/statements", params={"size": -1}).json()["statements"] == []
+    page = livy.http.get(f"/sessions/{sid}/statements", params={"from": -1, "size": 2}).json()["statements"]
+    assert [s["id"] for s in page] == [statements["statements"][0]["id"]]
+
+
+def test_session_output_budget_forgets_the_oldest_statements(livy):
+    session = new_session(livy, kind="pyspark")
+    try:
+        ids = [livy.run(session, f"print('{n}' * 90000)")["id"] for n in range(5)]  # ~90 kB each, 350 kB kept
+        assert livy.http.get(f"/sessions/{session}/statements/{ids[0]}").status_code == 404
+        assert livy.http.get(f"/sessions/{session}/statements/{ids[-1]}").json()["output"]["status"] == "ok"
+        kept = [s["id"] for s in livy.http.get(f"/sessions/{session}/statements").json()["statements"]]
+        assert kept == ids[-len(kept):] and 3 <= len(kept) <= 4
+    finally:
+        livy.http.delete(f"/sessions/{session}")
+
+
+def strict_json(response):
+    """The body parsed as strict JSON: NaN or Infinity tokens, which most clients reject, fail."""
+    assert response.status_code == 200, response.text
+
+    def refuse(token):
+        raise AssertionError(f"{token} is not JSON: {response.text[:300]}")
+
+    return json.loads(response.text, parse_constant=refuse)
+
+
+def test_nan_and_infinity_are_valid_json_in_every_response(livy, sid):
+    out = livy.run(sid, "SELECT sqrt(-1) AS s, double('Infinity') AS i, -double('Infinity') AS n, 1.5 AS f", kind="sql")
+    statement = strict_json(livy.http.get(f"/sessions/{sid}/statements/{out['id']}"))
+    assert statement["output"]["data"]["application/json"]["data"] == [["NaN", "Infinity", "-Infinity", 1.5]]
+    magic = livy.run(sid, "d = {'x': float('nan'), 'y': [float('inf')]}\n%json d")
+    statement = strict_json(livy.http.get(f"/sessions/{sid}/statements/{magic['id']}"))
+    assert statement["output"]["data"]["application/json"] == {"x": "NaN", "y": ["Infinity"]}
+    listing = strict_json(livy.http.get(f"/sessions/{sid}/statements"))
+    assert {out["id"], magic["id"]} <= {s["id"] for s in listing["statements"]}
+    strict_json(livy.http.get("/sessions"))
+
+
+def test_text_that_utf8_cannot_hold_never_kills_the_session(livy, sid):
+    livy.text(sid, "kept_through_surrogates = 1")
+    assert livy.text(sid, "print('\\udcff')") == "\\udcff"
+    code = (
+        "import os, tempfile\n"
+        "folder = tempfile.mkdtemp()\n"
+        "open(os.path.join(os.fsencode(folder), b'caf\\xe9.txt'), 'w').close()\n"
+        "name = os.listdir(folder)[0]\n"
+        "print(name)\n"
+        "print(name, file=sys.__stdout__, flush=True)\n"
+        "sys.stdout.buffer.write(b'raw \\xff bytes\\n')\n"
+        "print(sys.stdout.encoding, sys.stderr.encoding)"
+    )
+    assert livy.text(sid, "import sys\n" + code) == "caf\\udce9.txt\nraw \\xff bytes\nutf-8 utf-8"
+    out = livy.run(sid, "odd = {'name': '\\udcff'}\n%json odd")["output"]
+    assert out["data"]["application/json"] == {"name": "\\udcff"}
+    assert livy.text(sid, "kept_through_surrogates") == "1"
+    assert livy.session(sid)["state"] == "idle"
+
+
+def test_matplot_without_a_figure_says_so(livy, sid):
+    out = livy.run(sid, "import matplotlib.pyplot as plt\nplt.close('all')\n%matplot plt")["output"]
+    assert out["status"] == "ok" and "image/png" not in out["data"]
+    assert "no figure to show" in out["data"]["text/plain"]
+
+
 def test_sessions_are_isolated(livy, sid):
     livy.text(sid, "shared_name = 'mine'")
     livy.text(sid, "spark.range(2).createOrReplaceTempView('private_view')")
@@ -398,6 +491,16 @@ def test_bad_statements(livy, sid):
     assert livy.text(sid, "'fine'") == "'fine'"
 
 
+def test_output_limits_count_utf8_bytes_and_cut_sql_results(livy, sid):
+    text = livy.text(sid, "print('é' * 80000)")  # 80,000 characters, 160,000 bytes
+    assert "output truncated" in text and "STUDIO_MAX_OUTPUT_BYTES" in text
+    assert len(text.encode("utf-8")) < 101_000
+    out = livy.run(sid, "SELECT id, repeat('x', 1000) AS s FROM range(500)", kind="sql")["output"]
+    rows = out["data"]["application/json"]["data"]
+    assert 50 < len(rows) < 100 and [r[0] for r in rows] == list(range(len(rows)))
+    assert f"cut to {len(rows)} of 500 rows" in out["data"]["text/plain"]
+
+
 def test_session_names_work_as_ids(livy):
     session = livy.create_session(kind="pyspark", name="named-one")
     try:
@@ -427,23 +530,86 @@ def test_a_dying_worker_kills_only_its_session(service, livy, sid):
     assert session["state"] == "dead"
 
 
-def test_delete_stops_the_worker_and_keeps_the_log(service, livy):
-    victim = new_session(livy, kind="pyspark")
-    livy.text(victim, "print('before delete')")
+def test_delete_stops_the_worker_removes_the_session_and_frees_its_name(service, livy):
+    victim = new_session(livy, kind="pyspark", name="reused-name")
+    livy.text(victim, "import sys\nprint('before delete', file=sys.__stderr__, flush=True)")
     pid = int(livy.text(victim, "import os\nos.getpid()"))
     jvm = int(livy.text(victim, "sc._gateway.proc.pid"))
+    driver_log_url = livy.session(victim)["appInfo"]["driverLogUrl"]
     response = livy.http.delete(f"/sessions/{victim}")
     assert response.status_code == 200 and response.json() == {"msg": "deleted"}
-    session = livy.session(victim)
-    assert session["state"] == "killed"
     for gone in (pid, jvm):
         with pytest.raises(ProcessLookupError):
-            import os
-
             os.kill(gone, 0)
-    assert any("deleted by the client" in line for line in livy.log(victim, size=-1)["log"])
-    assert livy.http.delete(f"/sessions/{victim}").status_code == 200
-    assert livy.http.get(f"/sessions/{victim}").status_code == 404
+    # As in Livy, a DELETEd session is gone from every Livy route at once...
+    for path in (f"/sessions/{victim}", "/sessions/reused-name", f"/sessions/{victim}/state", f"/sessions/{victim}/log"):
+        assert livy.http.get(path).status_code == 404, path
+    assert victim not in [s["id"] for s in livy.http.get("/sessions").json()["sessions"]]
+    assert livy.http.delete(f"/sessions/{victim}").status_code == 404
+    # ...its log stays readable at its driverLogUrl, which no Livy client lists...
+    text = service.get(driver_log_url).text
+    assert "before delete" in text and "deleted by the client" in text
+    # ...and its name is free at once.
+    again = livy.create_session(kind="pyspark", name="reused-name")
+    try:
+        assert again["id"] != victim and livy.session("reused-name")["id"] == again["id"]
+    finally:
+        assert livy.http.delete("/sessions/reused-name").json() == {"msg": "deleted"}
+    assert livy.http.get("/sessions/reused-name").status_code == 404
+
+
+def test_a_name_means_its_live_session(livy):
+    dead = new_session(livy, kind="pyspark", name="phoenix")
+    assert livy.run(dead, "import os\nos._exit(3)")["output"]["ename"] == "SessionWorkerDied"
+    livy.wait_session(dead, states=("dead",), timeout=20)
+    # A session that ended on its own stays listed (as in Livy), but its name is free for a new one.
+    duplicate = livy.http.post("/sessions", json={"kind": "pyspark", "name": "phoenix"})
+    assert duplicate.status_code == 201, duplicate.text
+    risen = duplicate.json()["id"]
+    try:
+        assert livy.session("phoenix")["id"] == risen
+        taken = livy.http.post("/sessions", json={"name": "phoenix"})
+        assert taken.status_code == 400 and "already exists" in taken.json()["msg"]
+        assert livy.wait_session("phoenix")["id"] == risen
+        assert livy.text("phoenix", "'by name'") == "'by name'"
+        assert livy.session(dead)["state"] == "dead"
+    finally:
+        livy.http.delete(f"/sessions/{risen}")
+
+
+def test_delete_of_a_busy_session_is_quick(service, livy):
+    busy = new_session(livy, kind="pyspark")
+    running = livy.submit(busy, "import time\ntime.sleep(600)")
+    livy.submit(busy, "'never runs'")
+    deadline = time.monotonic() + 10
+    while livy.http.get(f"/sessions/{busy}/statements/{running['id']}").json()["state"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    started = time.monotonic()
+    assert livy.http.delete(f"/sessions/{busy}").status_code == 200
+    elapsed = time.monotonic() - started
+    text = service.get(f"/ui/session/{busy}/log").text
+    assert "stopped (shutdown message)" in text, text[-2000:]  # the worker stopped politely: no SIGTERM needed
+    assert elapsed < 5, elapsed
+
+
+def test_a_busy_session_that_is_stopped_ends_its_statements_cancelled(service, livy):
+    # A lapsed heartbeat stops the session like a DELETE does, but the session stays listed, so
+    # what became of its statements can be read.
+    session = livy.create_session(kind="pyspark", heartbeatTimeoutInSecond=2)["id"]
+    livy.wait_session(session)
+    running = livy.submit(session, "import time\ntime.sleep(600)")
+    queued = livy.submit(session, "'never runs'")
+    started = time.monotonic()
+    while listed_state(livy, session) != "dead":  # the listing does not refresh the heartbeat
+        assert time.monotonic() - started < 30
+        time.sleep(0.2)
+    assert time.monotonic() - started < 10
+    statements = livy.http.get(f"/sessions/{session}/statements").json()["statements"]
+    states = {s["id"]: (s["state"], s["output"]) for s in statements}
+    assert states[queued["id"]] == ("cancelled", None)
+    assert states[running["id"]][0] == "cancelled" and states[running["id"]][1]["status"] == "error"
+    assert "stopped (shutdown message)" in service.get(f"/ui/session/{session}/log").text
 
 
 def listed_state(livy, session_id):
@@ -452,6 +618,20 @@ def listed_state(livy, session_id):
         if session["id"] == session_id:
             return session["state"]
     return None
+
+
+def test_ttl_is_an_inactivity_timeout(service, livy):
+    # Livy documents ttl as "the timeout for this inactive session": one in use stays alive.
+    session = livy.create_session(kind="pyspark", ttl="3s")["id"]
+    try:
+        livy.wait_session(session)
+        started = time.monotonic()
+        while time.monotonic() - started < 9:
+            assert livy.text(session, "1") == "1"
+            time.sleep(1)
+        assert listed_state(livy, session) == "idle"
+    finally:
+        livy.http.delete(f"/sessions/{session}")
 
 
 def test_idle_ttl_and_heartbeat_timeouts(service, livy):

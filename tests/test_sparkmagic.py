@@ -68,7 +68,10 @@ def test_sparkmagic_kernel_runs_a_notebook_against_the_service(test_root, tmp_pa
         (config_dir / "config.json").write_text(
             json.dumps(
                 {
-                    "kernel_python_credentials": {"username": "", "password": "", "url": service.url, "auth": "None"},
+                    # sparkmagic's Basic_Access: any user name, the studio's token as the password.
+                    "kernel_python_credentials": {
+                        "username": "analyst", "password": service.token, "url": service.url, "auth": "Basic_Access"
+                    },
                     "livy_session_startup_timeout_seconds": 180,
                 }
             )
@@ -97,3 +100,41 @@ def test_sparkmagic_kernel_runs_a_notebook_against_the_service(test_root, tmp_pa
     finally:
         assert service.stop() == 0
     assert not service.leftovers()
+
+
+SPARKMAGIC_HTTP = """
+import sys
+from sparkmagic.auth.basic import Basic
+from sparkmagic.livyclientlib.endpoint import Endpoint
+from sparkmagic.livyclientlib.exceptions import HttpClientException
+from sparkmagic.livyclientlib.livyreliablehttpclient import LivyReliableHttpClient
+
+url, token = sys.argv[1], sys.argv[2]
+basic = Basic()  # what sparkmagic builds for "auth": "Basic_Access" (requests' HTTPBasicAuth underneath)
+basic.username, basic.password = "analyst", token
+for name, auth in (("none", None), ("basic", basic)):  # "auth": "None" is no authenticator at all
+    client = LivyReliableHttpClient.from_endpoint(Endpoint(url, auth))
+    try:
+        print(name, "ok", len(client.get_sessions()["sessions"]))
+    except HttpClientException as exc:
+        print(name, "refused", str(exc).split(":")[0][:80].replace(chr(10), " "))
+"""
+
+
+def test_sparkmagic_http_layer_needs_the_token(test_root, tmp_path):
+    """sparkmagic's own HTTP client: without credentials refused (401), with Basic_Access allowed."""
+    python = sparkmagic_python()
+    service = start_service(test_root, "sparkmagic-auth", env={"STUDIO_POOL_SIZE": "0"})
+    try:
+        env = {**os.environ, "SPARKMAGIC_CONF_DIR": str(tmp_path)}
+        env.pop("PYTHONPATH", None)
+        result = subprocess.run(
+            [str(python), "-c", SPARKMAGIC_HTTP, service.url, service.token],
+            capture_output=True, text=True, timeout=120, env=env,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines = dict(line.split(" ", 1) for line in result.stdout.strip().splitlines())
+        assert lines["none"].startswith("refused") and "401" in lines["none"], result.stdout
+        assert lines["basic"] == "ok 0", result.stdout
+    finally:
+        assert service.stop() == 0

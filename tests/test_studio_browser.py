@@ -1,17 +1,24 @@
 """The Studio end to end in a real browser: Playwright drives Debian's chromium against a real
 `studio serve` with its embedded session service (one warm Spark session) and real JupyterLab.
 
-A user opens the Studio, gets a clear error for a bad name, creates a workspace, starts it,
+A user opens the Studio, is asked for the token and signs in with it, gets a clear error for a bad name, creates a workspace, starts it,
 opens its JupyterLab, sees the getting-started notebook, creates a PySpark notebook, runs
 `spark.range(5).count()` and sees 5, finds the session under the compute, is told that a running
 workspace is not deleted, stops the workspace, runs the saved notebook as an execution and finds
 its outputs, and deletes the workspace keeping its files. Every step leaves a screenshot in test-artifacts/studio-browser/.
+
+Then a web page on another origin (another port of 127.0.0.1, so same-site for cookies) tries
+what a drive-by page would against the signed-in Studio and its session service: JSON-looking
+text/plain fetches, a text/plain form and a read of the workspace list. Nothing is created and
+nothing is read.
 """
 
 from __future__ import annotations
 
+import http.server
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -66,10 +73,10 @@ def shots():
     return ARTIFACTS
 
 
-def wait_warm_pool(url: str, timeout: float = 300.0) -> None:
+def wait_warm_pool(studio: StudioProcess, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        local = httpx.get(f"{url}/api/computes/local", timeout=30).json()
+        local = studio.get("/api/computes/local").json()
         if (local.get("status") or {}).get("pool", {}).get("ready", 0) >= 1:
             return
         time.sleep(1)
@@ -99,8 +106,17 @@ def user_story(studio, context, shots) -> None:
     # Spark driver, a JupyterLab and the Studio while the browser redraws.
     expect.set_options(timeout=20_000)
     page = context.new_page()
+    # Nothing without signing in: the Studio sends the browser to its login page, and a wrong token is refused.
     page.goto(studio.url)
+    expect(page).to_have_url(re.compile(r"/login\?next=%2F$"))
+    page.get_by_label("Token").fill("not-the-token")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator(".error")).to_contain_text("not valid")
+    page.screenshot(path=shots / "00-sign-in-refused.png")
+    page.get_by_label("Token").fill(studio.token)
+    page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_role("heading", name="Workspaces")).to_be_visible()
+    expect(page.locator(".signout .who")).to_have_text("admin")
     expect(page.locator("#workspace-rows")).to_contain_text("No workspaces yet")
     expect(page.locator("#compute-local")).to_contain_text("Healthy")
     page.screenshot(path=shots / "01-studio.png", full_page=True)
@@ -144,7 +160,7 @@ def user_story(studio, context, shots) -> None:
     lab.locator('.jp-LauncherCard[data-category="Notebook"]:visible', has_text="PySpark").click()
     panel = lab.locator(".jp-NotebookPanel:visible")
     expect(panel.locator(".jp-Toolbar-kernelName")).to_contain_text("PySpark")
-    wait_warm_pool(studio.url)
+    wait_warm_pool(studio)
     panel.locator(".jp-Cell .cm-content").first.click()
     lab.keyboard.type("spark.range(5).count()")
     lab.keyboard.press("Shift+Enter")
@@ -183,8 +199,10 @@ def user_story(studio, context, shots) -> None:
     expect(row.locator("[data-role=state]")).to_have_text("Attached")
 
     # Stop: JupyterLab and its kernels end, and the kernels end their Spark sessions.
-    lab_url = row.get_by_role("link", name="Open JupyterLab").get_attribute("href")
-    lab_pid = httpx.get(f"{studio.url}/api/workspaces", timeout=30).json()["workspaces"][0]["jupyterlab"]["pid"]
+    with studio.client() as api:
+        running = api.workspaces()[0]
+    assert row.get_by_role("link", name="Open JupyterLab").get_attribute("href") == running["url"]
+    lab_url, lab_pid = running["lab_url"], running["jupyterlab"]["pid"]
     row.get_by_role("button", name="Stop").click()
     expect(row.locator("[data-role=state]")).to_have_text("Idle", timeout=90_000)
     expect(row.locator("[data-role=reason]")).to_have_text("Stopped on request.")
@@ -192,7 +210,7 @@ def user_story(studio, context, shots) -> None:
     assert wait_gone(lab_pid)
     with pytest.raises(httpx.HTTPError):
         httpx.get(lab_url, timeout=5)
-    sessions = httpx.get(f"{studio.url}/api/computes/local", timeout=30).json()["sessions"]
+    sessions = studio.get("/api/computes/local").json()["sessions"]
     assert sessions and all(s["state"] not in ("idle", "busy", "starting") for s in sessions), sessions
     page.screenshot(path=shots / "09-workspace-stopped.png", full_page=True)
 
@@ -212,11 +230,11 @@ def user_story(studio, context, shots) -> None:
     expect(execution_row.locator("[data-role=status]")).to_have_text("FINISHED", timeout=240_000)
     expect(execution_row).to_contain_text("1 cell succeeded")
     expect(execution_row.get_by_role("link", name=".ipynb")).to_have_attribute("href", re.compile(r"/output\.ipynb$"))
-    ipynb = httpx.get(studio.url + execution_row.get_by_role("link", name=".ipynb").get_attribute("href"), timeout=30)
+    ipynb = studio.get(execution_row.get_by_role("link", name=".ipynb").get_attribute("href"))
     ran = nbformat.reads(ipynb.text, as_version=4).cells[0]
     assert ran.source == "spark.range(5).count()"
     assert re.search(r"(^|\n)5\n?$", "".join(o.get("text", "") for o in ran.outputs if o.output_type == "stream")), ran.outputs
-    html = httpx.get(studio.url + execution_row.get_by_role("link", name="HTML").get_attribute("href"), timeout=30)
+    html = studio.get(execution_row.get_by_role("link", name="HTML").get_attribute("href"))
     assert html.status_code == 200 and "range" in html.text and "SparkSession available" in html.text
     page.locator("#executions").scroll_into_view_if_needed()
     page.screenshot(path=shots / "10-execution-finished.png", full_page=True)
@@ -232,3 +250,81 @@ def user_story(studio, context, shots) -> None:
     assert (studio.root / "demo" / "getting-started.ipynb").exists()
     assert (studio.root / "demo" / "count.ipynb").exists()
     page.screenshot(path=shots / "12-deleted-files-kept.png", full_page=True)
+
+
+ATTACK_PAGE = """<!doctype html><html><body>
+<iframe name="sink-studio"></iframe><iframe name="sink-livy"></iframe>
+<form id="form-studio" method="post" enctype="text/plain" target="sink-studio" action="{studio}/api/workspaces">
+  <input name='{{"name": "pwned-form", "x": "' value='"}}'></form>
+<form id="form-livy" method="post" enctype="text/plain" target="sink-livy" action="{livy}/sessions">
+  <input name='{{"kind": "pyspark", "name": "pwned-form", "x": "' value='"}}'></form>
+<script>
+const results = {{}};
+async function attempt(name, url, options) {{
+  try {{
+    const response = await fetch(url, options);
+    results[name] = response.type === "opaque" ? "opaque" : response.status + " " + (await response.text());
+  }} catch (error) {{ results[name] = "error: " + error; }}
+}}
+(async () => {{
+  const simple = {{ method: "POST", mode: "no-cors", credentials: "include", headers: {{ "Content-Type": "text/plain" }} }};
+  await attempt("studio-create", "{studio}/api/workspaces", {{ ...simple, body: JSON.stringify({{ name: "pwned" }}) }});
+  await attempt("livy-create", "{livy}/sessions", {{ ...simple, body: JSON.stringify({{ kind: "pyspark", name: "pwned" }}) }});
+  await attempt("studio-read", "{studio}/api/workspaces", {{ credentials: "include" }});
+  await attempt("livy-read", "{livy}/sessions", {{ credentials: "include" }});
+  await attempt("studio-json", "{studio}/api/workspaces", {{ method: "POST", credentials: "include",
+    headers: {{ "Content-Type": "application/json" }}, body: JSON.stringify({{ name: "pwned-json" }}) }});
+  document.getElementById("form-studio").submit();
+  document.getElementById("form-livy").submit();
+  await new Promise((done) => setTimeout(done, 3000));
+  document.title = "done";
+  document.body.dataset.results = JSON.stringify(results);
+}})();
+</script></body></html>"""
+
+
+def test_a_page_on_another_origin_cannot_use_the_signed_in_studio(studio, context, shots):
+    """Signed in to both servers (cookies), the browser visits a page on another port of 127.0.0.1."""
+    expect = playwright_api.expect
+    livy_url = studio.get("/api/computes/local").json()["url"]
+    page = context.new_page()
+    page.goto(f"{studio.url}/?token={studio.token}")  # the ready-to-click URL signs the browser in
+    expect(page.get_by_role("heading", name="Workspaces")).to_be_visible()
+    assert "token=" not in page.url
+    page.goto(f"{livy_url}/ui/session/0/log?token={studio.token}")  # and the session service too
+    assert any(cookie["name"].startswith("spark-studio-") for cookie in context.cookies())
+
+    html = ATTACK_PAGE.format(studio=studio.url, livy=livy_url).encode()
+
+    class Attacker(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(html)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Attacker)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        attack = context.new_page()
+        attack.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+        expect(attack).to_have_title("done", timeout=30_000)
+        results = attack.evaluate("JSON.parse(document.body.dataset.results)")
+        attack.screenshot(path=shots / "13-cross-origin-page.png")
+    finally:
+        server.shutdown()
+        server.server_close()
+    # Reads fail (no CORS), and nothing the page sent was acted on.
+    assert results["studio-read"].startswith("error") and results["livy-read"].startswith("error"), results
+    assert results["studio-json"].startswith("error"), results  # a JSON POST needs a preflight, which is refused
+    with studio.client() as api:
+        assert not [w for w in api.workspaces() if w["name"].startswith("pwned")]
+    sessions = httpx.get(f"{livy_url}/sessions", headers={"Authorization": f"Bearer {studio.token}"}, timeout=30).json()
+    assert not [s for s in sessions["sessions"] if (s.get("name") or "").startswith("pwned")], sessions
+    # The Studio still works for its own page.
+    page.goto(studio.url)
+    expect(page.get_by_role("heading", name="Workspaces")).to_be_visible()

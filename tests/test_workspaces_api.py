@@ -8,7 +8,6 @@ One server serves the whole module; the restart tests come last because they res
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import signal
@@ -58,7 +57,8 @@ class Server:
     def _new(self) -> StudioProcess:
         return StudioProcess(
             self.folder,
-            env={"STUDIO_WORKSPACE_CULL_INTERVAL": "0.5", "STUDIO_JUPYTERLAB_STOP_TIMEOUT": "5"},
+            # Local repositories are refused by default (test_hardening.py); the clone test here uses them.
+            env={"STUDIO_WORKSPACE_CULL_INTERVAL": "0.5", "STUDIO_JUPYTERLAB_STOP_TIMEOUT": "5", "STUDIO_GIT_ALLOW_LOCAL": "true"},
             pool=0,
         )
 
@@ -110,6 +110,19 @@ def lab_pid(workspace: dict) -> int:
     return workspace["jupyterlab"]["pid"]
 
 
+def lab_environ(workspace: dict) -> dict[str, str]:
+    raw = Path(f"/proc/{lab_pid(workspace)}/environ").read_bytes().decode()
+    return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+
+
+def kernel_connection(server, workspace: dict) -> httpx.Response:
+    """What the workspace's kernels get when they ask the Studio where their compute is."""
+    environ = lab_environ(workspace)
+    server_url = json.loads(Path(environ["STUDIO_SERVER_FILE"]).read_text())["url"]  # as the kernel finds it
+    url = f"{server_url}/api/workspaces/{environ['STUDIO_WORKSPACE_ID']}/connection"
+    return httpx.get(url, headers={"Authorization": f"Bearer {environ['STUDIO_KERNEL_TOKEN']}"}, timeout=30, trust_env=False)
+
+
 # -- server and computes ---------------------------------------------------------------------
 
 
@@ -119,7 +132,7 @@ def test_status_and_the_local_compute(server):
     assert status["root"] == str(server.root)
     assert status["embeddedSessionService"].startswith("http://127.0.0.1:")
     local = api.compute("local")
-    assert local["healthy"] and local["managed"] and local["owner"] == getpass.getuser()
+    assert local["healthy"] and local["managed"] and local["owner"] == "admin"
     assert local["url"] == status["embeddedSessionService"]
     assert local["status"]["pool"]["size"] == 0
     assert local["sessions"] == []
@@ -144,7 +157,7 @@ def test_bad_names_are_refused_and_nothing_is_created(server):
         assert words in message, (name, message)
     assert "name" in error(api.http.post("/api/workspaces", json={"name": 5}), 400)
     assert "Unrecognized field" in error(api.http.post("/api/workspaces", json={"name": "ok", "colour": "red"}), 400)
-    assert "Malformed JSON" in error(api.http.post("/api/workspaces", content=b"{nope"), 400)
+    assert "Malformed JSON" in error(api.http.post("/api/workspaces", content=b"{nope", headers={"Content-Type": "application/json"}), 400)
     assert "required" in error(api.http.post("/api/workspaces", json={}), 400)
     assert "idle_timeout" in error(api.http.post("/api/workspaces", json={"name": "ok", "idle_timeout": -1}), 400)
     assert not list(server.root.iterdir())
@@ -181,17 +194,19 @@ def test_full_lifecycle(server):
     folder = Path(created["folder"])
     assert folder == server.root / "alpha" and folder.is_dir()
     assert (folder / "getting-started.ipynb").read_bytes() == (REPO / "notebooks" / "getting-started.ipynb").read_bytes()
-    local_url = api.compute("local")["url"]
-    assert json.loads((folder / ".studio" / "compute.json").read_text()) == {"name": "local", "livy_url": local_url}
+    # Which compute it uses is the server's to say: nothing is written into the workspace's folder.
+    assert not (folder / ".studio").exists()
     assert "already exists" in error(api.http.post("/api/workspaces", json={"name": "alpha"}), 409)
 
     wid = created["id"]
     starting = api.action(wid, "start")
     assert starting["state"] == "Starting" and starting["url"] is None
-    assert "Starting" in error(api.http.post(f"/api/workspaces/{wid}/start"), 409)
+    assert "Starting" in error(api.http.post(f"/api/workspaces/{wid}/start", json={}), 409)
     running = api.wait_state(wid, ("Attached", "Failed"))
     assert running["state"] == "Attached", running["reason"]
-    assert running["url"].startswith("http://127.0.0.1:") and "/lab?token=" in running["url"]
+    # The listing never shows JupyterLab's token; its "url" redirects there (see lab_url).
+    assert running["url"] == f"/api/workspaces/{wid}/open" and "token" not in api.http.get("/api/workspaces").text
+    assert running["lab_url"].startswith("http://127.0.0.1:") and "/lab?token=" in running["lab_url"]
 
     # JupyterLab answers with its token only, offers the PySpark kernel, and knows its workspace.
     assert lab_get(running, "/api/status").status_code == 200
@@ -199,12 +214,19 @@ def test_full_lifecycle(server):
     specs = lab_get(running, "/api/kernelspecs").json()["kernelspecs"]
     assert specs["pyspark"]["spec"]["display_name"] == "PySpark"
     pid = lab_pid(running)
-    environ = dict(
-        item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in item
-    )
-    assert environ["STUDIO_WORKSPACE_DIR"] == str(folder)
+    environ = lab_environ(running)
+    assert environ["STUDIO_WORKSPACE_ID"] == str(wid) and environ["STUDIO_SERVER_URL"] == server.process.url
+    assert json.loads(Path(environ["STUDIO_SERVER_FILE"]).read_text())["url"] == server.process.url
+    assert environ["STUDIO_KERNEL_TOKEN"] and "STUDIO_TOKEN" not in environ
+    # The kernels' secret answers exactly one question, for this workspace: where is my compute.
+    local = api.compute("local")
+    assert kernel_connection(server, running).json() == {
+        "compute": "local", "livy_url": local["url"], "user": None, "token": server.process.token
+    }
+    kernel_headers = {"Authorization": f"Bearer {environ['STUDIO_KERNEL_TOKEN']}"}
+    assert httpx.get(f"{server.process.url}/api/workspaces", headers=kernel_headers, trust_env=False).status_code == 403
     assert environ["JUPYTER_PATH"].split(os.pathsep)[0] == str(server.process.state_dir / "jupyter")
-    assert str(running["url"].split("token=")[1]) not in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+    assert str(running["lab_url"].split("token=")[1]) not in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
     assert os.readlink(f"/proc/{pid}/cwd") == str(folder)
 
     # A kernel started in it (plain Python: cheap) must end with the workspace.
@@ -212,7 +234,7 @@ def test_full_lifecycle(server):
     assert kernel.status_code == 201, kernel.text
     kernel_pids = _wait_kernel_pids(pid)
 
-    assert "running" in error(api.http.post(f"/api/workspaces/{wid}/start"), 409)
+    assert "running" in error(api.http.post(f"/api/workspaces/{wid}/start", json={}), 409)
     message = error(api.http.delete(f"/api/workspaces/{wid}"), 409)
     assert "stop it first" in message and "force=true" in message
 
@@ -221,7 +243,7 @@ def test_full_lifecycle(server):
     idle = api.wait_state(wid, ("Idle",))
     assert idle["reason"] == "Stopped on request." and idle["url"] is None
     assert wait_gone(pid) and all(wait_gone(k) for k in kernel_pids)
-    assert "already stopped" in error(api.http.post(f"/api/workspaces/{wid}/stop"), 409)
+    assert "already stopped" in error(api.http.post(f"/api/workspaces/{wid}/stop", json={}), 409)
 
     # Update: description, idle timeout, and a rename, which moves the folder.
     (folder / "mine.ipynb").write_text("{}")
@@ -231,10 +253,10 @@ def test_full_lifecycle(server):
     assert (folder / "mine.ipynb").exists() and not (server.root / "alpha").exists()
     assert "slash" in error(api.http.patch(f"/api/workspaces/{wid}", json={"name": "x/y"}), 400)
 
-    # Delete keeps the files by default; the compute file of the deleted workspace goes.
+    # Delete keeps the files by default.
     result = api.delete(wid)
     assert result == {"msg": "deleted", "id": wid, "name": "alpha2", "folder": str(folder), "files": "kept"}
-    assert (folder / "mine.ipynb").exists() and not (folder / ".studio" / "compute.json").exists()
+    assert (folder / "mine.ipynb").exists()
     assert api.http.get(f"/api/workspaces/{wid}").status_code == 404
     # A new workspace with the same name picks the files up again; remove_files=true deletes them.
     again = api.create(name="alpha2")
@@ -314,11 +336,22 @@ def test_computes_are_health_checked_and_list_their_sessions(server, second_livy
     assert "http:// or https://" in error(api.http.post("/api/computes", json={"name": "f", "url": "ftp://x"}), 400)
     assert "slash" in error(api.http.post("/api/computes", json={"name": "a/b", "url": second_livy.url}), 400)
 
-    response = api.http.post("/api/computes", json={"name": "second", "url": second_livy.url + "/"})
+    # A compute that wants credentials is checked with them now, not at the first cell.
+    refused = error(api.http.post("/api/computes", json={"name": "second", "url": second_livy.url}), 502)
+    assert "refused the credentials" in refused
+    response = api.http.post("/api/computes", json={"name": "second", "url": second_livy.url + "/", "token": second_livy.token})
     assert response.status_code == 201, response.text
     second = response.json()
     assert second["url"] == second_livy.url and second["healthy"] and not second["managed"]
+    assert second["auth"] == "bearer" and second_livy.token not in json.dumps(api.http.get("/api/computes").json())
     assert "already exists" in error(api.http.post("/api/computes", json={"name": "second", "url": second_livy.url}), 409)
+    # Credentials in a URL are taken out of it: kept for the compute, never shown.
+    host = second_livy.url.removeprefix("http://")
+    basic = api.http.post("/api/computes", json={"name": "basic", "url": f"http://someone:{second_livy.token}@{host}"})
+    assert basic.status_code == 201, basic.text
+    assert basic.json()["url"] == second_livy.url and basic.json()["auth"] == "basic" and basic.json()["healthy"]
+    assert second_livy.token not in basic.text
+    assert api.http.delete("/api/computes/basic").status_code == 200
     assert "provided by studio serve" in error(api.http.delete("/api/computes/local"), 409)
 
     livy = second_livy.client()
@@ -341,12 +374,14 @@ def test_attach_to_a_second_compute_and_back(server, second_livy, folder):
     workspace = api.create(name="gamma", compute="local", start=True)
     wid = workspace["id"]
     attached = api.wait_state(wid, ("Attached",))
-    compute_file = server.root / "gamma" / ".studio" / "compute.json"
-    assert json.loads(compute_file.read_text())["name"] == "local"
+    assert kernel_connection(server, attached).json()["compute"] == "local"
 
     moved = api.action(wid, "attach", expect=200, compute="second")
     assert moved["state"] == "Attached" and moved["compute"] == "second"
-    assert json.loads(compute_file.read_text()) == {"name": "second", "livy_url": second_livy.url}
+    # The kernels get the second compute's own credentials, from the server.
+    assert kernel_connection(server, moved).json() == {
+        "compute": "second", "livy_url": second_livy.url, "user": None, "token": second_livy.token
+    }
     assert lab_pid(moved) == lab_pid(attached)  # attaching does not restart JupyterLab
     assert api.compute("second")["workspaces"] == ["gamma"]
     assert "attached to workspace(s) gamma" in error(api.http.delete("/api/computes/second"), 409)
@@ -355,7 +390,8 @@ def test_attach_to_a_second_compute_and_back(server, second_livy, folder):
     # A compute that stops answering: attaching to it fails with 502 and the workspace stays where it was.
     doomed = start_service(folder, "doomed-livy", env={"STUDIO_POOL_SIZE": "0"})
     try:
-        assert api.http.post("/api/computes", json={"name": "doomed", "url": doomed.url}).status_code == 201
+        body = {"name": "doomed", "url": doomed.url, "token": doomed.token}
+        assert api.http.post("/api/computes", json=body).status_code == 201
     finally:
         assert doomed.stop() == 0
     unhealthy = api.compute("doomed")
@@ -363,17 +399,17 @@ def test_attach_to_a_second_compute_and_back(server, second_livy, folder):
     assert "did not answer" in error(api.http.post(f"/api/workspaces/{wid}/attach", json={"compute": "doomed"}), 502)
     still = api.workspace(wid)
     assert still["state"] == "Attached" and still["compute"] == "second"
-    assert json.loads(compute_file.read_text())["name"] == "second"
+    assert kernel_connection(server, still).json()["compute"] == "second"
     assert "Unreachable" in api.http.get("/ui/computes").text
     assert api.http.delete("/api/computes/doomed").json() == {"msg": "deleted", "name": "doomed"}
 
     detached = api.action(wid, "detach", expect=200)
     assert detached["state"] == "Ready" and detached["compute"] is None
     assert detached["reason"] == "Detached from compute 'second'."
-    assert not compute_file.exists()
-    assert "not attached" in error(api.http.post(f"/api/workspaces/{wid}/detach"), 409)
+    assert "not attached" in error(kernel_connection(server, detached), 409)
+    assert "not attached" in error(api.http.post(f"/api/workspaces/{wid}/detach", json={}), 409)
     back = api.action(wid, "attach", expect=200, compute="local")
-    assert back["state"] == "Attached" and json.loads(compute_file.read_text())["name"] == "local"
+    assert back["state"] == "Attached" and kernel_connection(server, back).json()["compute"] == "local"
     api.stopped(wid)
 
 
@@ -482,9 +518,10 @@ def test_after_a_crash_running_workspaces_are_found_again_or_marked_idle(server)
         found = api.by_name(name)
         assert found["state"] == "Attached", found
         assert found["reason"] == f"Found running again (JupyterLab pid {lab_pid(before[name])}) after studio serve restarted."
-        assert found["url"] == before[name]["url"] and lab_get(found, "/api/status").status_code == 200
-        # The compute's URL changed with the new session service; the workspace's kernels follow it.
-        assert json.loads((server.root / name / ".studio" / "compute.json").read_text())["livy_url"] == new_local
+        assert found["lab_url"] == before[name]["lab_url"] and lab_get(found, "/api/status").status_code == 200
+        # The compute's URL changed with the new session service; the workspace's kernels follow it,
+        # with the secret they were started with.
+        assert kernel_connection(server, found).json()["livy_url"] == new_local
 
     # A found-again JupyterLab stops like any other...
     stopped = api.stopped(api.by_name("delta")["id"])

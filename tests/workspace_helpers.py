@@ -134,6 +134,12 @@ class StudioClient:
     def close(self) -> None:
         self.http.close()
 
+    def __enter__(self) -> "StudioClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def create(self, expect: int = 201, **body: Any) -> dict[str, Any]:
         response = self.http.post("/api/workspaces", json=body)
         assert response.status_code == expect, response.text
@@ -142,10 +148,20 @@ class StudioClient:
     def workspace(self, workspace_id: int | str) -> dict[str, Any]:
         response = self.http.get(f"/api/workspaces/{workspace_id}")
         assert response.status_code == 200, response.text
-        return response.json()
+        return self.with_lab(response.json())
 
     def workspaces(self) -> list[dict[str, Any]]:
-        return self.http.get("/api/workspaces").json()["workspaces"]
+        return [self.with_lab(w) for w in self.http.get("/api/workspaces").json()["workspaces"]]
+
+    def with_lab(self, workspace: dict[str, Any]) -> dict[str, Any]:
+        """The workspace with ``lab_url``: where its ``url`` (the Studio's "Open JupyterLab") redirects,
+        JupyterLab's address with its token, which no listing shows."""
+        workspace["lab_url"] = None
+        if workspace.get("url"):
+            response = self.http.get(workspace["url"], follow_redirects=False)
+            if response.status_code == 303:
+                workspace["lab_url"] = response.headers["location"]
+        return workspace
 
     def by_name(self, name: str) -> dict[str, Any]:
         found = [w for w in self.workspaces() if w["name"] == name]
@@ -153,7 +169,7 @@ class StudioClient:
         return found[0]
 
     def action(self, workspace_id: int | str, verb: str, expect: int = 202, **body: Any) -> dict[str, Any]:
-        response = self.http.post(f"/api/workspaces/{workspace_id}/{verb}", json=body if body else None)
+        response = self.http.post(f"/api/workspaces/{workspace_id}/{verb}", json=body)
         assert response.status_code == expect, response.text
         return response.json()
 
@@ -193,13 +209,13 @@ class StudioClient:
 
 def lab_get(workspace: dict[str, Any], path: str, token: bool = True) -> httpx.Response:
     """GET on a workspace's JupyterLab, with its token (from the workspace's url) or without."""
-    base, _, secret = workspace["url"].partition("/lab?token=")
+    base, _, secret = workspace["lab_url"].partition("/lab?token=")
     headers = {"Authorization": f"token {secret}"} if token else {}
     return httpx.get(base + path, headers=headers, timeout=30, trust_env=False)
 
 
 def lab_post(workspace: dict[str, Any], path: str, body: dict[str, Any]) -> httpx.Response:
-    base, _, secret = workspace["url"].partition("/lab?token=")
+    base, _, secret = workspace["lab_url"].partition("/lab?token=")
     return httpx.post(base + path, json=body, headers={"Authorization": f"token {secret}"}, timeout=30, trust_env=False)
 
 

@@ -8,12 +8,14 @@ long-polls statements (``?wait=``); against any other Livy it polls with a short
 from __future__ import annotations
 
 import contextlib
-import getpass
 import socket
 import time
 from typing import Any, Iterator
 
 import httpx
+
+from studio.auth.credentials import authorization as auth_header
+from studio.auth.credentials import credentials_for
 
 FINAL_STATEMENT_STATES = ("available", "cancelled", "error")
 FINAL_SESSION_STATES = ("dead", "error", "killed", "success")
@@ -42,16 +44,17 @@ def map_livy_errors(method: str, url: str) -> Iterator[None]:
         raise LivyError(f"{method} {url} failed: {exc}", method=method, url=url) from None
 
 
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no user name in some containers
-        return "unknown"
+_FIND = object()  # LivyClient's default: find the credentials for the URL (studio.auth.credentials)
 
 
 class LivyClient:
-    def __init__(self, url: str, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, timeout: float = 30.0, authorization: Any = _FIND) -> None:
+        """``authorization``: the Authorization header to send; by default found for ``url`` (see
+        ``studio.auth.credentials``); None sends none."""
         self.url = url.rstrip("/")
+        if authorization is _FIND:
+            authorization = auth_header(*credentials_for(self.url))
+        self.authorization: str | None = authorization
         # TCP_NODELAY: httpx writes a POST's headers and body apart, and Nagle's algorithm would
         # hold the body for the server's delayed ACK (~40 ms per statement).
         # Certificates are loaded only for an https:// service: building a verifying SSL context
@@ -65,7 +68,10 @@ class LivyClient:
             base_url=self.url,
             timeout=httpx.Timeout(timeout, connect=5.0),
             transport=transport,
-            headers={"X-Studio-User": _user(), "X-Requested-By": "spark-studio-kernel"},
+            headers={
+                "X-Requested-By": "spark-studio-kernel",
+                **({"Authorization": authorization} if authorization else {}),
+            },
         )
         self._studio: bool | None = None
 
@@ -102,6 +108,15 @@ class LivyClient:
             self._studio = "spark-studio" in str(version.get("revision", ""))
         return self._studio
 
+    def whoami(self) -> str | None:
+        """Who the service takes this client for (the ``owner`` of its sessions); None when it cannot say."""
+        if not self.is_studio:
+            return None
+        try:
+            return str(self.request("GET", "/studio/whoami").get("user"))
+        except LivyError:
+            return None
+
     # -- sessions ---------------------------------------------------------------------------
 
     def create_session(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -110,6 +125,20 @@ class LivyClient:
     def get_session(self, session_id: int | str) -> dict[str, Any]:
         """By id, or by name (our service and Livy 0.7+ look a session up by its name too)."""
         return self.request("GET", f"/sessions/{session_id}")
+
+    def check_session(self, body: dict[str, Any]) -> bool:
+        """Whether the service accepts ``body`` for POST /sessions, asked without starting anything
+        (Spark Studio's ``POST /studio/sessions/check``). True: accepted; False: this service cannot
+        check (a plain Livy); LivyError with status 400 and the reason: refused."""
+        if not self.is_studio:
+            return False
+        try:
+            self.request("POST", "/studio/sessions/check", json=body, ok=(200,))
+        except LivyError as exc:
+            if exc.status in (404, 405, 501):  # a service from before the check existed
+                return False
+            raise
+        return True
 
     def list_sessions(self) -> list[dict[str, Any]]:
         return list(self.request("GET", "/sessions", params={"size": 1000}).get("sessions", []))

@@ -6,57 +6,94 @@ from __future__ import annotations
 import json
 import os
 import threading
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable
 
+import httpx
+
+from studio.auth.credentials import authorization, credentials_for
 from studio.kernel.livy_client import LivyClient, LivyError
 
 DEFAULT_URL = "http://127.0.0.1:8998"
-COMPUTE_FILE = Path(".studio") / "compute.json"
 # The service stops a session whose kernel stopped sending heartbeats (a killed kernel).
 HEARTBEAT_TIMEOUT = 120
 HEARTBEAT_INTERVAL = 30.0
 
 
-def _compute_file(folder: Path) -> tuple[str, str] | None:
-    candidate = folder / COMPUTE_FILE
-    if candidate.is_file():
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the kernel's cells go, where that came from, and the Authorization header to send."""
+
+    url: str
+    source: str
+    authorization: str | None
+
+
+def _workspace_endpoint(server: str, workspace_id: str, kernel_token: str) -> Endpoint:
+    """Ask the workspace server which compute this workspace is attached to (and its credentials)."""
+    url = f"{server.rstrip('/')}/api/workspaces/{workspace_id}/connection"
+    try:
+        response = httpx.get(url, headers={"Authorization": f"Bearer {kernel_token}"}, timeout=10, trust_env=False)
+    except httpx.HTTPError as exc:
+        raise LivyError(
+            f"Cannot reach the Studio at {server} to find this workspace's compute ({exc}); if the Studio was restarted "
+            "on another port, restart the workspace."
+        ) from None
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if response.status_code != 200:
+        raise LivyError(str(body.get("msg") or f"The Studio answered {response.status_code}"), status=response.status_code)
+    return Endpoint(
+        str(body["livy_url"]),
+        f"workspace compute '{body.get('compute', '?')}'",
+        authorization(body.get("user"), body.get("token")),
+    )
+
+
+def _current_server(started_with: str) -> str:
+    """Where the Studio listens now: it writes that into its state directory (STUDIO_SERVER_FILE) at every
+    start, and a kernel may outlive a restart of the Studio on another port."""
+    path = os.environ.get("STUDIO_SERVER_FILE")
+    if path:
         try:
-            compute = json.loads(candidate.read_text())
-            return str(compute["livy_url"]), f"workspace compute '{compute.get('name', '?')}' ({candidate})"
-        except (ValueError, KeyError, OSError):
-            return None
-    return None
+            return str(json.loads(open(path).read())["url"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return started_with
 
 
-def resolve_livy_url() -> tuple[str, str]:
-    """(URL, where it came from), first found of:
+def resolve_endpoint() -> Endpoint:
+    """The first found of:
 
-    1. the compute attached to the workspace the kernel runs in: the workspace server writes
-       ``<workspace>/.studio/compute.json`` and starts JupyterLab with STUDIO_WORKSPACE_DIR;
+    1. in a workspace of the Studio (JupyterLab started by ``studio serve`` sets STUDIO_SERVER_URL,
+       STUDIO_WORKSPACE_ID and STUDIO_KERNEL_TOKEN): the compute the workspace is attached to, as the
+       Studio says, with the compute's credentials. Nothing in the workspace's folder counts, so a
+       cloned repository cannot send cells elsewhere;
     2. STUDIO_LIVY_URL (``studio run --livy-url`` sets it);
-    3. a ``.studio/compute.json`` above the kernel's working directory (the notebook's folder);
-    4. http://127.0.0.1:8998.
+    3. http://127.0.0.1:8998.
 
-    It is resolved again for every new session, so an attach takes effect without a kernel restart.
+    Outside a workspace the credentials come from ``studio.auth.credentials`` (STUDIO_LIVY_TOKEN, or
+    the local studio's token for a service on this machine). It is resolved again for every new
+    session, so an attach takes effect without a kernel restart.
     """
-    if os.environ.get("STUDIO_WORKSPACE_DIR"):
-        found = _compute_file(Path(os.environ["STUDIO_WORKSPACE_DIR"]))
-        if found:
-            return found
-    if os.environ.get("STUDIO_LIVY_URL"):
-        return os.environ["STUDIO_LIVY_URL"], "STUDIO_LIVY_URL"
-    for folder in (Path.cwd(), *Path.cwd().parents):
-        found = _compute_file(folder)
-        if found:
-            return found
-    return DEFAULT_URL, "default"
+    server, workspace_id, kernel_token = (
+        os.environ.get(name, "") for name in ("STUDIO_SERVER_URL", "STUDIO_WORKSPACE_ID", "STUDIO_KERNEL_TOKEN")
+    )
+    server = _current_server(server)
+    if server and workspace_id and kernel_token:
+        return _workspace_endpoint(server, workspace_id, kernel_token)
+    url, source = (os.environ["STUDIO_LIVY_URL"], "STUDIO_LIVY_URL") if os.environ.get("STUDIO_LIVY_URL") else (DEFAULT_URL, "default")
+    return Endpoint(url, source, authorization(*credentials_for(url)))
 
 
 class RemoteSession:
     def __init__(self, startup_timeout: float) -> None:
         self.startup_timeout = startup_timeout
         self.config: dict[str, Any] = {}  # the %%configure body
+        self.good_config: dict[str, Any] = {}  # the settings of the last session that started
+        self.lost: dict[str, Any] | None = None  # the last session that ended under this kernel, and why
         self.client: LivyClient | None = None
         self.url = ""
         self.url_source = ""
@@ -76,12 +113,14 @@ class RemoteSession:
     def connect(self) -> LivyClient:
         """The client for the current endpoint (resolved again while no session runs)."""
         with self._connect_lock:
-            url, source = resolve_livy_url()
-            if self.client is None or (not self.started and url != self.url):
+            if self.client is not None and self.started:
+                return self.client
+            endpoint = resolve_endpoint()
+            if self.client is None or endpoint.url != self.url or endpoint.authorization != self.client.authorization:
                 if self.client is not None:
                     self.client.close()
-                self.client = LivyClient(url)
-                self.url, self.url_source = url, source
+                self.client = LivyClient(endpoint.url, authorization=endpoint.authorization)
+            self.url, self.url_source = endpoint.url, endpoint.source
             return self.client
 
     def prepare_in_background(self) -> None:
@@ -100,13 +139,25 @@ class RemoteSession:
 
         threading.Thread(target=prepare, name="studio-prepare", daemon=True).start()
 
-    def body(self) -> dict[str, Any]:
+    def body(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
+        """POST /sessions body for ``config`` (default: the current %%configure settings)."""
         body: dict[str, Any] = {"kind": "pyspark", "heartbeatTimeoutInSecond": HEARTBEAT_TIMEOUT}
         if os.environ.get("STUDIO_SESSION_NAME"):
             # Set by `studio run`, which deletes the session by this name when the run ends,
             # whatever happened to the kernel.
             body["name"] = os.environ["STUDIO_SESSION_NAME"]
-        return {**body, **self.config}
+        return {**body, **(self.config if config is None else config)}
+
+    def check(self, config: dict[str, Any]) -> bool:
+        """Ask the service whether a session with ``config`` would be accepted, without starting one.
+
+        LivyError (status 400, the service's reason) when it would be refused; False when the service
+        cannot check (a plain Livy): the start itself will tell. The name of the session that the new
+        one replaces is left out: it is free by the time the new one starts."""
+        body = self.body(config)
+        if self.info is not None and body.get("name") == self.info.get("name"):
+            body.pop("name", None)
+        return self.connect().check_session(body)
 
     def start(self, on_wait: Callable[[dict[str, Any], float], None] | None = None) -> dict[str, Any]:
         """Create the session and wait until it is idle; on failure nothing is kept, so a later cell retries."""
@@ -125,6 +176,7 @@ class RemoteSession:
         except KeyboardInterrupt:
             client.delete_session(created["id"])
             raise
+        self.good_config, self.lost = dict(self.config), None
         self._start_heartbeat()
         return self.info
 
@@ -143,9 +195,12 @@ class RemoteSession:
                 pass
         self.info = None
 
-    def forget(self) -> None:
-        """The session is gone on the server (dead, deleted elsewhere): start a new one next time."""
+    def forget(self, reason: str = "") -> None:
+        """The session is gone on the server (dead, deleted elsewhere): start a new one next time.
+        It is remembered (``lost``) so %%info and %%logs can still name it."""
         self._stop_heartbeat.set()
+        if self.info is not None:
+            self.lost = {"id": self.id, "name": self.info.get("name"), "reason": reason}
         self.info = None
 
     def close(self) -> None:

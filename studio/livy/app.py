@@ -15,9 +15,10 @@ import re
 from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from studio.auth.gate import gate
+from studio import files
 from studio.config import Settings
 from studio.livy import sparkconf
 from studio.livy.batches import BatchManager
@@ -27,7 +28,7 @@ from studio.livy.routes import ROUTES
 from studio.livy.sessions import SessionManager
 from studio.livy.workers import WorkerProcess, WorkerSpec
 from studio.store import Store
-from studio.web import error_handlers
+from studio.web import JSONResponse, error_handlers
 
 log = logging.getLogger("studio.livy")
 
@@ -61,7 +62,7 @@ class Service:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        files.secure_state_dir(settings.state_dir, log)  # 0700, loose modes left by anyone fixed and logged
         self.store = Store(settings.database_path)
         for table in ("sessions", "batches"):
             closed = self.store.mark_unfinished(table, "dead", "the service stopped before it finished")
@@ -135,4 +136,5 @@ def create_app(settings: Settings) -> ASGIApp:
         lifespan=lifespan,
         exception_handlers=error_handlers(log),
     )
-    return _AcceptVersion(app)
+    # Livy's own clients authenticate with HTTP Basic (LDAP mode), so the service invites it too.
+    return gate(_AcceptVersion(app), settings, realm="Spark Studio session service", bound_host=settings.host, basic_challenge=True)

@@ -19,6 +19,7 @@ from studio.livy.models import (
     CreateStatement,
     InspectRequest,
     parse_body,
+    view,
 )
 from studio.livy.sessions import Session, SessionManager
 from studio.web import JSONResponse
@@ -98,6 +99,16 @@ async def version(request: Request) -> Response:
     )
 
 
+async def health(request: Request) -> Response:
+    """Open (no credentials): for load balancers and service managers; says nothing about sessions."""
+    return JSONResponse({"status": "ok"})
+
+
+async def whoami(request: Request) -> Response:
+    """Who this request authenticated as: the ``owner`` of the sessions and batches it creates."""
+    return JSONResponse({"user": request.user.name})
+
+
 async def status(request: Request) -> Response:
     """Service health and the warm pool (an extension; Livy has no such route)."""
     state = request.app.state
@@ -123,14 +134,13 @@ async def list_sessions(request: Request) -> Response:
     size = _int_param(request, "size", 100)
     total, page = _sessions(request).list(start, 100 if size is None else size)
     base = _base_url(request)
+    # Livy echoes ``from`` as given, also a negative one (its page then starts at 0).
     return JSONResponse({"from": start, "total": total, "sessions": [s.to_json(base) for s in page]})
 
 
-def _owner(request: Request) -> str | None:
-    """Without authentication Livy's ``owner`` is null; a client may name its user in X-Studio-User
-    (the PySpark kernel does, so %%cleanup can stay within one user's sessions)."""
-    user = request.headers.get("x-studio-user", "").strip()
-    return user[:128] or None
+def _owner(request: Request) -> str:
+    """Who the request acts for, as the gate authenticated it (never a header the client chooses)."""
+    return str(request.user.name)
 
 
 async def create_session(request: Request) -> Response:
@@ -166,10 +176,23 @@ async def delete_session(request: Request) -> Response:
 def _log_page(log: Any, request: Request, item_id: int) -> Response:
     start = _int_param(request, "from", None)
     size = _int_param(request, "size", None)
+    limit = request.app.state.settings.max_log_page_lines
+    if size is not None and size > limit:
+        raise InvalidRequestError(
+            f"'size' of {size:,} lines is over the {limit:,} lines one log request may read "
+            "(STUDIO_MAX_LOG_PAGE_LINES); read the log in pages with 'from' and 'size'."
+        )
     if log is None:
         return JSONResponse({"id": item_id, "from": 0, "total": 0, "log": []})
-    first, total, lines = log.page(start, size)
+    first, total, lines = log.page(start, size, limit)
     return JSONResponse({"id": item_id, "from": first, "total": total, "log": lines})
+
+
+def _log_text(log: Any) -> Response:
+    """A whole log as text, streamed from its file (it can be far larger than a JSON page)."""
+    if log is None or not log.path.is_file():
+        return PlainTextResponse("")
+    return FileResponse(log.path, media_type="text/plain; charset=utf-8")
 
 
 async def session_log(request: Request) -> Response:
@@ -178,9 +201,8 @@ async def session_log(request: Request) -> Response:
 
 
 async def session_log_text(request: Request) -> Response:
-    session = _sessions(request).get(request.path_params["session_id"])
-    text = "\n".join(session.log.lines(0, -1)) if session.log else ""
-    return PlainTextResponse(text + "\n")
+    """``appInfo.driverLogUrl``: also for a session DELETEd within the retention time."""
+    return _log_text(_sessions(request).driver_log(request.path_params["session_id"]))
 
 
 # -- statements ----------------------------------------------------------------------------
@@ -193,8 +215,8 @@ async def list_statements(request: Request) -> Response:
         statements.reverse()
     total = len(statements)
     start = _int_param(request, "from", 0) or 0
-    size = _int_param(request, "size", -1)
-    page = statements[start:] if size is None or size < 0 else statements[start : start + size]
+    size = _int_param(request, "size", None)
+    page = view(statements, start, total if size is None else size)
     return JSONResponse({"total_statements": total, "statements": [s.to_json() for s in page]})
 
 
@@ -284,8 +306,8 @@ async def batch_log(request: Request) -> Response:
 
 
 async def batch_log_text(request: Request) -> Response:
-    batch = _batches(request).get(request.path_params["batch_id"])
-    return PlainTextResponse("\n".join(batch.log.lines(0, -1)) + "\n")
+    """``appInfo.driverLogUrl``: also for a batch DELETEd within the retention time."""
+    return _log_text(_batches(request).driver_log(request.path_params["batch_id"]))
 
 
 async def delete_batch(request: Request) -> Response:
@@ -296,7 +318,9 @@ async def delete_batch(request: Request) -> Response:
 
 ROUTES = [
     Route("/version", version, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
     Route("/studio/status", status, methods=["GET"]),
+    Route("/studio/whoami", whoami, methods=["GET"]),
     Route("/studio/sessions/check", check_session, methods=["POST"]),
     Route("/sessions", list_sessions, methods=["GET"]),
     Route("/sessions", create_session, methods=["POST"]),

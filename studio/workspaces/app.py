@@ -5,6 +5,7 @@ PySpark kernelspec for the JupyterLabs, the compute ``local`` (the embedded sess
 starts, or ``settings.livy_url``), then the workspace manager, which finds the JupyterLabs of a
 previous run again, then the execution manager (notebook runs). Stopping the server stops every
 notebook run, every JupyterLab and the session service it started. One error handler turns ``studio.errors`` into ``{"msg": ...}``.
+The gate (``studio.auth.gate``) stands in front of every route.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from typing import AsyncIterator
-from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
-from studio.config import Settings, is_loopback
+from studio import files
+from studio.auth.gate import ADMIN, Principal, gate, settings_token
+from studio.config import Settings
 from studio.kernel.install import write_kernelspec
 from studio.store import Store
 from studio.web import error_handlers
@@ -31,40 +32,24 @@ from studio.workspaces.session_service import EmbeddedSessionService
 
 log = logging.getLogger("studio.workspaces")
 
-_SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+def create_app(settings: Settings, url: str = "") -> ASGIApp:
+    """The workspace server; ``url`` is where it listens (its workspaces' kernels call it back there)."""
+    token = settings_token(settings)
+    # What the built-in compute `local` is sent: the embedded service shares the studio's token.
+    local_credential = (
+        settings.livy_token.get_secret_value() if settings.livy_url and settings.livy_token is not None else token
+    )
+    parts: dict[str, WorkspaceManager] = {}
 
+    def kernel_principal(secret: str) -> Principal | None:
+        """A workspace's kernels (STUDIO_KERNEL_TOKEN) may only ask where their compute is."""
+        manager = parts.get("workspaces")
+        workspace_id = manager.workspace_for_kernel(secret) if manager is not None else None
+        if workspace_id is None:
+            return None
+        path = f"/api/workspaces/{workspace_id}/connection"
+        return Principal(f"workspace-{workspace_id}-kernels", kind="kernel", routes=frozenset({("GET", path)}))
 
-class _SameOriginOnly:
-    """Refuse what a web page on another site could make a browser send here.
-
-    The server has no login yet and its API hands out JupyterLab tokens and starts code, so:
-    a ``Host`` other than this machine's names is refused when bound to loopback (DNS
-    rebinding), and a request that changes something is refused when its ``Origin`` is another
-    site (cross-site requests; browsers always send Origin with them).
-    """
-
-    def __init__(self, app: ASGIApp, loopback_only: bool) -> None:
-        self.app = app
-        self.loopback_only = loopback_only
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            headers = {name: value.decode("latin-1") for name, value in scope["headers"]}
-            host = headers.get("host", "")
-            problem = None
-            if self.loopback_only and host and not is_loopback(urlsplit(f"//{host}").hostname or ""):
-                problem = f"Host '{host}' is not this machine; open the Studio at http://127.0.0.1."
-            origin = headers.get("origin")
-            if problem is None and scope["method"] not in _SAFE_METHODS and origin and origin != "null":
-                if urlsplit(origin).netloc != host:
-                    problem = f"Cross-origin request from {origin} refused."
-            if problem:
-                await JSONResponse({"msg": problem}, status_code=403)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def create_app(settings: Settings) -> ASGIApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -74,20 +59,21 @@ def create_app(settings: Settings) -> ASGIApp:
         write_kernelspec(jupyter_dir)
         jupyter_config_dir = settings.state_dir / "jupyter-config"
         write_lab_defaults(jupyter_config_dir)
-        computes = ComputeManager(settings, store)
+        computes = ComputeManager(settings, store, local_credential)
         session_service: EmbeddedSessionService | None = None
         manager: WorkspaceManager | None = None
         executions: ExecutionManager | None = None
         try:
             if settings.livy_url:
-                computes.register_managed(LOCAL, settings.livy_url)
+                computes.register_managed(LOCAL, settings.livy_url, ADMIN)
             else:
                 session_service = EmbeddedSessionService(
-                    settings, settings.state_dir / "livy", port=settings.port, pool_size=settings.pool_size
+                    settings, settings.state_dir / "livy", port=settings.port, pool_size=settings.pool_size, token=token
                 )
-                computes.register_managed(LOCAL, await session_service.start())
-            manager = WorkspaceManager(settings, store, computes, jupyter_dir, jupyter_config_dir)
+                computes.register_managed(LOCAL, await session_service.start(), ADMIN)
+            manager = WorkspaceManager(settings, store, computes, jupyter_dir, jupyter_config_dir, server_url=url)
             await manager.recover()
+            parts["workspaces"] = manager
             executions = ExecutionManager(settings, store, manager, computes)
             await executions.recover()
             app.state.settings = settings
@@ -98,6 +84,7 @@ def create_app(settings: Settings) -> ASGIApp:
             app.state.executions = executions
             yield
         finally:
+            parts.clear()
             if executions is not None:
                 await executions.shutdown()  # before the session service their runs use
             if manager is not None:
@@ -112,4 +99,4 @@ def create_app(settings: Settings) -> ASGIApp:
         lifespan=lifespan,
         exception_handlers=error_handlers(log),
     )
-    return _SameOriginOnly(app, loopback_only=is_loopback(settings.serve_host))
+    return gate(app, settings, realm="Spark Studio", bound_host=settings.serve_host, extra_tokens=kernel_principal)

@@ -1,22 +1,29 @@
 """Computes: named Livy endpoints that workspaces attach to.
 
-A compute is a row (name, URL, owner) plus what its endpoint says when asked: ``GET /version``
-(any Livy answers it), ``GET /studio/status`` (only the studio's own session service; a plain
-Livy has none, which is fine) and ``GET /sessions``. Nothing is cached: a compute is asked when
-it is listed, so the Studio page shows its state as of that moment.
+A compute is a row (name, URL, owner, credentials) plus what its endpoint says when asked:
+``GET /version`` (any Livy answers it), ``GET /studio/status`` (only the studio's own session
+service; a plain Livy has none, which is fine) and ``GET /sessions``. Nothing is cached: a compute
+is asked when it is listed, so the Studio page shows its state as of that moment.
+
+Credentials (a token, or a user name and password for HTTP Basic) are kept in the store, sent
+only to that compute, given only to the kernels of workspaces attached to it (through the
+server, never through a file), and never shown: listings say only which kind they are. A URL with
+``user:password@`` in it is split into the URL and credentials. The built-in compute ``local``
+uses the studio's own token (or ``STUDIO_LIVY_TOKEN`` for a ``--livy-url`` of another studio).
 """
 
 from __future__ import annotations
 
 import asyncio
-import getpass
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
 
+from studio.auth.credentials import authorization
 from studio.config import Settings
 from studio.errors import ComputeUnreachableError, ConflictError, NotFoundError
 from studio.store import Store
@@ -35,12 +42,16 @@ class Compute:
     owner: str | None
     managed: bool  # registered by `studio serve` at every start; not removable through the API
     created_at: float
+    auth: dict[str, str | None] | None = None  # {"user", "token"}; never leaves the server except to kernels
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "Compute":
-        return cls(row["id"], row["name"], row["url"], row["owner"], bool(row["managed"]), row["created_at"])
+        return cls(
+            row["id"], row["name"], row["url"], row["owner"], bool(row["managed"]), row["created_at"], row.get("auth")
+        )
 
     def to_json(self) -> dict[str, Any]:
+        auth = self.auth or {}
         return {
             "id": self.id,
             "name": self.name,
@@ -48,16 +59,31 @@ class Compute:
             "owner": self.owner,
             "managed": self.managed,
             "created_at": self.created_at,
+            "auth": ("basic" if auth.get("user") else "bearer") if auth.get("token") else None,
         }
+
+
+def split_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """(URL without ``user:password@``, user, password): credentials never stay in a stored URL."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None, None
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)), user, password
 
 
 class ComputeManager:
     """Registers, lists and asks computes; raises only ``studio.errors``."""
 
-    def __init__(self, settings: Settings, store: Store, owner: str | None = None) -> None:
+    def __init__(self, settings: Settings, store: Store, local_credential: str | None = None) -> None:
         self.settings = settings
         self.store = store
-        self.owner = owner or getpass.getuser()
+        self.local_credential = local_credential  # what the built-in `local` compute is sent
         self._http = httpx.AsyncClient(timeout=settings.compute_timeout, trust_env=False)
 
     async def close(self) -> None:
@@ -78,29 +104,43 @@ class ComputeManager:
         except NotFoundError:
             return None
 
-    async def register(self, name: str, url: str) -> Compute:
-        """Register a Livy endpoint after checking that it answers like one."""
+    async def register(
+        self, name: str, url: str, owner: str, user: str | None = None, token: str | None = None
+    ) -> Compute:
+        """Register a Livy endpoint (with the credentials it wants) after checking that it answers like one."""
         check_name(name, "Compute")
-        url = check_livy_url(url)
+        url, url_user, url_password = split_credentials(check_livy_url(url))
+        user, token = user or url_user, token or url_password
         if self.find(name) is not None:
             raise ConflictError(f"A compute named '{name}' already exists.")
-        await self.health(url, name)
-        return self._insert(name, url, managed=False)
+        auth = {"user": user, "token": token} if token else None
+        await self.health(url, name, authorization(user, token))
+        return self._insert(name, url, owner, managed=False, auth=auth)
 
-    def register_managed(self, name: str, url: str) -> Compute:
+    def register_managed(self, name: str, url: str, owner: str) -> Compute:
         """(Re-)register a compute `studio serve` provides itself; its URL may differ from the last run's."""
         url = check_livy_url(url)
         existing = self.find(name)
         if existing is None:
-            return self._insert(name, url, managed=True)
+            return self._insert(name, url, owner, managed=True)
         self.store.update("computes", existing.id, url=url, managed=1)
         return self.get(name)
 
-    def _insert(self, name: str, url: str, managed: bool) -> Compute:
+    def _insert(
+        self, name: str, url: str, owner: str, managed: bool, auth: dict[str, str | None] | None = None
+    ) -> Compute:
         compute_id = self.store.next_id("compute")
         self.store.insert(
             "computes",
-            {"id": compute_id, "name": name, "url": url, "owner": self.owner, "managed": int(managed), "created_at": time.time()},
+            {
+                "id": compute_id,
+                "name": name,
+                "url": url,
+                "owner": owner,
+                "managed": int(managed),
+                "created_at": time.time(),
+                "auth": auth,
+            },
         )
         log.info("registered compute %s at %s", name, url)
         return self.get(name)
@@ -117,25 +157,41 @@ class ComputeManager:
         self.store.delete("computes", compute.id)
         log.info("removed compute %s", name)
 
+    def credentials(self, compute: Compute) -> tuple[str | None, str | None]:
+        """(user, token) to send to the compute: its own, or the studio's for the built-in one."""
+        if compute.managed:
+            return None, self.local_credential
+        auth = compute.auth or {}
+        return auth.get("user"), auth.get("token")
+
+    def authorization(self, compute: Compute) -> str | None:
+        return authorization(*self.credentials(compute))
+
     # -- asking a compute -------------------------------------------------------------------
 
-    async def health(self, url: str, name: str = "") -> dict[str, Any]:
-        """``/version`` (required) and ``/studio/status`` (if it has one); ComputeUnreachableError otherwise."""
+    async def check(self, compute: Compute) -> dict[str, Any]:
+        """The health of a registered compute (with its credentials)."""
+        return await self.health(compute.url, compute.name, self.authorization(compute))
+
+    async def health(self, url: str, name: str = "", auth: str | None = None) -> dict[str, Any]:
+        """``/version`` (required), a session listing (so that wrong credentials show now, not at the first
+        cell; Livy leaves /version open) and ``/studio/status`` (if it has one); ComputeUnreachableError otherwise."""
         label = f"Compute '{name}' at {url}" if name else f"Compute URL {url}"
-        version = await self._get_json(url, "/version", label)
+        version = await self._get_json(url, "/version", label, auth)
         if not isinstance(version, dict) or "version" not in version:
             raise ComputeUnreachableError(f"{label} answered GET /version without a version; is it a Livy endpoint?")
+        await self._get_json(url, "/sessions?size=1", label, auth)
         status: Any = None
         try:
-            status = await self._get_json(url, "/studio/status", label)
+            status = await self._get_json(url, "/studio/status", label, auth)
         except ComputeUnreachableError:
             status = None  # a plain Livy server: it has no such route
         return {"version": version.get("version"), "status": status if isinstance(status, dict) else None}
 
-    async def sessions(self, url: str, name: str = "") -> list[dict[str, Any]]:
+    async def sessions(self, compute: Compute) -> list[dict[str, Any]]:
         """The compute's Livy sessions, reduced to what the Studio shows."""
-        label = f"Compute '{name}' at {url}" if name else f"Compute URL {url}"
-        body = await self._get_json(url, "/sessions?size=1000", label)
+        label = f"Compute '{compute.name}' at {compute.url}"
+        body = await self._get_json(compute.url, "/sessions?size=1000", label, self.authorization(compute))
         sessions = body.get("sessions") if isinstance(body, dict) else None
         if not isinstance(sessions, list):
             raise ComputeUnreachableError(f"{label} answered GET /sessions without a session list.")
@@ -145,9 +201,7 @@ class ComputeManager:
         """The compute with its health and sessions; a compute that does not answer says why."""
         data = compute.to_json()
         try:
-            health, sessions = await asyncio.gather(
-                self.health(compute.url, compute.name), self.sessions(compute.url, compute.name)
-            )
+            health, sessions = await asyncio.gather(self.check(compute), self.sessions(compute))
         except ComputeUnreachableError as exc:
             data.update(healthy=False, error=exc.msg, version=None, status=None, sessions=[])
             return data
@@ -157,15 +211,20 @@ class ComputeManager:
     async def describe_all(self) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(self.describe(compute) for compute in self.list())))
 
-    async def _get_json(self, url: str, path: str, label: str) -> Any:
+    async def _get_json(self, url: str, path: str, label: str, auth: str | None = None) -> Any:
         try:
-            response = await self._http.get(url + path)
+            response = await self._http.get(url + path, headers={"Authorization": auth} if auth else None)
         except httpx.TimeoutException:
             raise ComputeUnreachableError(
                 f"{label} did not answer GET {path} within {self.settings.compute_timeout:g}s."
             ) from None
         except httpx.HTTPError as exc:
             raise ComputeUnreachableError(f"{label} did not answer: {str(exc) or type(exc).__name__}.") from None
+        if response.status_code in (401, 403):
+            raise ComputeUnreachableError(
+                f"{label} refused the credentials (HTTP {response.status_code} to GET {path}); register it with the "
+                "token or user name and password it expects."
+            )
         if response.status_code != 200:
             raise ComputeUnreachableError(f"{label} answered HTTP {response.status_code} to GET {path}.")
         try:

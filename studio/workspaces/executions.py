@@ -24,9 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import getpass
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -34,13 +34,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import nbformat
 import yaml
 from pydantic import Field
 
+from studio.auth.credentials import without_secrets
 from studio.config import Settings
 from studio.errors import ConflictError, InvalidRequestError, NotFoundError
-from studio.execution import CELL_LINE, KERNEL_READY, RunError, inject_parameters
+from studio.execution import CELL_LINE, KERNEL_READY, RUN_STARTED, RunError, inject_parameters, json_safe, read_notebook
 from studio.store import Store
 from studio.workspaces.computes import LOCAL, ComputeManager
 from studio.workspaces.manager import WorkspaceManager
@@ -107,6 +107,7 @@ class Execution:
         self.process: asyncio.subprocess.Process | None = None
         self.task: asyncio.Task[None] | None = None
         self.escalation: asyncio.Task[None] | None = None  # SIGTERM, then SIGKILL, if a stop takes too long
+        self.handles_signals = False  # `studio run` said RUN_STARTED: a SIGINT now ends it cleanly
         self._record: dict[str, Any] | None = None  # record.json, kept once the run is over
         self.cells_done = 0
         self.cells_total: int | None = None
@@ -136,17 +137,20 @@ class Execution:
             record: dict[str, Any] = json.loads(self.record_path.read_text())
         except (OSError, ValueError):
             return None
+        if not isinstance(record, dict):
+            return None
         if self.status.is_final:
             self._record = record
         return record
 
     def to_json(self) -> dict[str, Any]:
+        """The API's view; strict JSON whatever a record holds (records of older versions may hold NaN)."""
         record = self.record()
         base = f"/api/executions/{self.id}"
-        return {
+        return json_safe({
             "id": self.id,
             "name": self.name,
-            "owner": self.owner,
+            "owner": owner,
             "status": self.status.value,
             "last_state_change_reason": self.reason,
             "workspace": {"id": self.workspace_id, "name": self.workspace},
@@ -170,7 +174,7 @@ class Execution:
                 "html": f"{base}/output.html" if self.html_path.is_file() else None,
                 "log": f"{base}/log",
             },
-        }
+        })
 
 
 class ExecutionManager:
@@ -181,7 +185,6 @@ class ExecutionManager:
         self.store = store
         self.workspaces = workspaces
         self.computes = computes
-        self.owner = getpass.getuser()
         self._executions: dict[int, Execution] = {}
         self._closing = False
 
@@ -193,7 +196,11 @@ class ExecutionManager:
     async def recover(self) -> None:
         """Load the records; runs a previous server lost are STOPPED with the reason; queued ones start."""
         for row in self.store.all("executions"):
-            execution = Execution(row, self._folder(row["id"]))
+            try:
+                execution = Execution(row, self._folder(row["id"]))
+            except (KeyError, TypeError, ValueError) as exc:  # one unreadable record must not hide the others
+                log.error("execution record %s cannot be read (%s); it is left out", row.get("id"), exc)
+                continue
             self._executions[execution.id] = execution
             if not execution.status.is_final and execution.status is not ExecutionStatus.START_PENDING:
                 self._set(
@@ -242,7 +249,7 @@ class ExecutionManager:
 
     # -- start ------------------------------------------------------------------------------
 
-    async def start(self, body: StartExecution) -> Execution:
+    async def start(self, body: StartExecution, owner: str) -> Execution:
         """Check everything that can be checked now, record the execution and queue it."""
         if self._closing:
             raise ConflictError("studio serve is stopping; start the execution again after it restarts.")
@@ -250,14 +257,14 @@ class ExecutionManager:
         path = self._notebook_path(workspace.folder, body.notebook)
         warnings = self._check_parameters(path, body.parameters)
         compute = self.computes.get(body.compute or workspace.compute or LOCAL)
-        await self.computes.health(compute.url, compute.name)  # 502 when it does not answer
+        await self.computes.check(compute)  # 502 when it does not answer or refuses the credentials
 
         execution_id = self.store.next_id("execution")
         now = time.time()
         row = {
             "id": execution_id,
             "name": body.name or Path(body.notebook).stem,
-            "owner": self.owner,
+            "owner": owner,
             "workspace_id": workspace.id,
             "workspace": workspace.name,
             "notebook": path.relative_to(workspace.folder.resolve()).as_posix(),
@@ -308,9 +315,15 @@ class ExecutionManager:
     def _check_parameters(path: Path, parameters: dict[str, Any]) -> list[str]:
         """The run's own checks (unknown names, wrong types) before anything is queued; returns warnings."""
         try:
-            notebook = nbformat.read(str(path), as_version=4)
-        except (OSError, ValueError) as exc:
-            raise InvalidRequestError(f"Notebook '{path.name}' cannot be read as a notebook: {exc}") from None
+            _, notebook = read_notebook(path)
+        except RunError as exc:
+            raise InvalidRequestError(str(exc).replace(str(path), f"Notebook '{path.name}'")) from None
+        for name, value in parameters.items():
+            if not _finite(value):
+                raise InvalidRequestError(
+                    f"parameter '{name}' holds NaN or Infinity, which JSON cannot carry; pass a finite number "
+                    "(or set it in the notebook's parameters cell)."
+                )
         warnings: list[str] = []
         try:
             inject_parameters(notebook, {name: (value, False) for name, value in parameters.items()}, warnings.append)
@@ -334,14 +347,18 @@ class ExecutionManager:
         return execution
 
     def _signal(self, execution: Execution, sig: int) -> None:
+        """Signal the run. A SIGINT waits until the run handles it (``RUN_STARTED``, see ``_follow``):
+        earlier it would kill the process before it could write its output notebook."""
         process = execution.process
         if process is None or process.returncode is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, sig)
         if sig == signal.SIGINT and execution.status is ExecutionStatus.STOP_PENDING:
             self._set(execution, ExecutionStatus.STOPPING, "Cancelling the running cell and deleting the Spark session.")
             execution.escalation = asyncio.create_task(self._escalate_stop(execution))
+        if sig == signal.SIGINT and not execution.handles_signals:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, sig)
 
     # -- running ----------------------------------------------------------------------------
 
@@ -369,7 +386,7 @@ class ExecutionManager:
 
     def _command(self, execution: Execution, notebook: Path) -> list[str]:
         command = [
-            sys.executable, "-m", "studio", "run", str(notebook),
+            sys.executable, "-P", "-m", "studio", "run", str(notebook),
             "-o", str(execution.output_path), "--html", str(execution.html_path),
             "--livy-url", execution.livy_url, "--record", str(execution.folder), "--kernel", execution.kernel,
         ]  # fmt: skip
@@ -380,7 +397,7 @@ class ExecutionManager:
         if execution.cell_timeout:
             command += ["--cell-timeout", f"{execution.cell_timeout:g}"]
         # SIGTERM reaches the run (which then cleans up like on Ctrl-C) even if this server is killed.
-        return [sys.executable, "-m", "studio.workspaces.die_with_parent", str(os.getpid()), "--", *command]
+        return [sys.executable, "-P", "-m", "studio.workspaces.die_with_parent", str(os.getpid()), "--", *command]
 
     async def _run_process(self, execution: Execution) -> None:
         if execution.status is not ExecutionStatus.START_PENDING:  # stopped while it was being scheduled
@@ -397,7 +414,12 @@ class ExecutionManager:
         self._set(execution, ExecutionStatus.STARTING, f"Starting the PySpark kernel and a session on compute '{execution.compute}'.")
         execution.started_at = time.time()
         self._save(execution, started_at=execution.started_at)
-        env = {k: v for k, v in os.environ.items() if k not in ("STUDIO_WORKSPACE_DIR", "STUDIO_LIVY_URL")}
+        # The run talks to its compute with the compute's credentials, given in its environment (never on its
+        # command line, where `ps` shows them); the studio's own secrets stay out, the notebook runs user code.
+        env = {k: v for k, v in without_secrets(dict(os.environ)).items() if k != "STUDIO_LIVY_URL"}
+        user, token = self.computes.credentials(compute)
+        env.update({"STUDIO_LIVY_TOKEN": token} if token else {})
+        env.update({"STUDIO_LIVY_USER": user} if user else {})
         with open(execution.log_path, "ab") as run_log:
             process = await asyncio.create_subprocess_exec(
                 *self._command(execution, notebook),
@@ -432,6 +454,12 @@ class ExecutionManager:
 
     def _follow(self, execution: Execution, line: str) -> None:
         """Move the status on from one of ``studio run``'s progress lines."""
+        if line.startswith(RUN_STARTED) and not execution.handles_signals:
+            execution.handles_signals = True
+            if execution.status in STOP_STATUSES and execution.process is not None:  # a stop that came early
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(execution.process.pid, signal.SIGINT)
+            return
         if execution.status in STOP_STATUSES:
             return
         if line.startswith(KERNEL_READY) and execution.status is ExecutionStatus.STARTING:
@@ -470,12 +498,7 @@ class ExecutionManager:
             execution.cells_total = len(cells)
             execution.cells_done = sum(1 for c in cells if c.get("status") in ("completed", "failed"))
         if execution.status in STOP_STATUSES:
-            status, reason = ExecutionStatus.STOPPED, (
-                f"Stopped on request after {execution.cells_done} of {execution.cells_total or '?'} cells; "
-                "the running cell was cancelled and the session deleted."
-            )
-            if self._closing:
-                reason = "Stopped because studio serve stopped; the running cell was cancelled and the session deleted."
+            status, reason = ExecutionStatus.STOPPED, self._stop_reason(execution, cells)
         elif code == 0:
             count = len(cells) or execution.cells_total or 0
             ran = "The notebook has no code cells" if count == 0 else "1 cell succeeded" if count == 1 else f"All {count} cells succeeded"
@@ -488,6 +511,16 @@ class ExecutionManager:
         self._set(execution, status, reason, ended_at=ended, exit_code=code)
         log.info("execution %s: %s (%s)", execution.id, status.value, reason)
 
+    def _stop_reason(self, execution: Execution, cells: list[dict[str, Any]]) -> str:
+        why = "Stopped because studio serve stopped" if self._closing else "Stopped on request"
+        done, total = execution.cells_done, execution.cells_total
+        of = f" of {total}" if total else ""
+        if any(c.get("status") == "interrupted" for c in cells):
+            return f"{why} during cell {done + 1}{of}, which was cancelled; the Spark session was deleted."
+        if not done:
+            return f"{why} before any cell ran."
+        return f"{why} after {done}{of} cells; the Spark session was deleted."
+
     @staticmethod
     def _last_error(execution: Execution) -> str | None:
         """Why a run failed when it printed no failing cell: its last error line, or how it crashed."""
@@ -495,7 +528,7 @@ class ExecutionManager:
             lines = [line for line in execution.log_path.read_text(errors="replace").splitlines() if line.strip()]
         except OSError:
             return None
-        progress = (KERNEL_READY, "studio run: running ", "studio run: starting ", "studio run: warning: ")
+        progress = (RUN_STARTED, KERNEL_READY, "studio run: running ", "studio run: starting ", "studio run: warning: ", "studio run: interrupted")
         for line in reversed(lines):
             if line.startswith("studio run: ") and not line.startswith(progress) and "output notebook is" not in line:
                 return line[len("studio run: ") :]
@@ -516,3 +549,14 @@ class ExecutionManager:
 
     def _save(self, execution: Execution, **fields: Any) -> None:
         self.store.update("executions", execution.id, **fields)
+
+
+def _finite(value: Any) -> bool:
+    """No NaN or infinity anywhere in a JSON value (Python's JSON parser accepts them; JSON does not)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True

@@ -33,6 +33,7 @@ from typing import Any
 
 import httpx
 
+from studio.auth.credentials import without_secrets
 from studio.config import Settings
 from studio.errors import JupyterLabError
 from studio.livy.workers import ShutdownStep, describe_exit
@@ -136,7 +137,7 @@ class JupyterLabProcess:
     # -- lifecycle --------------------------------------------------------------------------
 
     def command(self) -> list[str]:
-        base = list(self.settings.jupyterlab_command) or [sys.executable, "-m", "jupyterlab"]
+        base = list(self.settings.jupyterlab_command) or [sys.executable, "-P", "-m", "jupyterlab"]
         return [
             *base,
             "--no-browser",
@@ -170,7 +171,8 @@ class JupyterLabProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.layout_dir.mkdir(parents=True, exist_ok=True)
         # The token travels in the environment, not on the command line, where `ps` shows it to everyone.
-        env = {**os.environ, **self.env, "JUPYTER_TOKEN": self.token}
+        # The studio's own secrets stay out: JupyterLab and its kernels run the user's code.
+        env = {**without_secrets(dict(os.environ)), **self.env, "JUPYTER_TOKEN": self.token}
         env.pop("JUPYTER_TOKEN_FILE", None)
         with open(self.log_path, "ab") as log_handle:
             log_handle.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting JupyterLab on port {self.port}\n".encode())

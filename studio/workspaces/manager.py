@@ -5,12 +5,16 @@ runs it also has a live ``JupyterLabProcess``. Every change of state goes throug
 ``_transition``, which checks the table in ``models.TRANSITIONS`` and records the reason, so
 the UI can always say why a workspace is where it is ("Stopped after 3600 s without activity").
 
-Attaching a workspace to a compute writes ``<folder>/.studio/compute.json`` =
-``{"name": ..., "livy_url": ...}``; every JupyterLab gets ``STUDIO_WORKSPACE_DIR=<folder>``, and
-the PySpark kernel reads that file whenever it starts a Spark session. No sparkmagic config.
+Which compute a workspace is attached to lives only here, never in a file inside the workspace
+(a cloned repository could bring such a file): every JupyterLab gets ``STUDIO_SERVER_URL``,
+``STUDIO_WORKSPACE_ID`` and a secret of its own, ``STUDIO_KERNEL_TOKEN``, and its PySpark kernels
+ask ``GET /api/workspaces/{id}/connection`` with that secret whenever they start a Spark session,
+so an attach takes effect without restarting kernels, and the compute's credentials stay on the
+server. Only the secret's SHA-256 is kept (in the workspace's process record, so kernels keep
+working across a restart of the server).
 
 Starting and stopping run as background tasks (the API answers ``Starting``/``Stopping`` at
-once); attaching is a health check and a file write, so it runs within the request. The manager
+once); attaching is a health check, so it runs within the request. The manager
 raises only ``studio.errors``.
 """
 
@@ -18,24 +22,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import getpass
+import hmac
 import json
 import logging
 import os
+import secrets
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from studio.auth.tokens import digest
 from studio.config import Settings
 from studio.errors import (
     ComputeUnreachableError,
     ConflictError,
+    LimitReachedError,
     NotFoundError,
     StudioError,
 )
 from studio.store import Store
+from studio.workspaces import git
 from studio.workspaces.computes import Compute, ComputeManager
 from studio.workspaces.jupyter import JupyterLabProcess
 from studio.workspaces.models import (
@@ -51,8 +59,8 @@ from studio.workspaces.models import (
 
 log = logging.getLogger("studio.workspaces")
 
-COMPUTE_FILE = Path(".studio") / "compute.json"
 SEED_NOTEBOOK_GLOB = "*.ipynb"
+SERVER_FILE = "serve.json"  # in the state directory: {"url": where this server listens now}
 
 
 def default_seed_dir() -> Path | None:
@@ -82,6 +90,8 @@ class Workspace:
         self.state_changed_at: float | None = row.get("state_changed_at")
         self.last_activity: float | None = row.get("last_activity")
         self.process_state: dict[str, Any] | None = row.get("process")
+        # SHA-256 of the secret its running JupyterLab's kernels ask for their compute with.
+        self.kernel_token_sha256: str | None = (self.process_state or {}).get("kernel_token_sha256")
         self.root = root
         self.lab: JupyterLabProcess | None = None
         self.task: asyncio.Task[None] | None = None  # the start or stop under way
@@ -109,7 +119,8 @@ class Workspace:
             "updated_at": self.updated_at,
             "state_changed_at": self.state_changed_at,
             "last_activity": self.last_activity,
-            "url": lab.lab_url if lab else None,
+            # Opening it redirects to JupyterLab with its token, which no listing ever shows.
+            "url": f"/api/workspaces/{self.id}/open" if lab else None,
             "jupyterlab": {"pid": lab.pid, "port": lab.port} if lab else None,
         }
 
@@ -124,14 +135,14 @@ class WorkspaceManager:
         computes: ComputeManager,
         jupyter_dir: Path,
         jupyter_config_dir: Path,
-        owner: str | None = None,
+        server_url: str = "",
     ) -> None:
         self.settings = settings
         self.store = store
         self.computes = computes
         self.jupyter_dir = jupyter_dir  # holds kernels/pyspark/kernel.json; goes first on JUPYTER_PATH
         self.jupyter_config_dir = jupyter_config_dir  # JupyterLab defaults; goes first on JUPYTER_CONFIG_PATH
-        self.owner = owner or getpass.getuser()
+        self.server_url = server_url  # where the workspaces' kernels reach this server
         self.root = settings.root
         self.seed_dir = settings.workspace_seed_dir or default_seed_dir()
         self._workspaces: dict[int, Workspace] = {}
@@ -143,6 +154,10 @@ class WorkspaceManager:
     async def recover(self) -> None:
         """Load the records; find running JupyterLabs again or mark their workspaces Idle with the reason."""
         self.root.mkdir(parents=True, exist_ok=True)
+        if self.server_url:
+            server_file = self.settings.state_dir / SERVER_FILE
+            server_file.with_suffix(".tmp").write_text(json.dumps({"url": self.server_url, "pid": os.getpid()}) + "\n")
+            server_file.with_suffix(".tmp").replace(server_file)
         for row in self.store.all("workspaces"):
             workspace = Workspace(row, self.root)
             self._workspaces[workspace.id] = workspace
@@ -155,12 +170,12 @@ class WorkspaceManager:
             self._restore(workspace, WorkspaceState.IDLE, "Its deletion was interrupted by a restart of studio serve; delete it again.")
             return
         if state is not WorkspaceState.STOPPING and not state.is_running:
-            self._refresh_compute_file(workspace)
+            self._forget_missing_compute(workspace)
             return
         lab = None
         if workspace.process_state:
             lab = await JupyterLabProcess.adopt(
-                self.settings, workspace.folder, self._layout_dir(workspace), self._lab_env(workspace), workspace.process_state
+                self.settings, workspace.folder, self._layout_dir(workspace), {}, workspace.process_state
             )
         if lab is None or state is WorkspaceState.STOPPING:
             if lab is not None:
@@ -172,10 +187,10 @@ class WorkspaceManager:
                 if state is not WorkspaceState.STOPPING
                 else "Stopped: it was stopping when studio serve restarted.",
             )
-            self._refresh_compute_file(workspace)
+            self._forget_missing_compute(workspace)
             return
         workspace.lab = lab
-        self._refresh_compute_file(workspace)
+        self._forget_missing_compute(workspace)
         found = WorkspaceState.ATTACHED if workspace.compute else WorkspaceState.READY
         self._restore(workspace, found, f"Found running again (JupyterLab pid {lab.pid}) after studio serve restarted.")
         self._watch(workspace)
@@ -230,23 +245,27 @@ class WorkspaceManager:
 
     # -- create, update, delete -----------------------------------------------------------
 
-    async def create(self, body: CreateWorkspace) -> Workspace:
+    async def create(self, body: CreateWorkspace, owner: str) -> Workspace:
         """A new workspace, Idle (or Failed if its repository could not be cloned); started if asked."""
         name = check_name(body.name)
         self._check_name_free(name)
+        # Refused (400) before anything happens; credentials in the URL are kept apart from here on.
+        source = git.check_repository_url(body.repository_url, self.settings.git_allow_local) if body.repository_url else None
+        if body.start:
+            self._check_running_budget()
         compute = self.computes.get(body.compute) if body.compute else None
         folder = self.root / name
         self._creating.add(name)
         try:
             state, reason = WorkspaceState.IDLE, None
-            if body.repository_url:
+            if source is not None:
                 if folder.exists() and any(folder.iterdir()):
                     raise ConflictError(
                         f"Folder {folder} already exists and is not empty, so the repository cannot be cloned into "
                         "it; choose another name."
                     )
                 try:
-                    await self._clone(body.repository_url, folder)
+                    await git.clone(self.settings, source, folder)
                 except StudioError as exc:
                     state, reason = WorkspaceState.FAILED, exc.msg
             else:
@@ -260,8 +279,8 @@ class WorkspaceManager:
                 "id": workspace_id,
                 "name": name,
                 "description": body.description,
-                "owner": self.owner,
-                "repository_url": body.repository_url or None,
+                "owner": owner,
+                "repository_url": source.url if source else None,  # without credentials
                 "compute": compute.name if compute else None,
                 "idle_timeout": body.idle_timeout,
                 "state": state.value,
@@ -276,43 +295,24 @@ class WorkspaceManager:
         workspace = Workspace(self.store.get("workspaces", workspace_id) or row, self.root)
         self._workspaces[workspace.id] = workspace
         log.info("workspace %s created in %s (%s)", name, folder, state.value)
-        if compute is not None and state is WorkspaceState.IDLE:
-            self._write_compute_file(workspace, compute)
         if body.start and state is WorkspaceState.IDLE:
             self.start(workspace.id)
         return workspace
+
+    def _check_running_budget(self) -> None:
+        """429 when STUDIO_MAX_RUNNING_WORKSPACES JupyterLabs already run (or start)."""
+        limit = self.settings.max_running_workspaces
+        running = sorted(w.name for w in self._workspaces.values() if w.state.is_running)
+        if len(running) >= limit:
+            raise LimitReachedError(
+                f"{len(running)} workspaces are running, the most this server allows (STUDIO_MAX_RUNNING_WORKSPACES="
+                f"{limit}); stop one of them ({', '.join(running[:5])}{', ...' if len(running) > 5 else ''}) first."
+            )
 
     def _check_name_free(self, name: str, ignore: Workspace | None = None) -> None:
         taken = name in self._creating or any(w.name == name and w is not ignore for w in self._workspaces.values())
         if taken:
             raise ConflictError(f"A workspace named '{name}' already exists.")
-
-    async def _clone(self, url: str, folder: Path) -> None:
-        """``git clone url folder``; InvalidRequestError-free: any failure is a StudioError with git's own words."""
-        timeout = self.settings.git_clone_timeout
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        # "--" keeps a URL that starts with "-" from being read as an option.
-        try:
-            process = await asyncio.create_subprocess_exec(
-                "git", "clone", "--quiet", "--", url, str(folder),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
-                start_new_session=True,
-            )  # fmt: skip
-        except OSError as exc:
-            raise StudioError(f"git clone could not run: {exc}.") from None
-        try:
-            output, _ = await asyncio.wait_for(process.communicate(), timeout)
-        except asyncio.TimeoutError:
-            with contextlib.suppress(OSError):
-                os.killpg(process.pid, 9)
-            await process.wait()
-            raise StudioError(f"git clone of {url} did not finish within {timeout:.0f}s (STUDIO_GIT_CLONE_TIMEOUT).") from None
-        if process.returncode != 0:
-            message = output.decode(errors="replace").strip() or f"exit code {process.returncode}"
-            raise StudioError(f"git clone of {url} failed: {message}")
 
     def _seed(self, folder: Path) -> None:
         if self.seed_dir is None or not self.seed_dir.is_dir():
@@ -374,8 +374,6 @@ class WorkspaceManager:
         try:
             if remove_files:
                 await asyncio.to_thread(self._remove_folder, folder)
-            else:
-                self._remove_compute_file(workspace)
             shutil.rmtree(self._state_dir(workspace), ignore_errors=True)
         except OSError as exc:
             self._transition(workspace, WorkspaceState.FAILED, f"Deleting its files failed: {exc}")
@@ -413,10 +411,17 @@ class WorkspaceManager:
                 f"Workspace '{workspace.name}' has no clone of {workspace.repository_url} (the clone failed); "
                 "delete it and create it again."
             )
+        self._check_running_budget()
         self._transition(workspace, WorkspaceState.STARTING, None)
+        kernel_token = secrets.token_urlsafe(32)
+        workspace.kernel_token_sha256 = digest(kernel_token)
         # The process handle exists before the task runs, so a stop that comes at once has something to stop.
         workspace.lab = JupyterLabProcess(
-            self.settings, workspace.folder, self._log_path(workspace), self._layout_dir(workspace), self._lab_env(workspace)
+            self.settings,
+            workspace.folder,
+            self._log_path(workspace),
+            self._layout_dir(workspace),
+            self._lab_env(workspace, kernel_token),
         )
         workspace.task = asyncio.create_task(self._run_start(workspace, workspace.lab), name=f"start-{workspace.name}")
         return workspace
@@ -425,7 +430,7 @@ class WorkspaceManager:
         try:
             workspace.folder.mkdir(parents=True, exist_ok=True)
             await lab.start()
-            workspace.process_state = lab.state()
+            workspace.process_state = {**lab.state(), "kernel_token_sha256": workspace.kernel_token_sha256}
             self._save(workspace, process=workspace.process_state)
             await lab.wait_ready()
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, the workspace must not stay Starting
@@ -450,18 +455,16 @@ class WorkspaceManager:
             if workspace.compute:  # its compute was removed meanwhile
                 workspace.compute = None
                 self._save(workspace, compute=None)
-                self._remove_compute_file(workspace)
             self._transition(workspace, WorkspaceState.READY, None)
             return
         self._transition(workspace, WorkspaceState.ATTACHING, f"Attaching to compute '{compute.name}'.")
         try:
-            await self.computes.health(compute.url, compute.name)
+            await self.computes.check(compute)
         except ComputeUnreachableError as exc:
             if workspace.state is WorkspaceState.ATTACHING:
                 self._transition(workspace, WorkspaceState.READY, f"Not attached: {exc.msg} Attach it again when it answers.")
             return
         if workspace.state is WorkspaceState.ATTACHING:
-            self._write_compute_file(workspace, compute)
             self._transition(workspace, WorkspaceState.ATTACHED, None)
 
     def stop(self, workspace_id: int | str, reason: str | None = None) -> Workspace:
@@ -533,12 +536,12 @@ class WorkspaceManager:
             raise ConflictError(f"Workspace '{workspace.name}' is {state.value}; attach it when that is done.")
         if state in (WorkspaceState.IDLE, WorkspaceState.FAILED):
             # Recorded now and attached for real when it starts.
-            await self.computes.health(compute.url, compute.name)
+            await self.computes.check(compute)
             self._set_compute(workspace, compute)
             return workspace
         self._transition(workspace, WorkspaceState.ATTACHING, f"Attaching to compute '{compute.name}'.")
         try:
-            await self.computes.health(compute.url, compute.name)
+            await self.computes.check(compute)
         except ComputeUnreachableError as exc:
             if workspace.state is WorkspaceState.ATTACHING:
                 if state is WorkspaceState.ATTACHED:
@@ -561,7 +564,6 @@ class WorkspaceManager:
         detached_from = workspace.compute
         workspace.compute = None
         self._save(workspace, compute=None)
-        self._remove_compute_file(workspace)
         if workspace.state is WorkspaceState.ATTACHED:
             self._transition(workspace, WorkspaceState.READY, f"Detached from compute '{detached_from}'.")
         return workspace
@@ -569,31 +571,40 @@ class WorkspaceManager:
     def _set_compute(self, workspace: Workspace, compute: Compute) -> None:
         workspace.compute = compute.name
         self._save(workspace, compute=compute.name)
-        self._write_compute_file(workspace, compute)
 
-    def _write_compute_file(self, workspace: Workspace, compute: Compute) -> None:
-        path = workspace.folder / COMPUTE_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        # Written whole and renamed, so a kernel never reads half a file.
-        temporary.write_text(json.dumps({"name": compute.name, "livy_url": compute.url}, indent=2) + "\n")
-        temporary.replace(path)
-
-    def _remove_compute_file(self, workspace: Workspace) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (workspace.folder / COMPUTE_FILE).unlink()
-
-    def _refresh_compute_file(self, workspace: Workspace) -> None:
-        """At startup: the compute's URL may have changed (the embedded service's port), so rewrite the file."""
-        if workspace.compute is None or not workspace.folder.exists():
-            return
-        compute = self.computes.find(workspace.compute)
-        if compute is None:
+    def _forget_missing_compute(self, workspace: Workspace) -> None:
+        """At startup: a compute removed meanwhile is no longer attached."""
+        if workspace.compute is not None and self.computes.find(workspace.compute) is None:
             workspace.compute = None
             self._save(workspace, compute=None)
-            self._remove_compute_file(workspace)
-        else:
-            self._write_compute_file(workspace, compute)
+
+    def lab_url(self, workspace_id: int | str) -> str:
+        """The workspace's JupyterLab address with its token (for a redirect; never listed)."""
+        workspace = self.get(workspace_id)
+        if workspace.state not in OPEN_STATES or workspace.lab is None:
+            raise ConflictError(f"Workspace '{workspace.name}' is {workspace.state.value}; start it to open JupyterLab.")
+        return workspace.lab.lab_url
+
+    def workspace_for_kernel(self, secret: str) -> int | None:
+        """The running workspace whose kernels hold this secret (STUDIO_KERNEL_TOKEN), or None."""
+        wanted = digest(secret)
+        for workspace in self._workspaces.values():
+            known = workspace.kernel_token_sha256
+            if known and workspace.state.is_running and hmac.compare_digest(known, wanted):
+                return workspace.id
+        return None
+
+    def connection(self, workspace_id: int | str) -> dict[str, Any]:
+        """Where the workspace's kernels send their cells, with the credentials to send (kernels only)."""
+        workspace = self.get(workspace_id)
+        compute = self.computes.find(workspace.compute) if workspace.compute else None
+        if compute is None:
+            raise ConflictError(
+                f"Workspace '{workspace.name}' is not attached to a compute; attach one in the Studio, then run the "
+                "cell again."
+            )
+        user, token = self.computes.credentials(compute)
+        return {"compute": compute.name, "livy_url": compute.url, "user": user, "token": token}
 
     # -- idle culling -----------------------------------------------------------------------
 
@@ -660,14 +671,20 @@ class WorkspaceManager:
     def _layout_dir(self, workspace: Workspace) -> Path:
         return self._state_dir(workspace) / "lab-layout"
 
-    def _lab_env(self, workspace: Workspace) -> dict[str, str]:
-        """STUDIO_WORKSPACE_DIR for the kernels; our kernelspec and lab defaults first on Jupyter's paths."""
+    def _lab_env(self, workspace: Workspace, kernel_token: str) -> dict[str, str]:
+        """How the workspace's kernels reach this server; our kernelspec and lab defaults first on Jupyter's paths.
+
+        The studio's own secrets are not passed on: a JupyterLab runs the user's code."""
 
         def first(directory: Path, variable: str) -> str:
             return os.pathsep.join([str(directory), *filter(None, os.environ.get(variable, "").split(os.pathsep))])
 
         return {
-            "STUDIO_WORKSPACE_DIR": str(workspace.folder),
+            "STUDIO_SERVER_URL": self.server_url,
+            # Read first: a restarted server may listen elsewhere, and kernels outlive it.
+            "STUDIO_SERVER_FILE": str(self.settings.state_dir / SERVER_FILE),
+            "STUDIO_WORKSPACE_ID": str(workspace.id),
+            "STUDIO_KERNEL_TOKEN": kernel_token,
             "JUPYTER_PATH": first(self.jupyter_dir, "JUPYTER_PATH"),
             "JUPYTER_CONFIG_PATH": first(self.jupyter_config_dir, "JUPYTER_CONFIG_PATH"),
         }

@@ -125,3 +125,8 @@ class AttachCompute(_Body):
 class CreateCompute(_Body):
     name: str
     url: str
+    # Credentials for a Livy that wants them: a token (Bearer, or the Basic password with `username`),
+    # or a user name and password for HTTP Basic. Kept on the server; never shown again.
+    token: str | None = Field(None, max_length=4096)
+    username: str | None = Field(None, max_length=256)
+    password: str | None = Field(None, max_length=4096)

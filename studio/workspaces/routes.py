@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 import studio
@@ -55,6 +55,15 @@ def _workspace_json(request: Request, workspace: Any, status_code: int = 200) ->
 # -- server --------------------------------------------------------------------------------
 
 
+async def health(request: Request) -> Response:
+    """Open (no credentials): for load balancers and service managers; says nothing else."""
+    return JSONResponse({"status": "ok"})
+
+
+async def whoami(request: Request) -> Response:
+    return JSONResponse({"user": request.user.name})
+
+
 async def status(request: Request) -> Response:
     state = request.app.state
     return JSONResponse(
@@ -79,7 +88,7 @@ async def list_workspaces(request: Request) -> Response:
 
 async def create_workspace(request: Request) -> Response:
     body = parse_body(CreateWorkspace, await read_body(request))
-    workspace = await workspaces(request).create(body)
+    workspace = await workspaces(request).create(body, owner=request.user.name)
     return _workspace_json(request, workspace, 201)
 
 
@@ -116,6 +125,18 @@ async def detach_workspace(request: Request) -> Response:
     return _workspace_json(request, workspaces(request).detach(request.path_params["workspace_id"]))
 
 
+async def open_workspace(request: Request) -> Response:
+    """To the workspace's JupyterLab, with its token: the token is in this redirect only, never in a listing."""
+    target = workspaces(request).lab_url(request.path_params["workspace_id"])
+    return RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})
+
+
+async def workspace_connection(request: Request) -> Response:
+    """For the workspace's kernels (STUDIO_KERNEL_TOKEN): its compute's Livy URL and the credentials to send."""
+    connection = workspaces(request).connection(request.path_params["workspace_id"])
+    return JSONResponse(connection, headers={"Cache-Control": "no-store"})
+
+
 async def workspace_log(request: Request) -> Response:
     return PlainTextResponse(workspaces(request).log_text(request.path_params["workspace_id"]))
 
@@ -137,7 +158,9 @@ async def list_computes(request: Request) -> Response:
 
 async def create_compute(request: Request) -> Response:
     body = parse_body(CreateCompute, await read_body(request))
-    compute = await computes(request).register(body.name, body.url)
+    compute = await computes(request).register(
+        body.name, body.url, owner=request.user.name, user=body.username, token=body.token or body.password
+    )
     return JSONResponse(await computes(request).describe(compute), status_code=201)
 
 
@@ -165,7 +188,7 @@ async def list_executions(request: Request) -> Response:
 
 async def start_execution(request: Request) -> Response:
     body = parse_body(StartExecution, await read_body(request))
-    execution = await executions(request).start(body)
+    execution = await executions(request).start(body, owner=request.user.name)
     return JSONResponse(execution.to_json(), status_code=201)
 
 
@@ -209,6 +232,8 @@ async def execution_log(request: Request) -> Response:
 
 
 ROUTES = [
+    Route("/health", health, methods=["GET"]),
+    Route("/api/whoami", whoami, methods=["GET"]),
     Route("/api/status", status, methods=["GET"]),
     Route("/api/workspaces", list_workspaces, methods=["GET"]),
     Route("/api/workspaces", create_workspace, methods=["POST"]),
@@ -220,6 +245,8 @@ ROUTES = [
     Route("/api/workspaces/{workspace_id}/attach", attach_workspace, methods=["POST"]),
     Route("/api/workspaces/{workspace_id}/detach", detach_workspace, methods=["POST"]),
     Route("/api/workspaces/{workspace_id}/log", workspace_log, methods=["GET"]),
+    Route("/api/workspaces/{workspace_id}/open", open_workspace, methods=["GET"]),
+    Route("/api/workspaces/{workspace_id}/connection", workspace_connection, methods=["GET"]),
     Route("/api/executions", list_executions, methods=["GET"]),
     Route("/api/executions", start_execution, methods=["POST"]),
     Route("/api/executions/{execution_id}", get_execution, methods=["GET"]),

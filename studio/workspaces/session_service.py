@@ -40,8 +40,11 @@ def _port_is_free(host: str, port: int) -> bool:
 class EmbeddedSessionService:
     """``start`` / ``poll`` / ``stop`` of one child ``studio livy`` on 127.0.0.1."""
 
-    def __init__(self, settings: Settings, state_dir: Path, port: int, pool_size: int | None = None) -> None:
+    def __init__(
+        self, settings: Settings, state_dir: Path, port: int, pool_size: int | None = None, token: str = ""
+    ) -> None:
         self.settings = settings
+        self.token = token  # the studio's own: the service and the Studio share one secret
         self.state_dir = state_dir
         self.port = port
         self.pool_size = pool_size
@@ -59,12 +62,14 @@ class EmbeddedSessionService:
 
     def command(self, port: int) -> list[str]:
         command = [
-            sys.executable, "-m", "studio.workspaces.die_with_parent", str(os.getpid()), "--",
-            sys.executable, "-m", "studio", "livy", "--host", "127.0.0.1", "--port", str(port),
+            sys.executable, "-P", "-m", "studio.workspaces.die_with_parent", str(os.getpid()), "--",
+            sys.executable, "-P", "-m", "studio", "livy", "--host", "127.0.0.1", "--port", str(port),
             "--state-dir", str(self.state_dir),
         ]  # fmt: skip
         if self.pool_size is not None:
             command += ["--pool", str(self.pool_size)]
+        if self.settings.insecure_no_auth:
+            command.append("--insecure-no-auth")
         return command
 
     async def start(self, timeout: float = 120.0) -> str:
@@ -83,6 +88,8 @@ class EmbeddedSessionService:
                 stderr=log_handle,
                 start_new_session=True,
                 cwd=str(self.state_dir),
+                # The token travels in the environment, not on the command line, where `ps` shows it to everyone.
+                env={**os.environ, "STUDIO_TOKEN": self.token} if self.token else None,
             )
         assert self._process.stdout is not None
         deadline = time.monotonic() + timeout

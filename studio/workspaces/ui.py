@@ -21,6 +21,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 import studio
+from studio.urls import http_url
 from studio.workspaces.models import OPEN_STATES, RUNNING_STATES, WorkspaceState
 from studio.workspaces.routes import computes, executions, workspaces
 
@@ -59,6 +60,8 @@ def duration(seconds: float | None) -> str:
 
 templates.env.filters["ago"] = ago
 templates.env.filters["duration"] = duration
+# A compute chooses its sessions' URLs: only http(s) ones become links (no javascript: in an href).
+templates.env.filters["http_url"] = http_url
 
 
 def _workspace_rows(request: Request) -> list[dict[str, Any]]:
@@ -98,6 +101,7 @@ async def page(request: Request) -> Response:
         computes=await computes(request).describe_all(),
         root=str(request.app.state.settings.root),
         version=studio.__version__,
+        user=request.user.name,
     )
     _add_attached(request, context["computes"])
     return templates.TemplateResponse(request, "index.html", context)

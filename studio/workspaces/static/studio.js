@@ -6,6 +6,8 @@ const $ = (selector, root = document) => root.querySelector(selector);
 
 async function api(method, url, body) {
   const options = { method, headers: { Accept: "application/json" } };
+  // The server takes changes only as JSON (a cross-site form cannot send that); an action without data sends {}.
+  if (body === undefined && method !== "GET" && method !== "DELETE") body = {};
   if (body !== undefined) {
     options.headers["Content-Type"] = "application/json";
     options.body = JSON.stringify(body);
@@ -130,7 +132,10 @@ computeForm.addEventListener("submit", async (event) => {
   submit.disabled = true;
   formError(computeForm, "");
   try {
-    const compute = await api("POST", "/api/computes", { name: data.get("name").trim(), url: data.get("url").trim() });
+    const body = { name: data.get("name").trim(), url: data.get("url").trim() };
+    if (data.get("token")) body.token = data.get("token");
+    if (data.get("username").trim()) body.username = data.get("username").trim();
+    const compute = await api("POST", "/api/computes", body);
     computeForm.reset();
     toggleForm(newCompute, computeForm, false);
     flash(`Compute ${compute.name} registered.`, "info");

@@ -1,0 +1,484 @@
+"""The gate in front of both web servers (``studio serve`` and ``studio livy``).
+
+Every request passes the same checks, in this order, before any route sees it:
+
+1. **Host.** The ``Host`` header must name this server: a loopback name or address, the address
+   it is bound to, or a name the operator allows (``STUDIO_ALLOWED_HOSTS``). A page on an
+   attacker's domain that re-resolves to 127.0.0.1 (DNS rebinding) is refused.
+2. **Open routes.** Only ``GET /version``, ``GET /health`` and the login page answer without
+   credentials.
+3. **No cross-site requests.** A request that changes something (any method but GET, HEAD and
+   OPTIONS) is refused when its ``Origin`` is another origin or ``null``, or when the browser
+   says ``Sec-Fetch-Site: cross-site``/``same-site`` (another port on 127.0.0.1 is same-site but
+   another origin). POST, PUT and PATCH must also say ``Content-Type: application/json`` (or
+   carry Livy's ``X-Requested-By``): a web page can send a cross-site form or ``text/plain``
+   POST without asking, but not a JSON one. A DELETE needs no body, as Livy's clients send it.
+   These checks apply also when the request carries a valid cookie or HTTP Basic credentials
+   (which browsers remember and send by themselves); only a request that carries a Bearer token
+   in its ``Authorization`` header, which no page can make a browser add, may skip the JSON rule.
+4. **Authentication.** ``Authorization: Bearer <token>`` (also Jupyter's ``token <token>``), HTTP
+   Basic with the token as the password (what sparkmagic's ``Basic_Access`` and the ``livy``
+   client's ``auth=`` send; the user name is not checked), or the browser's session cookie
+   (``HttpOnly``, ``SameSite=Strict``), which a browser gets from the login page or by opening
+   a URL with ``?token=``. Without them: 401 with ``WWW-Authenticate`` and a Livy-shaped
+   ``{"msg"}``; a browser navigating to a page is sent to the login page instead.
+
+The authenticated ``Principal`` is ``request.user`` (``scope["user"]``); the owner of what a
+request creates comes from it, never from a header the client chooses. A principal may be
+restricted to some routes (a workspace's kernels may only ask for their own compute).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+import socket
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+
+from starlette.authentication import BaseUser
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from studio.auth.tokens import CookieSigner, same_secret
+from studio.paths import is_loopback
+
+if TYPE_CHECKING:
+    from studio.config import Settings
+
+log = logging.getLogger("studio.auth")
+
+ADMIN = "admin"  # the name of whoever holds the studio's token
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+OPEN_PATHS = frozenset({"/version", "/health"})
+LOGIN_PATH = "/login"
+LOGOUT_PATH = "/logout"
+MAX_LOGIN_BODY = 16 * 1024
+# Headers every response gets unless the route set its own: no framing (clickjacking), no MIME
+# sniffing, and no Referer that could carry a ?token= URL to another site.
+SECURITY_HEADERS = (
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+)
+
+
+@dataclass(frozen=True)
+class Principal(BaseUser):
+    """Who a request acts for. ``routes``: the only (method, path) pairs it may use, when restricted."""
+
+    name: str
+    kind: str = "token"
+    routes: frozenset[tuple[str, str]] | None = None
+
+    @property
+    def is_authenticated(self) -> bool:
+        return True
+
+    @property
+    def display_name(self) -> str:
+        return self.name
+
+    @property
+    def identity(self) -> str:
+        return self.name
+
+    def may(self, method: str, path: str) -> bool:
+        return self.routes is None or (method, path) in self.routes
+
+
+# Extra bearer credentials an app recognises besides the studio's token (a workspace's kernels).
+TokenLookup = Callable[[str], "Principal | None"]
+
+
+@dataclass
+class GateSettings:
+    """What the gate needs to know; built by each app from its Settings."""
+
+    token: str
+    realm: str  # "Spark Studio" or "Spark Studio session service"
+    bound_host: str
+    allowed_hosts: list[str] = field(default_factory=list)
+    auth_enabled: bool = True
+    cookie_max_age: float = 7 * 86400
+    basic_challenge: bool = False  # the Livy service also invites HTTP Basic, as Livy's LDAP mode does
+    extra_tokens: TokenLookup | None = None
+
+
+def host_names(bound_host: str, allowed: list[str]) -> tuple[set[str], bool]:
+    """(names besides loopback ones that may appear in Host, whether any name may)."""
+    if "*" in allowed:
+        return set(), True
+    names = {name.strip().lower() for name in allowed if name.strip()}
+    bound = bound_host.strip("[]").lower()
+    if bound in ("0.0.0.0", "::", ""):
+        # Bound to every address: this machine's names and addresses are its names.
+        names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+        try:
+            names |= {info[4][0].lower() for info in socket.getaddrinfo(socket.gethostname(), None)}
+        except OSError:
+            pass
+    else:
+        names.add(bound)
+    return names, False
+
+
+class Gate:
+    """ASGI middleware: Host, cross-site and authentication checks (see the module docstring)."""
+
+    def __init__(self, app: ASGIApp, settings: GateSettings) -> None:
+        self.app = app
+        self.settings = settings
+        self.signer = CookieSigner(settings.token)
+        self.hosts, self.any_host = host_names(settings.bound_host, settings.allowed_hosts)
+
+    # -- the checks ---------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        send = _with_security_headers(send)
+        headers = Headers(scope=scope)
+        method = scope.get("method", "GET") if scope["type"] == "http" else "WEBSOCKET"
+        path = scope["path"]
+        host = headers.get("host", "")
+
+        problem = self.host_problem(host)
+        if problem:
+            await _refuse(403, problem, scope, receive, send)
+            return
+        if method in ("GET", "HEAD") and path in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if method not in SAFE_METHODS:
+            problem = self.cross_site_problem(headers, host)
+            if problem:
+                await _refuse(403, problem, scope, receive, send)
+                return
+        if path == LOGIN_PATH:
+            await self.login(scope, receive, send, method)
+            return
+        if path == LOGOUT_PATH and method == "POST":
+            await self.logout(scope, receive, send)
+            return
+        if method not in SAFE_METHODS and scope["type"] == "http" and not _bearer(headers):
+            problem = content_type_problem(method, headers)
+            if problem:
+                await _refuse(415, problem, scope, receive, send)
+                return
+
+        principal = self.authenticate(scope, headers)
+        if principal is None:
+            token = _query_token(scope) if method in ("GET", "HEAD") else None
+            if token is not None and self.is_token(token):
+                # A ready-to-click URL with ?token=: trade it for a cookie and drop it from the URL.
+                response = RedirectResponse(_url_without_token(scope), status_code=303)
+                self.set_cookie(response, scope, ADMIN)
+                await response(scope, receive, send)
+                return
+            await self.unauthenticated(scope, receive, send, headers, method, token is not None)
+            return
+        if not principal.may(method, path):
+            await _refuse(403, f"This credential may not use {method} {path}.", scope, receive, send)
+            return
+        scope["user"] = principal
+        await self.app(scope, receive, send)
+
+    def host_problem(self, host: str) -> str | None:
+        if self.any_host:
+            return None
+        if not host:
+            return "The request has no Host header."
+        name = (urlsplit(f"//{host}").hostname or "").lower()
+        if is_loopback(name) or name in self.hosts:
+            return None
+        return (
+            f"Host '{host}' is not a name of this server; open it at http://127.0.0.1 or add the name to "
+            "STUDIO_ALLOWED_HOSTS."
+        )
+
+    @staticmethod
+    def cross_site_problem(headers: Headers, host: str) -> str | None:
+        origin = headers.get("origin")
+        if origin is not None:
+            if origin == "null" or urlsplit(origin).netloc.lower() != host.lower():
+                return f"Cross-origin request from {origin} refused."
+        fetch_site = headers.get("sec-fetch-site")
+        if fetch_site is not None and fetch_site not in ("same-origin", "none"):
+            return f"Cross-site request refused (Sec-Fetch-Site: {fetch_site})."
+        return None
+
+    def authenticate(self, scope: Scope, headers: Headers) -> Principal | None:
+        if not self.settings.auth_enabled:
+            return Principal(ADMIN, kind="unauthenticated")
+        scheme, _, credential = headers.get("authorization", "").partition(" ")
+        scheme, credential = scheme.lower(), credential.strip()
+        if scheme in ("bearer", "token") and credential:
+            return self.principal_for(credential)
+        if scheme == "basic" and credential:
+            password = _basic_password(credential)
+            return self.principal_for(password) if password is not None else None
+        cookie = _cookies(headers).get(self.cookie_name(scope))
+        if cookie:
+            user = self.signer.verify(cookie)
+            if user is not None:
+                return Principal(user, kind="cookie")
+        return None
+
+    def principal_for(self, secret: str) -> Principal | None:
+        if self.is_token(secret):
+            return Principal(ADMIN)
+        if self.settings.extra_tokens is not None:
+            return self.settings.extra_tokens(secret)
+        return None
+
+    def is_token(self, secret: str) -> bool:
+        return same_secret(secret, self.settings.token)
+
+    # -- answers ------------------------------------------------------------------------------
+
+    async def unauthenticated(
+        self, scope: Scope, receive: Receive, send: Send, headers: Headers, method: str, bad_token: bool
+    ) -> None:
+        if method == "GET" and _wants_page(headers):
+            target = LOGIN_PATH + "?" + urlencode({"next": _local_target(scope["path"], scope.get("query_string", b""))})
+            if bad_token:
+                target += "&failed=1"
+            await RedirectResponse(target, status_code=303)(scope, receive, send)
+            return
+        given = "authorization" in headers or bad_token
+        message = (
+            "Authentication failed: the credential is not valid for this server."
+            if given
+            else "Authentication required: send the studio's token as 'Authorization: Bearer <token>' or as the "
+            "password of HTTP Basic."
+        )
+        challenges = [f'Bearer realm="{self.settings.realm}"']
+        if self.settings.basic_challenge:
+            challenges.insert(0, f'Basic realm="{self.settings.realm}", charset="UTF-8"')
+        response = JSONResponse({"msg": message}, status_code=401)
+        for challenge in challenges:
+            response.headers.append("WWW-Authenticate", challenge)
+        await response(scope, receive, send)
+
+    def cookie_name(self, scope: Scope) -> str:
+        # Cookies do not tell ports apart, and every server here lives on 127.0.0.1: one name each.
+        server = scope.get("server") or ("", 0)
+        return f"spark-studio-{server[1]}"
+
+    def set_cookie(self, response: Response, scope: Scope, user: str) -> None:
+        response.set_cookie(
+            self.cookie_name(scope),
+            self.signer.sign(user, self.settings.cookie_max_age),
+            max_age=int(self.settings.cookie_max_age),
+            httponly=True,
+            samesite="strict",
+            secure=scope.get("scheme") == "https",
+            path="/",
+        )
+
+    async def login(self, scope: Scope, receive: Receive, send: Send, method: str) -> None:
+        """GET shows the form; POST (a same-origin form) checks the token and sets the cookie."""
+        request = Request(scope, receive)
+        target = _safe_next(request.query_params.get("next", "/"))
+        if method in ("GET", "HEAD"):
+            failed = request.query_params.get("failed") == "1"
+            await login_page(self.settings.realm, target, failed)(scope, receive, send)
+            return
+        if method != "POST":
+            await _refuse(405, f"Method {method} is not allowed on {LOGIN_PATH}", scope, receive, send)
+            return
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_LOGIN_BODY:
+                await _refuse(413, "The login form is too large.", scope, receive, send)
+                return
+        form = dict(parse_qsl(body.decode("utf-8", "replace")))
+        target = _safe_next(form.get("next", target))
+        if not self.is_token(form.get("token", "").strip()):
+            log.warning("failed sign-in from %s", (scope.get("client") or ("?",))[0])
+            await asyncio.sleep(0.2)  # a little friction for guessing (the token itself is 256 random bits)
+            await login_page(self.settings.realm, target, failed=True, status_code=401)(scope, receive, send)
+            return
+        response = RedirectResponse(target, status_code=303)
+        self.set_cookie(response, scope, ADMIN)
+        await response(scope, receive, send)
+
+    async def logout(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = RedirectResponse(LOGIN_PATH, status_code=303)
+        response.delete_cookie(self.cookie_name(scope), path="/", httponly=True, samesite="strict")
+        await response(scope, receive, send)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def content_type_problem(method: str, headers: Headers) -> str | None:
+    """Why an unsafe request's body could have come from a cross-site form, or None."""
+    if headers.get("x-requested-by"):
+        return None  # Livy's CSRF convention: a custom header no cross-site page can add unasked
+    media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    is_json = media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+    if method == "DELETE":
+        has_body = headers.get("transfer-encoding") or headers.get("content-length", "0") not in ("", "0")
+        if not has_body or is_json:
+            return None
+        return "A DELETE body must be JSON (Content-Type: application/json), or send none."
+    if is_json:
+        return None
+    return (
+        f"{method} requests must send Content-Type: application/json (an empty JSON object is fine)"
+        + (f", not {media}" if media else "")
+        + "; Livy clients may send X-Requested-By instead."
+    )
+
+
+def _bearer(headers: Headers) -> bool:
+    """The request carries a token in ``Authorization`` itself. A browser never adds one on its own
+    (unlike cookies and remembered HTTP Basic), so such a request cannot be a cross-site forgery
+    and needs no JSON content type (``curl -X POST -H 'Authorization: Bearer …' …/start`` works)."""
+    scheme = headers.get("authorization", "").partition(" ")[0].lower()
+    return scheme in ("bearer", "token")
+
+
+def _basic_password(credential: str) -> str | None:
+    import base64
+    import binascii
+
+    try:
+        decoded = base64.b64decode(credential, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+    _, sep, password = decoded.partition(":")
+    return password if sep else None
+
+
+def _cookies(headers: Headers) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for part in headers.get("cookie", "").split(";"):
+        name, sep, value = part.strip().partition("=")
+        if sep and name not in found:
+            found[name] = value.strip().strip('"')
+    return found
+
+
+def _query_token(scope: Scope) -> str | None:
+    for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True):
+        if name == "token":
+            return value
+    return None
+
+
+def _url_without_token(scope: Scope) -> str:
+    query = [(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True) if k != "token"]
+    return quote(scope["path"]) + ("?" + urlencode(query) if query else "")
+
+
+def _local_target(path: str, query: bytes) -> str:
+    pairs = [(k, v) for k, v in parse_qsl(query.decode("latin-1"), keep_blank_values=True) if k != "token"]
+    return path + ("?" + urlencode(pairs) if pairs else "")
+
+
+def _safe_next(target: str) -> str:
+    """Only a path on this server: no scheme, no other host, no ``//host`` (open redirects)."""
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+def _wants_page(headers: Headers) -> bool:
+    """A browser navigating (not a script or a Livy client): it asks for HTML."""
+    mode = headers.get("sec-fetch-mode")
+    if mode is not None:
+        return mode == "navigate"
+    accept = headers.get("accept", "")
+    return "text/html" in accept and "application/json" not in accept.split(",")[0]
+
+
+async def _refuse(status: int, message: str, scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
+        return
+    await JSONResponse({"msg": message}, status_code=status)(scope, receive, send)
+
+
+def _with_security_headers(send: Send) -> Send:
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            present = {name.lower() for name, _ in message.get("headers", [])}
+            extra = [(name, value) for name, value in SECURITY_HEADERS if name not in present]
+            if extra:
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return wrapped
+
+
+def login_page(realm: str, target: str, failed: bool = False, status_code: int = 200) -> HTMLResponse:
+    """A self-contained sign-in form (no script, no external asset)."""
+    error = (
+        '<p class="error" role="alert">That token is not valid for this server.</p>' if failed else ""
+    )
+    body = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Sign in · {html.escape(realm)}</title>
+<style>
+body{{font-family:system-ui,sans-serif;background:#f5f6f8;margin:0;display:flex;min-height:100vh;align-items:center;justify-content:center}}
+form{{background:#fff;padding:28px 32px;border-radius:8px;box-shadow:0 1px 4px #0002;width:min(420px,90vw)}}
+h1{{font-size:20px;margin:0 0 6px}} p{{color:#555;font-size:14px}} label{{display:block;font-size:14px;margin:14px 0 6px}}
+input[type=password]{{width:100%;box-sizing:border-box;padding:8px;font-size:15px;border:1px solid #bbb;border-radius:4px}}
+button{{margin-top:16px;padding:8px 18px;font-size:15px;background:#2f6fd8;color:#fff;border:0;border-radius:4px;cursor:pointer}}
+.error{{color:#b00020}} code{{background:#eef;padding:1px 4px;border-radius:3px}}
+</style></head>
+<body><form method="post" action="{LOGIN_PATH}">
+<h1>{html.escape(realm)}</h1>
+<p>Sign in with the studio's token: it is in the URL the server printed when it started, and in the
+file <code>token</code> of its state directory.</p>
+{error}
+<label for="token">Token</label>
+<input id="token" name="token" type="password" autocomplete="current-password" required autofocus>
+<input type="hidden" name="next" value="{html.escape(target)}">
+<button type="submit">Sign in</button>
+</form></body></html>
+"""
+    return HTMLResponse(body, status_code=status_code, headers={"Cache-Control": "no-store"})
+
+
+def settings_token(settings: "Settings") -> str:
+    """The studio's token for these settings: STUDIO_TOKEN, else the one kept in the state directory."""
+    from studio.auth.tokens import load_or_create_token
+
+    configured = settings.token.get_secret_value() if settings.token is not None else None
+    return load_or_create_token(settings.state_dir, configured)
+
+
+def gate(
+    app: ASGIApp,
+    settings: "Settings",
+    *,
+    realm: str,
+    bound_host: str,
+    basic_challenge: bool = False,
+    extra_tokens: TokenLookup | None = None,
+) -> Gate:
+    """Put ``app`` behind the gate configured from the studio's settings."""
+    return Gate(
+        app,
+        GateSettings(
+            token=settings_token(settings),
+            realm=realm,
+            bound_host=bound_host,
+            allowed_hosts=list(settings.allowed_hosts),
+            auth_enabled=not settings.insecure_no_auth,
+            cookie_max_age=settings.session_cookie_days * 86400,
+            basic_challenge=basic_challenge,
+            extra_tokens=extra_tokens,
+        ),
+    )

@@ -69,6 +69,12 @@ class CapacityError(StudioError):
     status_code = 503
 
 
+class LimitReachedError(StudioError):
+    """A configured budget is used up (running workspaces, ...); the message names the setting."""
+
+    status_code = 429
+
+
 class WorkerError(StudioError):
     status_code = 500
 

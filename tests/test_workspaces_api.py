@@ -437,13 +437,13 @@ def test_a_workspace_can_clone_a_repository(server, folder):
     assert failed["state"] == "Failed"
     assert failed["reason"].startswith(f"git clone of {folder / 'missing'} failed: fatal:")
     assert "clone failed" in error(api.http.post(f"/api/workspaces/{failed['id']}/start"), 409)
-    # A "URL" that looks like an option stays a URL.
+    # A "URL" that looks like an option is refused before git runs.
     marker = folder / "pwned"
-    sneaky = api.create(name="sneaky", repository_url=f"--upload-pack=touch {marker}")
-    assert sneaky["state"] == "Failed" and not marker.exists()
+    refused = api.http.post("/api/workspaces", json={"name": "sneaky", "repository_url": f"--upload-pack=touch {marker}"})
+    assert refused.status_code == 400 and "not absolute" in refused.json()["msg"] and not marker.exists()
     dismissed = api.action(failed["id"], "stop", expect=202)
     assert dismissed["state"] == "Idle" and "git clone" in dismissed["reason"]
-    for workspace in (cloned, by_url, failed, sneaky):
+    for workspace in (cloned, by_url, failed):
         api.delete(workspace["id"], remove_files=True)
 
 

@@ -10,6 +10,8 @@ import html
 import io
 from typing import Any
 
+from studio.urls import http_url
+
 TABLE_STYLE = (
     "<style>.studio-note{color:#555;font-size:12px;margin:4px 0}"
     ".studio-progress{font-family:sans-serif;font-size:12px;color:#333}"
@@ -29,7 +31,9 @@ def note(text: str) -> dict[str, str]:
 
 
 def link(url: str | None, label: str = "Link") -> str:
-    return f'<a href="{escape(url)}" target="_blank">{escape(label)}</a>' if url else ""
+    """An ``<a>`` for an http(s) URL; nothing for any other (a compute may send ``javascript:``)."""
+    safe = http_url(url)
+    return f'<a href="{escape(safe)}" target="_blank" rel="noopener noreferrer">{escape(label)}</a>' if safe else ""
 
 
 # -- sessions ---------------------------------------------------------------------------------
@@ -42,11 +46,11 @@ def sessions_table(sessions: list[dict[str, Any]], current: int | None) -> dict[
         info = s.get("appInfo") or {}
         mark = "\u2714" if s["id"] == current else ""
         cells = (
-            s["id"], escape(s.get("appId") or ""), escape(s.get("kind")), escape(s.get("state")),
+            escape(s["id"]), escape(s.get("appId") or ""), escape(s.get("kind")), escape(s.get("state")),
             link(info.get("sparkUiUrl")), link(info.get("driverLogUrl")), escape(s.get("owner") or ""), mark,
         )  # fmt: skip
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-        lines.append(f"{s['id']:>4}  {s.get('state', ''):<10} {s.get('appId') or '':<24} {info.get('sparkUiUrl') or ''} {mark}")
+        lines.append(f"{str(s['id']):>4}  {str(s.get('state', '')):<10} {str(s.get('appId') or ''):<24} {info.get('sparkUiUrl') or ''} {mark}")
     table = f"<table><tr>{head}</tr>{''.join(rows)}</table>"
     text = "  ID  State      Application ID           Spark UI\n" + "\n".join(lines)
     return {"text/html": table, "text/plain": text}

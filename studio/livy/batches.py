@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
+from studio import files, redact
 from studio.config import Settings
 from studio.errors import CapacityError, InvalidRequestError, NotFoundError, TooManySessionsError
 from studio.livy import sparkconf
@@ -191,7 +192,7 @@ class BatchManager:
                 "request": body.model_dump(),
             },
         )
-        batch.log.append("spark-submit " + " ".join(command[1:]), source="StudioBatch")
+        batch.log.append("spark-submit " + " ".join(redact.command(command[1:])), source="StudioBatch")
         env = {**os.environ, **sparkconf.worker_env(self.settings)}
         with open(batch.log.path, "ab") as handle:
             batch.process = await asyncio.create_subprocess_exec(
@@ -211,8 +212,10 @@ class BatchManager:
         wait = asyncio.create_task(batch.process.wait())
         while not wait.done():
             self._observe(batch)
+            files.tighten(batch.event_dir)  # Spark sets its event logs to 0660 whatever the umask
             await asyncio.wait({wait}, timeout=0.5)
         self._observe(batch)
+        files.tighten(batch.event_dir)
         code = wait.result()
         try:
             os.killpg(batch.process.pid, signal.SIGKILL)  # whatever the application left running

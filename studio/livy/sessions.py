@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from studio import redact
 from studio.config import Settings
 from studio.errors import (
     CapacityError,
@@ -165,7 +166,7 @@ class Session:
             "driverCores": body.driverCores or 0,
             "executorMemory": body.executorMemory,
             "executorCores": body.executorCores or 0,
-            "conf": body.conf,
+            "conf": redact.conf(body.conf),
             "archives": body.archives,
             "files": body.files,
             "heartbeatTimeoutInSecond": body.heartbeatTimeoutInSecond,

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs, then runs all of it. Extra arguments go to pytest.
 #   - this project with its test extras, into the current Python
-#   - system packages: libkrb5-dev (sparkmagic's Kerberos dependencies compile against it) and
-#     chromium (the browser test drives Debian's build through Playwright; never `playwright install`)
+#   - system packages: libkrb5-dev (sparkmagic's Kerberos dependencies compile against it),
+#     chromium (the browser test drives Debian's build through Playwright; never `playwright install`),
+#     git and openssl (workspace clones from a test HTTPS git server with its own certificate)
 #   - a separate virtualenv with sparkmagic, whose own kernel the tests drive (it caps pandas
 #     below 3 and pulls in Kerberos, so it never becomes a dependency of ours)
 set -euo pipefail
@@ -12,7 +13,7 @@ SUDO=""
 if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
 
 missing=()
-for package in libkrb5-dev chromium; do
+for package in libkrb5-dev chromium git openssl; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
 done
 if [ "${#missing[@]}" -gt 0 ]; then

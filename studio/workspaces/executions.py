@@ -150,7 +150,7 @@ class Execution:
         return json_safe({
             "id": self.id,
             "name": self.name,
-            "owner": owner,
+            "owner": self.owner,
             "status": self.status.value,
             "last_state_change_reason": self.reason,
             "workspace": {"id": self.workspace_id, "name": self.workspace},

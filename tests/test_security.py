@@ -228,7 +228,7 @@ def test_browsers_sign_in_once_and_are_never_redirected_elsewhere(studio):
     assert raw("GET", studio.url + "/api/status", headers={"Cookie": f"{name}={value}"}).status_code == 200
     # Responses carry no framing and no Referer (a ?token= URL must not leak into another site's logs).
     headers = raw("GET", studio.url + "/api/status", headers=auth_headers(studio.token)).headers
-    assert headers["x-frame-options"] == "DENY" and headers["referrer-policy"] == "no-referrer"
+    assert headers["x-frame-options"] == "DENY" and headers["referrer-policy"] == "same-origin"
 
 
 def test_the_token_is_private_and_printed_only_to_a_terminal(tmp_path):

@@ -22,8 +22,8 @@ from studio import files, redact
 from studio.config import Settings
 from studio.errors import CapacityError, InvalidRequestError, NotFoundError, TooManySessionsError
 from studio.livy import sparkconf
-from studio.livy.logs import LogFile
-from studio.livy.models import BATCH_TRANSITIONS, CreateBatch, SessionState, check_transition
+from studio.livy.logs import LogFile, RetainedLogs
+from studio.livy.models import BATCH_TRANSITIONS, CreateBatch, SessionState, check_transition, view
 from studio.livy.pool import available_memory_mb
 from studio.livy.workers import describe_exit
 from studio.store import Store
@@ -115,17 +115,34 @@ class BatchManager:
         self._base_conf = base_conf
         self._live_sessions = live_sessions
         self.batches: dict[int, Batch] = {}
+        self.retained_logs = RetainedLogs()
 
     def list(self, start: int, size: int) -> tuple[int, list[Batch]]:
         ordered = [self.batches[k] for k in sorted(self.batches)]
-        return len(ordered), ordered[start : start + size] if size >= 0 else ordered[start:]
+        return len(ordered), view(ordered, start, size)
 
     def get(self, key: str | int) -> Batch:
+        """A batch by id, or by name as in Livy: the live batch of that name, else the newest."""
         text = str(key)
-        batch = self.batches.get(int(text)) if text.lstrip("-").isdigit() else None
+        if text.lstrip("-").isdigit():
+            batch = self.batches.get(int(text))
+        else:
+            named = sorted((b for b in self.batches.values() if b.name == text), key=lambda b: (b.live, b.id))
+            batch = named[-1] if named else None
         if batch is None:
             raise NotFoundError(f"Batch '{text}' not found.")
         return batch
+
+    def driver_log(self, key: str) -> LogFile:
+        """The log behind ``appInfo.driverLogUrl``: of a listed batch, or of one DELETEd within the
+        retention time."""
+        try:
+            return self.get(key).log
+        except NotFoundError:
+            kept = self.retained_logs.get(int(key)) if key.isdigit() else None
+            if kept is None:
+                raise
+            return kept
 
     def live_count(self) -> int:
         return sum(1 for b in self.batches.values() if b.live)
@@ -155,6 +172,12 @@ class BatchManager:
     async def create(self, body: CreateBatch, owner: str | None = None) -> Batch:
         if not body.file.strip():
             raise InvalidRequestError("Rejected, Reason: File is required.")
+        if body.name is not None:
+            if body.name.strip().lstrip("-").isdigit() or not body.name.strip():
+                raise InvalidRequestError(f"Rejected, Reason: batch name '{body.name}' must not be a number or empty.")
+            if any(b.live and b.name == body.name for b in self.batches.values()):
+                raise InvalidRequestError(f"Rejected, Reason: a batch named '{body.name}' already exists.")
+        sparkconf.check_settings(body)
         _check_local_file(body.file, "file")
         for field in ("jars", "pyFiles", "files", "archives"):
             for path in getattr(body, field):
@@ -249,10 +272,15 @@ class BatchManager:
                     break
 
     async def delete(self, batch: Batch) -> None:
-        """Kill a running batch (it stays listed as killed with its log); remove a finished one."""
-        if batch.state.is_final:
-            self.batches.pop(batch.id, None)
-            return
+        """DELETE, as in Livy: kill a running batch, then remove it from every Livy route at once
+        (its name is free); its log stays readable at its driverLogUrl for the retention time."""
+        if not batch.state.is_final:
+            await self._kill(batch)
+        if self.batches.get(batch.id) is batch:
+            del self.batches[batch.id]
+            self.retained_logs.keep(batch.id, batch.log)
+
+    async def _kill(self, batch: Batch) -> None:
         batch.killed = True
         process = batch.process
         if process is not None and process.returncode is None:
@@ -274,6 +302,7 @@ class BatchManager:
         for batch in list(self.batches.values()):
             if batch.ended is not None and now - batch.ended > self.settings.session_state_retain:
                 self.batches.pop(batch.id, None)
+        self.retained_logs.cull(self.settings.session_state_retain)
 
     async def shutdown(self) -> None:
-        await asyncio.gather(*(self.delete(b) for b in self.batches.values() if b.live), return_exceptions=True)
+        await asyncio.gather(*(self._kill(b) for b in self.batches.values() if b.live), return_exceptions=True)

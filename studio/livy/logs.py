@@ -23,7 +23,7 @@ class LogFile:
         """Add a line in Spark's log format (the service's own notes: why a session ended)."""
         stamp = time.strftime("%y/%m/%d %H:%M:%S")
         with open(self.path, "ab") as handle:
-            handle.write(f"{stamp} INFO {source}: {text}\n".encode())
+            handle.write(f"{stamp} INFO {source}: {text}\n".encode("utf-8", "backslashreplace"))
 
     def _index(self) -> None:
         try:
@@ -88,10 +88,39 @@ class LogFile:
         total = self.total()
         return self.lines(max(0, total - count), count)
 
-    def page(self, start: int | None, size: int | None) -> tuple[int, int, list[str]]:
-        """Livy's paging: (from, total, lines); size defaults to 100 and from to the tail."""
+    def page(self, start: int | None, size: int | None, max_lines: int) -> tuple[int, int, list[str]]:
+        """Livy's paging (SessionServlet.serializeLogs): size defaults to 100 and a negative one
+        means all; a missing or negative ``from`` means the tail. Returns (from, total, lines).
+        At most ``max_lines`` lines are read: "all" of a long log is its newest ``max_lines``."""
         total = self.total()
         size = 100 if size is None else size
-        if start is None:
-            start = 0 if size < 0 else max(0, total - size)
-        return start, total, self.lines(start, size)
+        if size < 0:
+            size = min(total, max_lines)
+        start = -1 if start is None else start
+        if start < 0:
+            start = max(0, total - size)
+        return start, total, self.lines(start, min(size, max_lines))
+
+
+class RetainedLogs:
+    """Logs of sessions and batches that a DELETE removed from the API.
+
+    As in Livy, a DELETEd session or batch leaves every Livy route (the list, GET by id or name)
+    and frees its name at once; its log stays readable at its ``appInfo.driverLogUrl`` (a route no
+    Livy client lists) for the retention time."""
+
+    def __init__(self) -> None:
+        self._logs: dict[int, tuple[float, LogFile]] = {}
+
+    def keep(self, item_id: int, log: LogFile) -> None:
+        self._logs[item_id] = (time.monotonic(), log)
+
+    def get(self, item_id: int) -> LogFile | None:
+        kept = self._logs.get(item_id)
+        return kept[1] if kept else None
+
+    def cull(self, retain: float) -> None:
+        now = time.monotonic()
+        for item_id, (since, _) in list(self._logs.items()):
+            if now - since > retain:
+                del self._logs[item_id]

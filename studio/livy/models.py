@@ -78,6 +78,14 @@ STATEMENT_TRANSITIONS: dict[StatementState, frozenset[StatementState]] = {
 }
 
 
+def view(items: list[Any], start: int, size: int) -> list[Any]:
+    """Livy's list paging, Scala's ``items.view(from, from + size)``: a negative ``from`` reads
+    from the start but still ends at ``from + size``; a size that ends before the start (a
+    negative one) gives nothing."""
+    first = max(0, start)
+    return items[first : start + size] if start + size > first else []
+
+
 def check_transition(table: dict[Any, frozenset[Any]], current: Any, new: Any, what: str) -> None:
     """Refuse a state change the table does not allow (a bug, never the client's fault)."""
     if current not in table.get(new, frozenset()):
@@ -227,6 +235,8 @@ class CreateBatch(_SparkSettings):
         if value is None:
             return []
         if isinstance(value, list):
+            if not all(isinstance(v, (str, int, float, bool)) for v in value):
+                raise ValueError("args must be a list of strings (numbers and booleans are turned into strings)")
             return [_conf_value(v) for v in value]
         return value
 

@@ -12,6 +12,7 @@ stopped for being idle (a long cell is not inactivity).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import time
@@ -34,7 +35,7 @@ from studio.errors import (
     WorkerError,
 )
 from studio.livy import sparkconf
-from studio.livy.logs import LogFile
+from studio.livy.logs import LogFile, RetainedLogs
 from studio.livy.models import (
     SESSION_TRANSITIONS,
     STATEMENT_TRANSITIONS,
@@ -48,6 +49,7 @@ from studio.livy.models import (
     check_transition,
     parse_duration,
     parse_kind,
+    view,
 )
 from studio.livy.pool import WorkerPool, available_memory_mb
 from studio.livy.workers import WorkerProcess, WorkerSpec, describe_exit
@@ -72,6 +74,7 @@ class Statement:
     completed: int = 0
     jobs: list[dict[str, Any]] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    output_size: int = 0  # characters of its output as JSON (counts against max_session_output_bytes)
 
     def set_state(self, new: StatementState) -> None:
         check_transition(STATEMENT_TRANSITIONS, self.state, new, f"statement {self.id}")
@@ -124,6 +127,7 @@ class Session:
         self.ttl = parse_duration(body.ttl, "ttl")
         self.idle_timeout = parse_duration(body.idleTimeout, "idleTimeout")
         self.ended: float | None = None  # monotonic time it reached a final state
+        self.stopped = asyncio.Event()  # set on reaching a final state (a DELETE waits for it)
         self.reason = ""
         self.sql_num_rows: int | None = None
 
@@ -140,6 +144,7 @@ class Session:
         self.state = new
         if new.is_final:
             self.ended = time.monotonic()
+            self.stopped.set()
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
@@ -194,6 +199,7 @@ class SessionManager:
         self.sessions: dict[int, Session] = {}
         self._creating = 0  # creates under way (they hold a place against max_sessions)
         self._creating_names: set[str] = set()
+        self.retained_logs = RetainedLogs()
         self._background: set[asyncio.Task[Any]] = set()
         pool.is_busy = self.any_busy
 
@@ -201,7 +207,7 @@ class SessionManager:
 
     def list(self, start: int, size: int) -> tuple[int, list[Session]]:
         ordered = [self.sessions[k] for k in sorted(self.sessions)]
-        return len(ordered), ordered[start : start + size] if size >= 0 else ordered[start:]
+        return len(ordered), view(ordered, start, size)
 
     def get(self, key: str | int) -> Session:
         """A session by id, or by name (Livy accepts both in every /sessions/{id} route).
@@ -402,16 +408,22 @@ class SessionManager:
         session.queue.put_nowait(statement.id)
         return statement
 
-    def _evict(self, session: Session) -> None:
+    def _evict(self, session: Session, keep: int | None = None) -> None:
+        """Forget the oldest finished statements beyond ``retained_statements`` (Livy keeps 100) or
+        beyond ``max_session_output_bytes`` of output; ``keep`` (the one that just finished, which
+        its client has yet to read) is never forgotten."""
         excess = len(session.statements) - self.settings.retained_statements
+        excess_bytes = sum(s.output_size for s in session.statements.values()) - self.settings.max_session_output_bytes
         for sid in list(session.statements):
-            if excess <= 0:
+            if excess <= 0 and excess_bytes <= 0:
                 break
-            if session.statements[sid].state.is_final:
+            statement = session.statements[sid]
+            if statement.state.is_final and sid != keep:
                 del session.statements[sid]
                 if session.worker is not None:
                     session.worker.result_file(sid).unlink(missing_ok=True)
                 excess -= 1
+                excess_bytes -= statement.output_size
 
     def result_file(self, session: Session, statement_id: int) -> Path:
         """The Arrow result of a finished statement (written by the kernel's magics)."""
@@ -453,11 +465,13 @@ class SessionManager:
                 output = {"status": "error", "ename": "SessionWorkerDied", "evalue": exc.msg, "traceback": []}
             if not statement.state.is_final:
                 statement.output = {"status": output.get("status", "error"), "execution_count": statement.id, **output}
+                statement.output_size = len(json.dumps(statement.output, ensure_ascii=False, default=str))
                 statement.set_state(
                     StatementState.CANCELLED
                     if statement.state is StatementState.CANCELLING
                     else StatementState.AVAILABLE
                 )
+                self._evict(session, keep=statement.id)
             self._maybe_idle(session)
 
     def _maybe_idle(self, session: Session) -> None:
@@ -529,12 +543,29 @@ class SessionManager:
     # -- stopping -------------------------------------------------------------------------
 
     async def delete(self, session: Session) -> None:
-        """Stop the session's worker (DELETE). A finished session is removed from the list."""
-        if session.state.is_final or session.state is SessionState.SHUTTING_DOWN:
-            if session.state.is_final:
-                self.sessions.pop(session.id, None)
-            return
-        await self.stop(session, SessionState.KILLED, "deleted by the client")
+        """DELETE, as in Livy: stop the session (its running and queued statements end cancelled),
+        then remove it from every Livy route at once, which frees its name. Its log stays readable
+        at its driverLogUrl for the retention time (``retained_logs``)."""
+        if session.live:
+            await self.stop(session, SessionState.KILLED, "deleted by the client")
+        elif not session.state.is_final:  # shutting down already (culled, or a second DELETE)
+            await session.stopped.wait()
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
+            if session.log is not None:
+                self.retained_logs.keep(session.id, session.log)
+            session.statements.clear()  # outputs can be large, and no route reaches them any more
+
+    def driver_log(self, key: str) -> LogFile | None:
+        """The log behind ``appInfo.driverLogUrl``: of a listed session, or of one DELETEd within
+        the retention time (by id: its name may belong to another session by now)."""
+        try:
+            return self.get(key).log
+        except NotFoundError:
+            kept = self.retained_logs.get(int(key)) if key.isdigit() else None
+            if kept is None:
+                raise
+            return kept
 
     async def stop(self, session: Session, final: SessionState, reason: str) -> None:
         self._begin_stop(session, reason)
@@ -544,6 +575,15 @@ class SessionManager:
         session.set_state(SessionState.SHUTTING_DOWN)
         if session.log is not None:
             session.log.append(f"session {session.id} stopping: {reason}")
+        # Queued statements will never run, and the running one is cancelled (its Spark jobs and
+        # its Python code), so a busy worker is free to stop within about a second.
+        for statement in session.statements.values():
+            if statement.state is StatementState.WAITING:
+                statement.set_state(StatementState.CANCELLED)
+            elif statement.state is StatementState.RUNNING:
+                statement.set_state(StatementState.CANCELLING)
+                if session.worker is not None:
+                    session.worker.cancel(statement.id)
 
     async def _complete_stop(self, session: Session, final: SessionState, reason: str) -> None:
         worker = session.worker
@@ -559,7 +599,17 @@ class SessionManager:
         session.set_state(final)
         session.reason = reason
         for statement in session.statements.values():
-            if statement.state is StatementState.WAITING:
+            if statement.state is StatementState.RUNNING:
+                statement.set_state(StatementState.CANCELLING)
+            if statement.state is StatementState.CANCELLING and statement.output is None:
+                statement.output = {
+                    "status": "error",
+                    "execution_count": statement.id,
+                    "ename": "SessionStopped",
+                    "evalue": f"the session stopped ({reason}) before this statement finished",
+                    "traceback": [],
+                }
+            if not statement.state.is_final:
                 statement.set_state(StatementState.CANCELLED)
         if session.runner is not None:
             session.runner.cancel()
@@ -593,14 +643,22 @@ class SessionManager:
     # -- culling --------------------------------------------------------------------------
 
     def expiry_reason(self, session: Session, now: float) -> str | None:
-        """Why a live session should be stopped now, or None (named predicates, as jupyter_server culls)."""
-        if session.ttl and now - session.created > session.ttl:
-            return f"its ttl of {session.ttl:g}s expired"
+        """Why a live session should be stopped now, or None (named predicates, as jupyter_server culls).
+
+        ``idleTimeout`` and ``ttl`` are both the session's own inactivity timeout, ``idleTimeout``
+        first: Livy's documentation calls ``ttl`` "the timeout for this inactive session", and
+        Livy 0.8 enforces it so; Livy 0.9 added ``idleTimeout`` for that and enforces ``ttl`` as a
+        lifetime since start only with ``livy.server.session.ttl-check`` (off by default)."""
         if session.heartbeat_timeout and now - session.last_heartbeat > session.heartbeat_timeout:
             return f"no heartbeat for {now - session.last_heartbeat:.0f}s (heartbeatTimeoutInSecond={session.heartbeat_timeout:g})"
-        idle_timeout = session.idle_timeout if session.idle_timeout is not None else self.settings.session_idle_timeout
+        if session.idle_timeout is not None:
+            idle_timeout, source = session.idle_timeout, "its idleTimeout"
+        elif session.ttl is not None:
+            idle_timeout, source = session.ttl, "its ttl"
+        else:
+            idle_timeout, source = self.settings.session_idle_timeout, "STUDIO_SESSION_IDLE_TIMEOUT"
         if session.state is SessionState.IDLE and idle_timeout and now - session.last_activity > idle_timeout:
-            return f"it was idle for {now - session.last_activity:.0f}s (idle timeout {idle_timeout:g}s)"
+            return f"it was inactive for {now - session.last_activity:.0f}s ({source} is {idle_timeout:g}s)"
         return None
 
     async def cull(self) -> None:
@@ -618,6 +676,7 @@ class SessionManager:
                     self.sessions.pop(session.id, None)
             except Exception:  # noqa: BLE001 - one session's failure must not stop the culler
                 log.exception("culling session %d failed", session.id)
+        self.retained_logs.cull(self.settings.session_state_retain)
 
     async def shutdown(self) -> None:
         live = [s for s in self.sessions.values() if s.live]

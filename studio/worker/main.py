@@ -204,6 +204,9 @@ class Worker:
                 )
                 self.conn.send({"op": "inspection", "req": message["req"], **found})
             else:
+                if op == "shutdown" and self.current is not None:
+                    # The main thread runs a statement: cancel it, or the shutdown waits behind it.
+                    self._cancel(self.current)
                 self.queue.put(message)
 
     def _watch_jvm(self) -> None:
@@ -227,7 +230,7 @@ class Worker:
             self.progress.begin(statement_id)
             self.in_user_code = True
             if message.get("kind") == "sql":
-                output = run_sql(self.spark, code, int(message.get("max_rows", 1000)))
+                output = run_sql(self.spark, code, int(message.get("max_rows", 1000)), self.repl.max_output_bytes)
             else:
                 output = self.repl.execute(statement_id, code)
         except KeyboardInterrupt:
@@ -308,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m studio.worker")
     parser.add_argument("--fd", type=int, required=True, help="inherited socket to the service")
     args = parser.parse_args(argv)
+    # The process's own streams are the session log: text a cell writes there directly (sys.__stdout__,
+    # a logging handler made before the cell) must not fail on what UTF-8 cannot hold.
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     sock = socket.socket(fileno=args.fd)
     conn = Connection(sock)
     config = conn.receive()

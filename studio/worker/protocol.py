@@ -37,8 +37,29 @@ RESULTS_DIR = ".studio-results"
 
 
 def encode(message: dict[str, Any]) -> bytes:
-    """One message as a line of UTF-8 JSON (JSON escapes newlines inside strings)."""
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8") + b"\n"
+    """One message as a line of UTF-8 JSON (JSON escapes newlines inside strings).
+
+    Text that UTF-8 cannot hold (lone surrogates, e.g. a file name's undecodable bytes under
+    ``surrogateescape``) travels as its backslash escape, ``\\udcff``: what a statement prints must
+    never break the line that carries it, and with it the worker."""
+    text = json.dumps(message, ensure_ascii=False, separators=(",", ":"), default=str)
+    try:
+        return text.encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        safe = json.dumps(
+            _escape_surrogates(message), ensure_ascii=False, separators=(",", ":"), default=lambda o: _escape_surrogates(str(o))
+        )
+        return safe.encode("utf-8") + b"\n"
+
+
+def _escape_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_escape_surrogates(k): _escape_surrogates(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_escape_surrogates(v) for v in value]
+    return value
 
 
 def decode(line: bytes) -> dict[str, Any]:

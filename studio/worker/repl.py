@@ -67,13 +67,24 @@ class UnknownMagic(Exception):
     """A ``%name`` line whose magic does not exist (Livy's ename for it)."""
 
 
-class _Capture(io.StringIO):
-    """stdout/stderr of one statement; bytes are decoded like Livy's UnicodeDecodingStringIO."""
+class _Capture(io.TextIOWrapper):
+    """stdout/stderr of one statement, a real text stream: ``encoding`` is UTF-8 and ``buffer``
+    takes bytes. What UTF-8 cannot hold (a lone surrogate, as in a file name decoded with
+    ``surrogateescape``) is written as its backslash escape instead of failing the print, and so
+    are bytes that are not UTF-8. Bytes given to ``write`` itself are decoded like Livy's
+    UnicodeDecodingStringIO."""
 
-    def write(self, s: Any) -> int:  # type: ignore[override]
-        if isinstance(s, bytes):
-            s = s.decode("utf-8", "replace")
+    def __init__(self) -> None:
+        super().__init__(io.BytesIO(), encoding="utf-8", errors="backslashreplace", write_through=True)
+
+    def write(self, s: Any) -> int:
+        if isinstance(s, (bytes, bytearray)):
+            s = bytes(s).decode("utf-8", "replace")
         return super().write(s)
+
+    def getvalue(self) -> str:
+        self.flush()
+        return self.buffer.getvalue().decode("utf-8", "backslashreplace")  # type: ignore[attr-defined]
 
 
 class PythonRepl:
@@ -104,7 +115,7 @@ class PythonRepl:
         try:
             try:
                 chunks = self._parse(code, filename)
-            except SyntaxError as exc:
+            except (SyntaxError, ValueError) as exc:  # ValueError: a lone surrogate in the code itself
                 return error_from_exception(exc)
             result: dict[str, Any] | None = None
             try:
@@ -188,7 +199,11 @@ class PythonRepl:
         return {"application/json": value}
 
     def _magic_matplot(self, name: str) -> dict[str, Any]:
-        figure = self._variable(name).gcf()
+        plot = self._variable(name)
+        if hasattr(plot, "get_fignums") and not plot.get_fignums():
+            # gcf() would make an empty figure, and the cell would show a blank image.
+            return {"text/plain": f"%matplot {name}: there is no figure to show; draw one first (e.g. {name}.plot(...))."}
+        figure = plot.gcf() if hasattr(plot, "gcf") else plot
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png")
         return {"image/png": base64.b64encode(buffer.getvalue()).decode("ascii"), "text/plain": ""}
@@ -199,16 +214,18 @@ class PythonRepl:
     # -- output size ------------------------------------------------------------------------
 
     def limit(self, data: dict[str, Any]) -> dict[str, Any]:
-        """Keep an output under ``max_output_bytes``: truncate text, drop other oversized parts."""
+        """Keep an output under ``max_output_bytes`` of UTF-8: cut text, drop other oversized parts."""
         limit = self.max_output_bytes
         text = data.get("text/plain")
-        if isinstance(text, str) and len(text) > limit:
-            data["text/plain"] = (
-                text[:limit] + f"\n[output truncated: showing {limit:,} of {len(text):,} characters; "
-                "the limit is STUDIO_MAX_OUTPUT_BYTES]"
-            )
+        if isinstance(text, str):
+            raw = text.encode("utf-8", "backslashreplace")
+            if len(raw) > limit:
+                data["text/plain"] = (
+                    raw[:limit].decode("utf-8", "ignore") + f"\n[output truncated: showing {limit:,} of {len(raw):,} "
+                    "bytes; the limit is STUDIO_MAX_OUTPUT_BYTES]"
+                )
         for mime in [m for m in data if m != "text/plain"]:
-            size = len(json.dumps(data[mime], default=str))
+            size = json_bytes(data[mime])
             if size > limit:
                 del data[mime]
                 note = (
@@ -298,8 +315,14 @@ def json_value(value: Any) -> Any:
     return str(value)
 
 
-def run_sql(spark: Any, code: str, max_rows: int) -> Output:
-    """Livy's ``sql`` statement kind: schema and at most ``max_rows`` rows as application/json."""
+def json_bytes(value: Any) -> int:
+    """Size of ``value`` as UTF-8 JSON, as the service will keep and send it."""
+    return len(json.dumps(value, default=str, ensure_ascii=False).encode("utf-8", "backslashreplace"))
+
+
+def run_sql(spark: Any, code: str, max_rows: int, max_bytes: int = 10 * 1024 * 1024) -> Output:
+    """Livy's ``sql`` statement kind: schema and at most ``max_rows`` rows as application/json;
+    rows beyond ``max_bytes`` of JSON are cut, and a text/plain note says so."""
     query = code.strip()
     if query.endswith(";"):
         query = query[:-1]
@@ -308,11 +331,19 @@ def run_sql(spark: Any, code: str, max_rows: int) -> Output:
         rows = frame.take(max_rows)
     except BaseException as exc:  # noqa: BLE001
         return error(type(exc).__name__, str(exc), traceback.format_exception_only(type(exc), exc))
-    return ok(
-        {
-            "application/json": {
-                "schema": frame.schema.jsonValue(),
-                "data": [[json_value(v) for v in row] for row in rows],
-            }
-        }
-    )
+    schema = frame.schema.jsonValue()
+    budget = max_bytes - json_bytes(schema)
+    data: list[list[Any]] = []
+    for row in rows:
+        values = [json_value(v) for v in row]
+        budget -= json_bytes(values) + 1
+        if budget < 0:
+            break
+        data.append(values)
+    output: dict[str, Any] = {"application/json": {"schema": schema, "data": data}}
+    if len(data) < len(rows):
+        output["text/plain"] = (
+            f"[sql result cut to {len(data):,} of {len(rows):,} rows: over the {max_bytes:,}-byte output limit "
+            "(STUDIO_MAX_OUTPUT_BYTES)]"
+        )
+    return ok(output)

@@ -195,7 +195,9 @@ class Settings(BaseSettings):
 
     # --- storage -------------------------------------------------------------------------
     state_dir: Path = Field(
-        default_factory=default_state_dir, description="Where the database and the worker and batch logs live."
+        default_factory=default_state_dir,
+        description="Where the database and the worker and batch logs live: a folder of its own, since at every "
+        "start it is made 0700 and everything in it private to this user (group and other bits removed).",
     )
 
     # --- workspace server (studio serve) ----------------------------------------------------

@@ -98,7 +98,7 @@ def check_repository_url(text: str, allow_local: bool) -> GitSource:
             return GitSource(f"{scheme}://{netloc}{parts.path}" + (f"?{parts.query}" if parts.query else ""), "ssh")
         return GitSource(urlunsplit(parts._replace(scheme="https")), "https", username, secret)
     if _TRANSPORT_HELPER.match(raw):
-        raise InvalidRequestError(f"Repository URL '{raw}' names a git transport helper; use https:// or ssh.")
+        raise InvalidRequestError("Repository URL names a git transport helper (scheme::address); use https:// or ssh.")
     scp = _SCP_LIKE.match(raw)
     if scp and not raw.startswith(("/", ".", "~")):
         if scp["host"].startswith("-") or (scp["user"] or "").startswith("-"):

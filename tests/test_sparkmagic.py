@@ -138,3 +138,51 @@ def test_sparkmagic_http_layer_needs_the_token(test_root, tmp_path):
         assert lines["basic"] == "ok 0", result.stdout
     finally:
         assert service.stop() == 0
+
+
+def test_sparkmagic_cleanup_is_quick_on_a_service_where_many_sessions_were_just_deleted(test_root, tmp_path):
+    """%%cleanup -f visits every listed session and waits on each; DELETEd sessions leave the list
+    at once, as in Livy, so 20 just-deleted sessions cost it nothing (issue 10)."""
+    import sys
+    import time
+
+    python = sparkmagic_python()
+    echo_worker = json.dumps([sys.executable, str(REPO / "tests" / "workers" / "misbehaving.py")])
+    service = start_service(
+        test_root,
+        "sparkmagic-cleanup",
+        env={
+            "STUDIO_POOL_SIZE": "0",
+            "STUDIO_WORKER_COMMAND": echo_worker,
+            "STUDIO_TEST_WORKER": "echo",
+            "STUDIO_MAX_SESSIONS": "25",
+            "STUDIO_MIN_AVAILABLE_MEMORY_MB": "0",
+        },
+    )
+    livy = service.client()
+    try:
+        created = [livy.create_session(kind="pyspark")["id"] for _ in range(20)]
+        for session_id in created:
+            livy.wait_session(session_id, timeout=60)
+            assert livy.http.delete(f"/sessions/{session_id}").status_code == 200
+        config_dir = tmp_path / "sparkmagic"
+        config_dir.mkdir()
+        credentials = {"username": "analyst", "password": service.token, "url": service.url, "auth": "Basic_Access"}
+        (config_dir / "config.json").write_text(json.dumps({"kernel_python_credentials": credentials}))
+        notebook = nbformat.v4.new_notebook()
+        notebook.cells = [nbformat.v4.new_code_cell("%%cleanup -f")]
+        source, executed = tmp_path / "cleanup.ipynb", tmp_path / "cleanup-out.ipynb"
+        nbformat.write(notebook, source)
+        env = {**os.environ, "SPARKMAGIC_CONF_DIR": str(config_dir), "JUPYTER_PLATFORM_DIRS": "1"}
+        env.pop("PYTHONPATH", None)
+        started = time.monotonic()
+        result = subprocess.run(
+            [str(python), str(REPO / "tests" / "sparkmagic_runner.py"), str(source), str(executed)],
+            capture_output=True, text=True, timeout=600, env=env,
+        )
+        assert result.returncode == 0, result.stderr[-5000:]
+        assert time.monotonic() - started < 60  # kernel start included; it took minutes when they stayed listed
+    finally:
+        livy.close()
+        assert service.stop() == 0
+    assert not service.leftovers()

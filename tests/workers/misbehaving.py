@@ -7,6 +7,8 @@ the fault:
   crash-on-start  writes a reason to its log and exits with code 7
   ignore-sigterm  becomes ready and echoes code, but ignores the shutdown message and SIGTERM,
                   and leaves a grandchild that ignores SIGTERM too (only SIGKILL to the group ends it)
+  echo            a well-behaved stand-in: ready at once, echoes code, exits on shutdown (for
+                  tests about many sessions, where Spark would only cost time)
 """
 
 import argparse
@@ -50,6 +52,18 @@ def main() -> int:
                 sock.sendall(protocol.encode({"op": "activated", "ok": True, "static": [], "error": None}))
         while True:  # the service hung up; still refuse to go
             time.sleep(3600)
+    if mode == "echo":
+        sock.sendall(protocol.encode({"op": "ready", "app_id": "fake-app", "spark_ui_url": None, "python_pid": os.getpid()}))
+        for line in reader:
+            message = protocol.decode(line)
+            if message["op"] == "execute":
+                output = {"status": "ok", "data": {"text/plain": message["code"]}}
+                sock.sendall(protocol.encode({"op": "result", "id": message["id"], "output": output}))
+            elif message["op"] == "activate":
+                sock.sendall(protocol.encode({"op": "activated", "ok": True, "static": [], "error": None}))
+            elif message["op"] == "shutdown":
+                return 0
+        return 0
     raise SystemExit(f"unknown STUDIO_TEST_WORKER mode {mode!r}")
 
 

@@ -575,22 +575,32 @@ def test_an_execution_runs_and_every_state_file_is_private(studio, api, service)
     assert loose(service.state_dir) == []
 
 
-def test_loose_modes_found_at_start_are_fixed_and_logged(folder):
-    state = folder / "loose-state"
+def seed_loose_state(state: Path, outside: Path) -> None:
+    """A state directory as an older version (or a careless copy) left it, with a link to a file elsewhere."""
     (state / "logs").mkdir(parents=True)
     os.chmod(state, 0o755)
     os.chmod(state / "logs", 0o777)
     (state / "logs" / "old.log").write_text("from an older version\n")
     os.chmod(state / "logs" / "old.log", 0o644)
+    (state / "link").symlink_to(outside)  # a link is not followed: its target keeps its mode
+
+
+def test_loose_modes_found_at_start_are_fixed_and_logged(folder):
+    folder.mkdir(parents=True, exist_ok=True)
     outside = folder / "not-ours.txt"
     outside.write_text("a file elsewhere")
     os.chmod(outside, 0o644)
-    (state / "link").symlink_to(outside)  # a link is not followed: its target keeps its mode
-    service = ServiceProcess(state, env={"STUDIO_POOL_SIZE": "0"}).start()
+    seed_loose_state(folder / "loose-livy", outside)
+    seed_loose_state(folder / "loose-serve" / "state", outside)
+    service = ServiceProcess(folder / "loose-livy", env={"STUDIO_POOL_SIZE": "0"}).start()
+    studio = StudioProcess(folder / "loose-serve", pool=0).start()
     try:
-        assert loose(state) == []
+        for state, log in ((service.state_dir, service.log_path), (studio.state_dir, studio.log_path)):
+            assert loose(state) == [], state
+            assert stat.S_IMODE((state / "logs" / "old.log").stat().st_mode) == 0o600
+            text = log.read_text()
+            assert "took group and other permissions away" in text and "old.log (0644 -> 0600)" in text, text[-2000:]
         assert stat.S_IMODE(outside.stat().st_mode) == 0o644
-        assert stat.S_IMODE((state / "logs" / "old.log").stat().st_mode) == 0o600
-        assert "took group and other permissions away" in service.log_path.read_text() and "old.log (0644 -> 0600)" in service.log_path.read_text()
     finally:
+        assert studio.stop() == 0
         assert service.stop() == 0

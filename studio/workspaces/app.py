@@ -52,7 +52,7 @@ def create_app(settings: Settings, url: str = "") -> ASGIApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        files.secure_state_dir(settings.state_dir, log)  # 0700, loose modes left by anyone fixed and logged
         settings.root.mkdir(parents=True, exist_ok=True)
         store = Store(settings.database_path)
         jupyter_dir = settings.state_dir / "jupyter"

@@ -495,6 +495,23 @@ def test_a_request_head_that_never_completes_is_cut_off(service, studio):
         assert len(results) == 3 and all(HEADER_TIMEOUT - 0.5 < r < HEADER_TIMEOUT + 5 for r in results), results
 
 
+def test_connections_beyond_the_budget_get_a_clear_503(folder):
+    service = ServiceProcess(folder / "few-connections", env={"STUDIO_POOL_SIZE": "0", "STUDIO_MAX_CONNECTIONS": "3"}).start()
+    host, port = service.url.split("://", 1)[1].rsplit(":", 1)
+    try:
+        idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(3)]
+        time.sleep(0.3)
+        refused = service.get("/sessions")
+        assert refused.status_code == 503 and "STUDIO_MAX_CONNECTIONS=3" in refused.json()["msg"]
+        assert refused.headers["retry-after"]
+        for connection in idle:
+            connection.close()
+        time.sleep(0.3)
+        assert service.get("/sessions").status_code == 200
+    finally:
+        assert service.stop() == 0
+
+
 # -- items 6 and 7: secrets, then file modes over everything the module's servers wrote ----------------
 
 

@@ -419,6 +419,7 @@ def test_runtime_conf_is_applied_to_a_warm_worker(service, livy):
         (b'{"numExecutors": -2}', 400, "numExecutors must not be negative"),
         (b'{"conf": {"livy.rsc.sql.num-rows": "many"}}', 400, "livy.rsc.sql.num-rows"),
         (b'{"conf": {"spark.sql.x": {"nested": 1}}}', 400, "conf"),
+        (b'{"name": "half a \\udcff character"}', 400, 'Field "name" holds text that is not valid Unicode'),
     ],
 )
 def test_bad_session_requests_get_livy_shaped_errors(livy, body, status, text):

@@ -251,10 +251,33 @@ def parse_body(model: type[BaseModel], raw: bytes) -> Any:
         raise InvalidRequestError(f"Malformed JSON in the request body: {exc}.") from None
     if not isinstance(data, dict):
         raise InvalidRequestError(f"The request body must be a JSON object, got {type(data).__name__}.")
+    where = _lone_surrogate(data)
+    if where is not None:
+        where = where.encode("utf-8", "backslashreplace").decode("utf-8")
+        # JSON's \\udcff escape can name half a character, which no UTF-8 store or log can hold.
+        raise InvalidRequestError(f'Field "{where}" holds text that is not valid Unicode (a lone surrogate escape like \\udcff).')
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise InvalidRequestError(_validation_message(model, exc)) from None
+
+
+def _lone_surrogate(value: Any, where: str = "") -> str | None:
+    """Where in ``value`` a string holds a lone surrogate, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        path = f"{where}.{key}" if where else str(key)
+        found = _lone_surrogate(key, path) if isinstance(key, str) else None
+        found = found or _lone_surrogate(item, path)
+        if found is not None:
+            return found
+    return None
 
 
 def _validation_message(model: type[BaseModel], exc: ValidationError) -> str:

@@ -18,7 +18,7 @@ from studio.kernel.install import write_kernelspec
 @dataclass
 class Result:
     reply: dict[str, Any]
-    outputs: list[dict[str, Any]] = field(default_factory=list)  # iopub messages: {"msg_type", "content"}
+    outputs: list[dict[str, Any]] = field(default_factory=list)  # iopub messages: {"msg_type", "content", "at" (seconds in)}
     seconds: float = 0.0
 
     @property
@@ -86,7 +86,7 @@ class Kernel:
                 if message["content"]["execution_state"] == "idle":
                     break
                 continue
-            outputs.append({"msg_type": message["msg_type"], "content": message["content"]})
+            outputs.append({"msg_type": message["msg_type"], "content": message["content"], "at": time.monotonic() - started})
         reply = self.client.get_shell_msg(timeout=30)
         while reply["parent_header"].get("msg_id") != msg_id:
             reply = self.client.get_shell_msg(timeout=30)

@@ -260,6 +260,42 @@ def test_wait_parameter_returns_as_soon_as_final(livy, sid):
     assert created["state"] == "available" and created["output"]["data"]["text/plain"] == "42"
 
 
+def test_stream_extension_shows_output_while_it_runs_and_livy_shapes_stay(livy, sid):
+    """``?stream=N`` (ours) returns what a running statement printed, as soon as it printed it;
+    without it, every answer is Livy's, and the final text/plain follows Livy's rules."""
+    code = "import sys, time\nfor i in range(4):\n    print('out', i, flush=True)\n    time.sleep(0.4)\nsys.stderr.write('err\\n')\n'last'"
+    statement = livy.submit(sid, code)
+    started = time.monotonic()
+    seen, offset, first_at = "", 0, None
+    while True:
+        polled = livy.http.get(f"/sessions/{sid}/statements/{statement['id']}", params={"stream": offset, "wait": 5}).json()
+        stream = polled["stream"]
+        assert stream["from"] == offset and stream["total"] == offset + len(stream["text"])
+        if stream["text"] and first_at is None:
+            first_at = time.monotonic() - started
+        seen += stream["text"]
+        offset = stream["total"]
+        if polled["state"] == "available":
+            break
+    assert first_at is not None and first_at < 1.0, first_at  # the first line, long before the end (~1.6 s)
+    assert seen == "out 0\nout 1\nout 2\nout 3\nerr\n'last'\n", seen
+    assert stream["unstreamed"] == ""  # nothing of text/plain came from elsewhere
+    plain = livy.http.get(f"/sessions/{sid}/statements/{statement['id']}").json()
+    assert "stream" not in plain and set(plain) == {"id", "code", "state", "output", "progress", "started", "completed"}
+    assert plain["output"]["data"]["text/plain"] == "out 0\nout 1\nout 2\nout 3\n'last'\nerr"  # stdout, then stderr
+    listed = livy.http.get(f"/sessions/{sid}/statements").json()["statements"]
+    assert all("stream" not in s for s in listed)
+    assert livy.http.get(f"/sessions/{sid}/statements/{statement['id']}", params={"stream": -1}).status_code == 400
+    # a cancelled statement keeps what it printed
+    loop = livy.submit(sid, "import time\nfor i in range(100):\n    print('tick', i, flush=True)\n    time.sleep(0.2)")
+    time.sleep(1.5)
+    assert livy.http.post(f"/sessions/{sid}/statements/{loop['id']}/cancel", json={}).status_code == 200
+    done = livy.wait_statement(sid, loop["id"])
+    assert done["state"] == "cancelled"
+    kept = livy.http.get(f"/sessions/{sid}/statements/{loop['id']}", params={"stream": 0}).json()["stream"]["text"]
+    assert kept.startswith("tick 0\ntick 1\n"), kept
+
+
 def test_completion_uses_the_session_namespace(livy, sid):
     livy.text(sid, "my_special_variable = 1")
     candidates = livy.http.post(f"/sessions/{sid}/completion", json={"code": "my_spec", "kind": "pyspark", "cursor": 7}).json()

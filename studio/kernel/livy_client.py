@@ -176,11 +176,15 @@ class LivyClient:
             body["kind"] = kind
         return self.request("POST", f"/sessions/{session_id}/statements", json=body)
 
-    def statement(self, session_id: int, statement_id: int, wait: float = 0.0) -> dict[str, Any]:
-        """The statement; with Spark Studio's service, wait up to ``wait`` seconds for it to finish."""
+    def statement(self, session_id: int, statement_id: int, wait: float = 0.0, stream: int | None = None) -> dict[str, Any]:
+        """The statement; with Spark Studio's service, wait up to ``wait`` seconds for it to finish,
+        and with ``stream`` (a character offset) also for what it prints from there on, which comes
+        back as ``stream`` and ends the wait as soon as there is some."""
         params: dict[str, Any] = {"detail": 1}
         if wait and self.is_studio:
             params["wait"] = wait
+        if stream is not None and self.is_studio:
+            params["stream"] = stream
         return self.request("GET", f"/sessions/{session_id}/statements/{statement_id}", params=params)
 
     def cancel(self, session_id: int, statement_id: int) -> None:

@@ -225,9 +225,10 @@ async def create_statement(request: Request) -> Response:
     body = parse_body(CreateStatement, await read_body(request))
     manager = _sessions(request)
     statement = manager.add_statement(session, body)
-    await manager.wait_statement(statement, _float_param(request, "wait"))
+    stream = _stream_param(request)
+    await manager.wait_statement(statement, _float_param(request, "wait"), stream)
     return JSONResponse(
-        statement.to_json(detail=bool(request.query_params.get("detail"))),
+        statement.to_json(detail=bool(request.query_params.get("detail")), stream=stream),
         status_code=201,
         headers={"Location": f"/{session.id}/statements/{statement.id}"},
     )
@@ -237,8 +238,18 @@ async def get_statement(request: Request) -> Response:
     session = _session(request)
     manager = _sessions(request)
     statement = manager.get_statement(session, _path_int(request, "statement_id"))
-    await manager.wait_statement(statement, _float_param(request, "wait"))
-    return JSONResponse(statement.to_json(detail=bool(request.query_params.get("detail"))))
+    stream = _stream_param(request)
+    await manager.wait_statement(statement, _float_param(request, "wait"), stream)
+    return JSONResponse(statement.to_json(detail=bool(request.query_params.get("detail")), stream=stream))
+
+
+def _stream_param(request: Request) -> int | None:
+    """``?stream=N`` (an extension): add what the statement printed from character N on, and let
+    ``?wait=`` return as soon as there is more of it. Without it the answer is exactly Livy's."""
+    start = _int_param(request, "stream", None)
+    if start is not None and start < 0:
+        raise InvalidRequestError(f"'stream' must be a character offset of 0 or more, got {start}.")
+    return start
 
 
 def _path_int(request: Request, name: str) -> int:

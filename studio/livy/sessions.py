@@ -75,6 +75,12 @@ class Statement:
     jobs: list[dict[str, Any]] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     output_size: int = 0  # characters of its output as JSON (counts against max_session_output_bytes)
+    # What it printed while it ran (worker ``output`` messages), for ``?stream=``; the worker caps it
+    # at max_output_bytes. ``unstreamed``: the output's text/plain that is not in it.
+    stream: list[str] = field(default_factory=list)
+    stream_length: int = 0
+    unstreamed: str | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) on new output or a final state
 
     def set_state(self, new: StatementState) -> None:
         check_transition(STATEMENT_TRANSITIONS, self.state, new, f"statement {self.id}")
@@ -83,8 +89,31 @@ class Statement:
             self.progress = 1.0
             self.completed = now_ms()
             self.done.set()
+            self._changed()
 
-    def to_json(self, detail: bool = False) -> dict[str, Any]:
+    def add_output(self, text: str, unstreamed: str | None) -> None:
+        if text:
+            self.stream.append(text)
+            self.stream_length += len(text)
+        if unstreamed is not None:
+            self.unstreamed = unstreamed
+        self._changed()
+
+    def _changed(self) -> None:
+        event, self.changed = self.changed, asyncio.Event()
+        event.set()
+
+    def stream_json(self, start: int) -> dict[str, Any]:
+        """Spark Studio's extension: what it printed from character ``start`` on (Livy clients never ask)."""
+        if len(self.stream) > 1:
+            self.stream[:] = ["".join(self.stream)]
+        start = min(max(0, start), self.stream_length)
+        stream: dict[str, Any] = {"from": start, "text": self.stream[0][start:] if self.stream else "", "total": self.stream_length}
+        if self.state.is_final and self.unstreamed is not None:
+            stream["unstreamed"] = self.unstreamed
+        return stream
+
+    def to_json(self, detail: bool = False, stream: int | None = None) -> dict[str, Any]:
         data: dict[str, Any] = {
             "id": self.id,
             "code": self.code,
@@ -96,6 +125,8 @@ class Statement:
         }
         if detail:
             data["jobs"] = self.jobs
+        if stream is not None:
+            data["stream"] = self.stream_json(stream)
         return data
 
 
@@ -353,6 +384,7 @@ class SessionManager:
         session.worker = worker
         session.log = worker.log
         worker.on_progress = lambda message: self._on_progress(session, message)
+        worker.on_output = lambda message: self._on_output(session, message)
         worker.exited.add_done_callback(lambda fut: self._on_worker_exit(session, worker, fut.result()))
         self.store.update("sessions", session.id, log_path=str(worker.log.path))
 
@@ -439,12 +471,19 @@ class SessionManager:
             raise NotFoundError(f"Statement {statement_id} not found in session {session.id}.")
         return statement
 
-    async def wait_statement(self, statement: Statement, timeout: float) -> None:
-        if timeout > 0 and not statement.state.is_final:
+    async def wait_statement(self, statement: Statement, timeout: float, stream_from: int | None = None) -> None:
+        """Wait up to ``timeout`` seconds for the statement to be final, or, with ``stream_from``,
+        for it to print past that offset (whichever comes first)."""
+        deadline = time.monotonic() + timeout
+        while not statement.state.is_final and (stream_from is None or statement.stream_length <= stream_from):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            event = statement.done if stream_from is None else statement.changed
             try:
-                await asyncio.wait_for(statement.done.wait(), timeout)
+                await asyncio.wait_for(event.wait(), remaining)
             except asyncio.TimeoutError:
-                pass
+                return
 
     async def _run_statements(self, session: Session) -> None:
         """Runs the session's statements one at a time, in order, like Livy's interpreter thread."""
@@ -482,6 +521,11 @@ class SessionManager:
             return
         session.set_state(SessionState.IDLE)
         session.touch()
+
+    def _on_output(self, session: Session, message: dict[str, Any]) -> None:
+        statement = session.statements.get(int(message.get("id", -1)))
+        if statement is not None and not statement.state.is_final:
+            statement.add_output(str(message.get("text") or ""), message.get("unstreamed"))
 
     def _on_progress(self, session: Session, message: dict[str, Any]) -> None:
         statement = session.statements.get(int(message.get("id", -1)))

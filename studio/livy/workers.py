@@ -74,6 +74,7 @@ class WorkerProcess:
         self.workdir = settings.state_dir / "work" / f"worker-{self.id}"
         self.info: dict[str, Any] = {}
         self.on_progress: Callable[[dict[str, Any]], None] | None = None
+        self.on_output: Callable[[dict[str, Any]], None] | None = None  # a running statement's printed text
         self.started_at = 0.0
         self.ready_at = 0.0
         self._process: asyncio.subprocess.Process | None = None
@@ -343,6 +344,9 @@ class WorkerProcess:
         elif op == "progress":
             if self.on_progress is not None:
                 self.on_progress(message)
+        elif op == "output":
+            if self.on_output is not None:
+                self.on_output(message)
         else:
             key = message.get("id") if op == "result" else message.get("req")
             # "completion" and "inspection" replies are matched by their request number.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,7 +44,11 @@ class StudioHelpers:
         seed: int | None = None,
         count: bool = False,
     ) -> None:
-        """Send up to ``max_rows`` rows (all with -1) of a DataFrame to the kernel as Arrow."""
+        """Send up to ``max_rows`` rows (all with -1) of a DataFrame to the kernel as Arrow.
+
+        ``total_rows`` is the DataFrame's row count when ``count`` asks for it, and also when the
+        rows were cut at ``max_rows`` (so the cell can say "cut at 2,500 of 10,000 rows"): the
+        count runs the query once more, which only a cut result pays."""
         from pyspark.sql import DataFrame
 
         if not isinstance(frame, DataFrame):
@@ -62,6 +67,8 @@ class StudioHelpers:
         truncated = max_rows >= 0 and table.num_rows > max_rows
         if truncated:
             table = table.slice(0, max_rows)
+            if total is None:
+                total = frame.count()
         size = self._write(table)
         schema = [{"name": field.name, "type": field.dataType.simpleString()} for field in frame.schema.fields]
         description = {
@@ -110,6 +117,116 @@ def _local_timestamps(table: Any, time_zone: str) -> Any:
             local = pc.local_timestamp(table.column(index).cast(pa.timestamp(column.type.unit, time_zone)))
             table = table.set_column(index, column.name, local)
     return table
+
+
+def completions(namespace: dict[str, Any], code: str, cursor: int) -> list[str]:
+    """What completes the text before ``cursor``: names and dotted names (``spark.ra`` ->
+    ``spark.range``), and attributes after a call (``df.groupBy('id').co`` -> ``count``), found from
+    the called method's return annotation without calling it: completing must never run a query."""
+    import rlcompleter
+
+    text = code[: max(0, cursor)]
+    chained = _chained_receiver(text)
+    if chained is not None:
+        receiver, prefix = chained
+        found = _static_value(receiver, namespace)
+        if found is None:
+            return []
+        names = [name for name in dir(found) if name.startswith(prefix)]
+        return sorted(names, key=lambda n: (n.startswith("_"), n))
+    match = re.search(r"[A-Za-z_][\w.]*$", text)
+    if not match:
+        return []
+    token = match.group(0)
+    completer = rlcompleter.Completer(namespace)
+    candidates: list[str] = []
+    for state in range(500):
+        try:
+            candidate = completer.complete(token, state)
+        except Exception:  # noqa: BLE001 - evaluating `a.b.` may raise anything
+            break
+        if candidate is None:
+            break
+        candidate = candidate.rstrip("(")
+        if candidate not in candidates:
+            candidates.append(candidate)
+    return sorted(candidates, key=lambda c: (c.rsplit(".", 1)[-1].startswith("_"), c))
+
+
+def _chained_receiver(text: str) -> tuple[str, str] | None:
+    """(receiver expression, attribute prefix) when ``text`` ends in ``<expression with a call>.<prefix>``."""
+    match = re.search(r"\.(\w*)$", text)
+    if not match:
+        return None
+    end = match.start()
+    depth, start = 0, end
+    while start > 0:
+        char = text[start - 1]
+        if char in ")]":
+            depth += 1
+        elif char in "([":
+            if depth == 0:
+                break
+            depth -= 1
+        elif depth == 0 and not (char.isalnum() or char in "_."):
+            break
+        start -= 1
+    receiver = text[start:end]
+    if depth or not receiver or "(" not in receiver:
+        return None
+    return receiver, match.group(1)
+
+
+def _static_value(source: str, namespace: dict[str, Any]) -> Any:
+    """The value (or, past a call, the class) an expression would have, without calling anything."""
+    import ast
+
+    try:
+        node = ast.parse(source, mode="eval").body
+    except SyntaxError:
+        return None
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, ast.Name):
+            return namespace.get(node.id)
+        if isinstance(node, ast.Attribute):
+            owner = resolve(node.value)
+            return None if owner is None else getattr(owner, node.attr, None)
+        if isinstance(node, ast.Call):
+            function = resolve(node.func)
+            if isinstance(function, type):
+                return function
+            return None if function is None else _returned_class(function)
+        return None
+
+    try:
+        return resolve(node)
+    except Exception:  # noqa: BLE001 - a property may raise anything
+        return None
+
+
+def _returned_class(function: Any) -> type | None:
+    """The class a function's return annotation names (PySpark annotates its methods)."""
+    try:
+        annotation = inspect.signature(function).return_annotation
+    except (TypeError, ValueError):
+        return None
+    if isinstance(annotation, type) and annotation is not inspect.Signature.empty:
+        return annotation
+    if not isinstance(annotation, str) or not annotation.isidentifier():
+        return None
+    target = getattr(function, "__func__", function)
+    found = getattr(target, "__globals__", {}).get(annotation)
+    if isinstance(found, type):
+        return found
+    # Names imported for type checking only: look in the function's own package, as loaded.
+    package = (getattr(target, "__module__", "") or "").split(".")[0]
+    for name, module in list(sys.modules.items()):
+        if package and name.split(".")[0] == package:
+            candidate = getattr(module, annotation, None)
+            if isinstance(candidate, type):
+                return candidate
+    return None
 
 
 def inspection(namespace: dict[str, Any], code: str, cursor: int, detail_level: int = 0) -> dict[str, Any]:

@@ -13,8 +13,6 @@ import argparse
 import builtins
 import os
 import queue
-import re
-import rlcompleter
 import signal
 import socket
 import sys
@@ -26,11 +24,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from studio.worker import lean, protocol
-from studio.worker.helpers import StudioHelpers, inspection
+from studio.worker.helpers import StudioHelpers, completions, inspection
 from studio.worker.packages import SessionPackages, bind_to_context
 from studio.worker.progress import ProgressReporter, job_group
 from studio.worker.protocol import RESULTS_DIR
 from studio.worker.repl import PythonRepl, error, run_sql
+from studio.worker.streaming import OutputStream
 
 
 def log(message: str) -> None:
@@ -58,27 +57,6 @@ class Connection:
         if not line:
             return None
         return protocol.decode(line)
-
-
-def completions(namespace: dict[str, Any], code: str, cursor: int) -> list[str]:
-    """Names and attributes that complete the identifier (or dotted name) before ``cursor``."""
-    match = re.search(r"[A-Za-z_][\w.]*$", code[: max(0, cursor)])
-    if not match:
-        return []
-    token = match.group(0)
-    completer = rlcompleter.Completer(namespace)
-    found: list[str] = []
-    for state in range(500):
-        try:
-            candidate = completer.complete(token, state)
-        except Exception:  # noqa: BLE001 - evaluating `a.b.` may raise anything
-            break
-        if candidate is None:
-            break
-        candidate = candidate.rstrip("(")
-        if candidate not in found:
-            found.append(candidate)
-    return sorted(found, key=lambda c: (c.rsplit(".", 1)[-1].startswith("_"), c))
 
 
 class Worker:
@@ -128,6 +106,7 @@ class Worker:
         if config.get("warmup"):
             self._warm_up(float(config.get("warmup_seconds", 10.0)))
         self.progress = ProgressReporter(self.sc, self.conn.send)
+        self.output = OutputStream(self.conn.send, self.repl.max_output_bytes)
         jvm = getattr(self.sc._gateway, "proc", None)
         self.jvm = jvm
         seconds = time.monotonic() - started
@@ -228,11 +207,12 @@ class Worker:
             first_line = code.strip().splitlines()[0][:120] if code.strip() else ""
             self.sc.setJobGroup(job_group(statement_id), f"statement {statement_id}: {first_line}", True)
             self.progress.begin(statement_id)
+            self.output.begin(statement_id)
             self.in_user_code = True
             if message.get("kind") == "sql":
                 output = run_sql(self.spark, code, int(message.get("max_rows", 1000)), self.repl.max_output_bytes)
             else:
-                output = self.repl.execute(statement_id, code)
+                output = self.repl.execute(statement_id, code, forward=self.output.write)
         except KeyboardInterrupt:
             # The interrupt landed outside the user's code (between our own lines).
             output = error("KeyboardInterrupt", "statement cancelled", [])
@@ -243,6 +223,8 @@ class Worker:
             self.current = None
             self.cancel_target = None
             self.progress.end()
+            # What it printed, before its result: the service has the whole stream once the result is in.
+            self.output.end(self.repl.unstreamed if message.get("kind") != "sql" else "")
         self.conn.send({"op": "result", "id": statement_id, "output": output})
 
     def _activate(self, message: dict[str, Any]) -> None:

@@ -18,6 +18,10 @@ worker → service
     ``failed``     {message}: the SparkSession could not be created; the worker exits next
     ``activated``  {ok, static: [keys that need their own JVM], error}
     ``progress``   {id, progress, jobs: [...]}: live Spark progress of the running statement
+    ``output``     {id, text[, unstreamed]}: what the running statement printed since the last one
+                   (stdout and stderr as written, in order); the last, sent just before ``result``
+                   and only if anything was printed, carries ``unstreamed``: the output's text/plain
+                   that is not in the stream (a magic's own text)
     ``result``     {id, output}: output is Livy's statement output without ``execution_count``
     ``completion`` {req, candidates}
     ``inspection`` {req, found, data}

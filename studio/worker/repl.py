@@ -72,10 +72,11 @@ class _Capture(io.TextIOWrapper):
     takes bytes. What UTF-8 cannot hold (a lone surrogate, as in a file name decoded with
     ``surrogateescape``) is written as its backslash escape instead of failing the print, and so
     are bytes that are not UTF-8. Bytes given to ``write`` itself are decoded like Livy's
-    UnicodeDecodingStringIO."""
+    UnicodeDecodingStringIO. ``forward`` also gets every byte written, as it is written (the
+    statement's live output, ``studio.worker.streaming``)."""
 
-    def __init__(self) -> None:
-        super().__init__(io.BytesIO(), encoding="utf-8", errors="backslashreplace", write_through=True)
+    def __init__(self, forward: Callable[[bytes], None] | None = None) -> None:
+        super().__init__(_Forwarding(forward), encoding="utf-8", errors="backslashreplace", write_through=True)
 
     def write(self, s: Any) -> int:
         if isinstance(s, (bytes, bytearray)):
@@ -87,6 +88,18 @@ class _Capture(io.TextIOWrapper):
         return self.buffer.getvalue().decode("utf-8", "backslashreplace")  # type: ignore[attr-defined]
 
 
+class _Forwarding(io.BytesIO):
+    def __init__(self, forward: Callable[[bytes], None] | None) -> None:
+        super().__init__()
+        self._forward = forward
+
+    def write(self, data: Any) -> int:
+        written = super().write(data)
+        if self._forward is not None:
+            self._forward(bytes(data))
+        return written
+
+
 class PythonRepl:
     """Runs statements in one namespace with Livy's output rules."""
 
@@ -94,6 +107,7 @@ class PythonRepl:
         self.namespace = namespace
         self.max_output_bytes = max_output_bytes
         self.published: dict[str, Any] = {}
+        self.unstreamed = ""  # the last statement's text/plain that is not what it printed (a magic's own)
         self.magics: dict[str, Callable[[str], dict[str, Any]]] = {
             "json": self._magic_json,
             "table": self._magic_table,
@@ -106,10 +120,12 @@ class PythonRepl:
         """Add mime data to the running statement's output (helpers of the kernel's magics use it)."""
         self.published.update(data)
 
-    def execute(self, statement_id: int, code: str) -> Output:
+    def execute(self, statement_id: int, code: str, forward: Callable[[bytes], None] | None = None) -> Output:
+        """Run a statement; ``forward`` gets what it prints while it runs."""
         filename = f"<statement-{statement_id}>"
         self.published = {}
-        stdout, stderr = _Capture(), _Capture()
+        self.unstreamed = ""
+        stdout, stderr = _Capture(forward), _Capture(forward)
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = stdout, stderr
         try:
@@ -130,7 +146,8 @@ class PythonRepl:
         finally:
             sys.stdout, sys.stderr = saved
         data = {**self.published, **(result or {})}
-        text = data.pop("text/plain", "") + stdout.getvalue() + stderr.getvalue()
+        self.unstreamed = data.pop("text/plain", "")
+        text = self.unstreamed + stdout.getvalue() + stderr.getvalue()
         text = text.rstrip()
         if text or not data:
             data["text/plain"] = text

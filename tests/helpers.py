@@ -201,15 +201,16 @@ class LivyClient:
         return response.json()
 
 
-def build_wheel(folder: Path, name: str = "hello_spark", version: str = "0.1.0") -> Path:
-    """A tiny pure-Python wheel, made without network or build tools."""
+def build_wheel(folder: Path, name: str = "hello_spark", version: str = "0.1.0", requires: tuple[str, ...] = ()) -> Path:
+    """A tiny pure-Python wheel, made without network or build tools (``requires``: its Requires-Dist)."""
     import base64
     import hashlib
     import zipfile
 
     files = {
         f"{name}/__init__.py": f'def greet(who):\n    return f"hello {{who}} from {name} {version}"\n',
-        f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+        + "".join(f"Requires-Dist: {r}\n" for r in requires),
         f"{name}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
     record = [

@@ -8,6 +8,8 @@ import base64
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import httpx
@@ -84,6 +86,15 @@ def test_progress_bar_updates_in_place_and_ends_with_the_time(kernel):
     texts = [u["content"]["data"]["text/plain"] for u in updates]
     assert any("tasks" in t and "%" in t for t in texts), texts
     assert texts[-1].startswith("Done in") and "8 tasks" in texts[-1]
+    # stages are named after the cell's line, not the worker's files
+    assert any("stage 'foreach (line 2)'" in t for t in texts), texts
+    assert not any("<statement-" in t or "/studio/" in t for t in texts), texts
+    one = kernel.ok("%%sql -o one_task\nSELECT reflect('java.lang.Thread', 'sleep', bigint(1500)) AS slept")
+    final = [o["content"]["data"]["text/plain"] for o in one.outputs if o["msg_type"] == "update_display_data"][-1]
+    assert "1 task" in final and "1 tasks" not in final and "helpers.py" not in json.dumps(one.outputs), final
+    quiet = kernel.ok("%%sql -q -o quiet_rows\nSELECT reflect('java.lang.Thread', 'sleep', bigint(1500)) AS slept")
+    shown = [o for o in quiet.outputs if o["msg_type"] != "execute_input"]
+    assert shown == [], shown  # -q: no table, and no progress bar either
 
 
 def test_sql_magic_brings_typed_rows_through_arrow(kernel):
@@ -93,7 +104,9 @@ def test_sql_magic_brings_typed_rows_through_arrow(kernel):
     )
     result = kernel.ok("%%sql -o small -n 10\nSELECT * FROM numbers ORDER BY id")
     html = result.data("text/html")[-1]
-    assert "10 rows x 4 columns" in html and "row limit of 10" in html
+    assert "10 rows x 4 columns" in html and "cut at 10 of 5,000 rows" in html  # a cut result says its total
+    default = kernel.ok("%%sql\nSELECT id FROM numbers").data("text/html")[-1]
+    assert "2,500 rows x 1 column" in default and "cut at 2,500 of 5,000 rows" in default
     dtypes = kernel.ok("%%local\nprint(len(small), dict(small.dtypes.astype(str)))").stdout
     assert dtypes.startswith("10 {'id': 'int64', 'half': 'float64', 'name': 'object', 'ts': 'datetime64")
     # Timestamps arrive as toPandas() gives them: naive wall-clock time in the session time zone.
@@ -108,13 +121,21 @@ def test_sql_magic_brings_typed_rows_through_arrow(kernel):
     # sparkmagic pastes the query into u"""...""", so a query holding \"\"\" breaks there; not here.
     kernel.ok("%%sql -o q\nSELECT 'a \"\"\" b' AS t")
     assert 'a """ b' in kernel.ok("%%local\nprint(q['t'][0])").stdout
+    # nulls stay nulls: a nullable BIGINT is not float64, an array with a null is not [1.0, nan]
+    kernel.ok("%%sql -o nulls -q\nSELECT * FROM VALUES (1L, array(1L, NULL), true), (NULL, array(2L), NULL) AS t(n, a, b)")
+    typed = kernel.ok("%%local\nprint(dict(nulls.dtypes.astype(str)), list(nulls['a'][0]), nulls['n'].tolist())").stdout
+    assert "'n': 'Int64'" in typed and "'b': 'boolean'" in typed and "[1, None]" in typed and "[1, <NA>]" in typed, typed
 
 
 def test_sql_errors_are_clear(kernel):
     result = kernel.run("%%sql\nSELECT * FROM no_such_table_anywhere")
     assert result.status == "error" and "no_such_table_anywhere" in result.reply["evalue"]
+    assert not [line for line in result.reply["traceback"] if "__studio__" in line or "/studio/worker/" in line], result.reply
     bad_flag = kernel.run("%%sql --nope\nSELECT 1")
     assert bad_flag.status == "error" and bad_flag.reply["ename"] == "UsageError" and "--nope" in bad_flag.reply["evalue"]
+    for name in ("1bad", "class"):
+        bad_name = kernel.run(f"%%sql -o {name}\nSELECT 1")
+        assert bad_name.reply["ename"] == "UsageError" and "not a valid Python variable name" in bad_name.reply["evalue"]
     assert kernel.ok("1 + 1").stdout.strip() == "2"
 
 
@@ -132,6 +153,31 @@ def test_display_magic_tables_and_charts(kernel):
     assert not_a_frame.status == "error" and "DataFrame" in not_a_frame.reply["evalue"]
     bad_column = kernel.run("%%display --chart bar --x nope\nby_k")
     assert bad_column.status == "error" and "no column 'nope'" in bad_column.reply["evalue"]
+    # code before the expression on the same line runs first; quotes in it survive
+    kernel.ok("from pyspark.sql import functions as F")
+    same_line = kernel.ok("%%display --title Small x = 2; spark.range(10).filter(F.col('id') < x)")
+    assert "2 rows x 1 column" in same_line.data("text/html")[-1] and "Small" in same_line.data("text/html")[-1]
+
+
+def test_display_charts_say_what_is_wrong_with_the_data(kernel):
+    kernel.ok(
+        "from pyspark.sql import functions as F\n"
+        "awkward = spark.createDataFrame([('a', 1, 'x'), (None, 2, 'y'), ('c', None, 'z'), ('d', -1, 'w')], 'k string, v int, s string')"
+    )
+    skipped = kernel.ok("%%display --chart bar --x k --y v\nawkward")
+    notes = " ".join(skipped.data("text/plain"))
+    assert skipped.data("image/png") and "Skipped 1 row whose 'k' is null" in notes and "null in 'v'" in notes, notes
+    pie = kernel.ok("%%display --chart pie --x k --y v\nawkward")
+    assert pie.data("image/png") and "negative value" in " ".join(pie.data("text/plain"))
+    text_y = kernel.run("%%display --chart line --x k --y s\nawkward")
+    assert text_y.reply["ename"] == "UsageError" and "--y column 's' holds" in text_y.reply["evalue"] and "not numbers" in text_y.reply["evalue"]
+    empty = kernel.run("%%display --chart bar\nawkward.limit(0)")
+    assert empty.reply["ename"] == "UsageError" and "no rows to chart" in empty.reply["evalue"]
+    cjk = kernel.ok("%%display --chart bar\nspark.createDataFrame([('東京', 3), ('大阪', 2)], '`都市` string, `人口` int')")
+    assert cjk.data("image/png") and "Glyph" not in cjk.text(), cjk.text()  # no font warnings in the cell
+    kernel.ok("%%local\nimport pandas as pd\nlocal_only_frame = pd.DataFrame({'a': [1]})")
+    local = kernel.run("%%display local_only_frame")
+    assert local.reply["ename"] == "NameError" and "%%send_to_spark -i local_only_frame -t df" in local.reply["evalue"]
 
 
 def test_spark_o_and_send_to_spark(kernel):
@@ -141,6 +187,15 @@ def test_spark_o_and_send_to_spark(kernel):
     sent = kernel.ok("%%send_to_spark -i local_frame -t df -n remote_frame")
     assert "Successfully passed 'local_frame' as 'remote_frame'" in sent.stdout
     assert kernel.ok("remote_frame.selectExpr('sum(x)').first()[0]").stdout.strip() == "6"
+    # every row by default, and a named index (groupby) arrives as a column
+    kernel.ok("%%local\nbig = pd.DataFrame({'k': [i % 7 for i in range(5000)], 'v': range(5000)})\nsums = big.groupby('k').sum()")
+    assert "all 5,000 rows" in kernel.ok("%%send_to_spark -i big -t df").stdout
+    assert kernel.ok("big.count()").stdout.strip() == "5000"
+    grouped = kernel.ok("%%send_to_spark -i sums -t df")
+    assert "The index (k) became column" in grouped.stdout
+    assert kernel.ok("sorted(sums.columns), sums.count()").stdout.strip() == "(['k', 'v'], 7)"
+    cut = kernel.ok("%%send_to_spark -i big -t df -n some -m 100")
+    assert "100 of 5,000 rows" in cut.stdout and "Only the first 100" in cut.stdout
     kernel.ok("%%send_to_spark -i message")
     assert kernel.ok("message").stdout.strip() == "'hi there'"
     missing = kernel.run("%%send_to_spark -i nothing_here")
@@ -153,13 +208,17 @@ def test_info_logs_help(kernel):
     assert "\u2714" in info.data("text/html")[-1]
     logs = kernel.ok("%%logs")
     assert "StudioWorker" in logs.stdout
-    assert "%%display" in kernel.ok("%%help").data("text/html")[0]
+    help_html = kernel.ok("%%help").data("text/html")[0]
+    assert "%%display" in help_html and "table|bar" in help_html and "--title" in help_html
     assert kernel.run("%%info\nunexpected body").reply["ename"] == "UsageError"
 
 
 def test_local_and_ipython_magics_run_locally(kernel):
     assert kernel.ok("%%local\nimport os\nprint(os.getpid() == %d)" % os.getpid()).stdout.strip() == "False"
-    assert "Wall time" in kernel.ok("%%time\nsum(range(10))").stdout
+    timed = kernel.ok("%%time\nspark.range(10).count()")  # %%time times the remote cell, where spark is
+    assert "10" in timed.stdout and "Wall time" in timed.stdout
+    kernel.ok("%%local\nopen('local-marker-file', 'w').close()")
+    assert "local-marker-file" in kernel.ok("!ls").stdout  # a shell command runs here, not as Spark code
     assert kernel.ok("%%local\nlocal_only = 5").status == "ok"
     assert kernel.run("local_only").reply["ename"] == "NameError"  # plain cells are remote
 
@@ -180,6 +239,16 @@ def test_completion_and_inspection(kernel):
     assert "spark.range" in reply["matches"] and reply["cursor_start"] == 4
     reply = kernel.request("inspect", "spark.range(", 12, 0)
     assert reply["found"] and "Signature" in reply["data"]["text/plain"]
+    # every request gets a reply: Shift-Tab on a half-typed magic shows the magic's help
+    half = kernel.request("inspect", "%%sql -o", 8, 0)
+    assert half["status"] == "ok" and "%%sql" in half["data"]["text/plain"]
+    assert kernel.request("inspect", "%%sql -o\nSELECT", 15, 0)["status"] == "ok"
+    assert "%%local" in kernel.request("complete", "%%lo", 4)["matches"]
+    kernel.ok("grouped_source = spark.range(3)")
+    chained = kernel.request("complete", "grouped_source.groupBy('id').co", 31)
+    assert "count" in chained["matches"] and chained["cursor_start"] == 29, chained
+    sql = kernel.request("complete", "%%sql\nSEL", 9)
+    assert sql["matches"] == ["SELECT"] and sql["cursor_start"] == 6, sql
 
 
 def test_interrupt_cancels_the_remote_statement_and_keeps_the_session(kernel):
@@ -203,7 +272,12 @@ def test_packages_are_notebook_scoped_and_reach_udfs(kernel, service, tmp_path):
         "[r[0] for r in spark.range(2).select(greet('id')).collect()]"
     )
     assert "hello 1 from hello_spark 0.1.0" in udf.stdout
-    assert "hello_spark" in kernel.ok("%pip list").stdout.replace("-", "_")
+    listed = kernel.ok("%pip list").stdout.replace("-", "_")
+    assert "hello_spark" in listed and "pyspark" in listed and "pandas" in listed  # what the session imports
+    assert "Location:" in kernel.ok("%pip show pyspark").stdout
+    needs_pandas = build_wheel(tmp_path, "needs_pandas", requires=("pandas",))
+    offline = kernel.ok(f"%pip install --no-index {needs_pandas}")  # pandas is there: nothing to download
+    assert "Successfully installed" in offline.stdout and "needs" in offline.stdout, offline.stdout
     bad = kernel.run("sc.install_pypi_package('invalid$%#')")
     assert bad.reply["ename"] == "ValueError"
     assert kernel.run("sc.install_pypi_package('arrow', 'not-a-url')").reply["ename"] == "ValueError"
@@ -215,6 +289,90 @@ def test_packages_are_notebook_scoped_and_reach_udfs(kernel, service, tmp_path):
     finally:
         other.shutdown()
     kernel.ok("sc.uninstall_package('hello-spark')")
+
+
+def test_output_streams_while_the_statement_runs_and_survives_an_interrupt(kernel):
+    printing = "import time\nfor i in range(6):\n    print('line', i, flush=True)\n    time.sleep(0.5)\n'done'"
+    result = kernel.ok(printing)
+    streams = [o for o in result.outputs if o["msg_type"] == "stream"]
+    text = "".join(o["content"]["text"] for o in streams)
+    assert text == "".join(f"line {i}\n" for i in range(6)) + "'done'\n", text  # once each, in order
+    assert streams[0]["at"] < result.seconds - 1.5, [(o["at"], o["content"]["text"]) for o in streams]
+    interrupted = kernel.run("import time\nfor i in range(100):\n    print('tick', i, flush=True)\n    time.sleep(0.3)", interrupt_after=2.5, timeout=60)
+    assert interrupted.reply["ename"] == "KeyboardInterrupt"
+    assert "tick 0\ntick 1\n" in interrupted.stdout and interrupted.stdout.count("tick 0\n") == 1, interrupted.stdout
+
+
+def test_a_session_that_died_is_named_and_replaced(service, tmp_path):
+    kernel = new_kernel(service, tmp_path)
+    try:
+        first = session_id_of(kernel.ok("1"))
+        died = kernel.run("import os\nos._exit(3)")
+        assert died.status == "error" and "the next cell starts a new session" in died.reply["evalue"], died.reply
+        info = kernel.ok("%%info").text()
+        assert f"last session, {first}, is dead" in info, info
+        logs = kernel.ok("%%logs").stdout
+        assert f"last session, {first}, is dead" in logs and "StudioWorker" in logs, logs
+        assert kernel.ok("2").stdout.strip().endswith("2")
+        second = session_id_of(kernel.ok("%%info"))
+        client = service.client()
+        try:
+            client.http.delete(f"/sessions/{second}")  # as a restarted service would have lost it
+        finally:
+            client.close()
+        gone = kernel.run("3")
+        assert gone.reply["ename"] == "SessionLost" and "variables of this one are lost" in gone.reply["evalue"], gone.reply
+        cleaned = kernel.ok("%%cleanup -f").stdout
+        assert str(first) not in cleaned and str(second) not in cleaned, cleaned  # ended sessions are not "deleted"
+    finally:
+        kernel.shutdown()
+
+
+def test_configure_f_checks_first_and_falls_back(service, tmp_path):
+    kernel = new_kernel(service, tmp_path)
+    try:
+        kernel.ok("kept = 41")
+        before = session_id_of(kernel.ok("%%info"))
+        refused = kernel.run('%%configure -f\n{"fooBar": 1}')
+        assert refused.reply["ename"] == "InvalidSessionSettings" and "fooBar" in refused.reply["evalue"], refused.reply
+        assert "keeps running" in refused.reply["evalue"]
+        assert kernel.ok("kept + 1").stdout.strip() == "42"  # nothing was deleted
+        assert session_id_of(kernel.ok("%%info")) == before
+        # accepted by the check, but its JVM cannot start: the previous settings come back, with a session
+        failing = kernel.run('%%configure -f\n{"driverMemory": "100m"}', timeout=300)  # too little for Spark
+        assert failing.reply.get("ename") == "SessionStartError", failing.reply
+        assert "Insufficient driver memory" in failing.reply["evalue"] and "previous settings are back" in failing.reply["evalue"]
+        assert "\tat " not in failing.reply["evalue"]  # the reason, not the JVM's stack
+        assert kernel.ok("1 + 1").stdout.strip() == "2"  # later cells work
+        assert "100m" not in kernel.ok("%%info").text()
+    finally:
+        kernel.shutdown()
+
+
+def test_session_packages_sit_on_the_interpreter_the_session_runs(test_root, tmp_path):
+    """Sessions that run in a virtualenv (the service's): pip sees what they import, and a package
+    that needs one of them installs offline. (Layered on the base interpreter, pip saw neither.)"""
+    venv = tmp_path / "service-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    only_here = build_wheel(tmp_path, "only_in_the_service_venv")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-index", "--no-deps", str(only_here)],
+        check=True,
+    )
+    svc = start_service(test_root, "kernel-venv", env={"STUDIO_POOL_SIZE": "0", "STUDIO_WORKER_COMMAND": json.dumps([str(python), "-P", "-m", "studio.worker"])})
+    kernel = Kernel(tmp_path / "k", {"STUDIO_LIVY_URL": svc.url})
+    try:
+        assert "0.1.0" in kernel.ok("import only_in_the_service_venv\nonly_in_the_service_venv.greet('x')", timeout=300).stdout
+        listed = kernel.ok("%pip list").stdout.replace("-", "_")
+        assert "only_in_the_service_venv" in listed and "pyspark" in listed, listed
+        needs = build_wheel(tmp_path, "needs_the_venv_package", requires=("only-in-the-service-venv",))
+        kernel.ok(f"sc.install_pypi_package({str(needs)!r}, 'file:///nonexistent/index')")  # offline: nothing to fetch
+        assert kernel.ok("import needs_the_venv_package\n'ok'").stdout.strip() == "'ok'"
+    finally:
+        kernel.shutdown()
+        assert svc.stop() == 0
+    assert not svc.leftovers()
 
 
 def test_configure_sets_and_restarts_the_session(service, tmp_path):

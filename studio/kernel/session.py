@@ -166,13 +166,13 @@ class RemoteSession:
         try:
             self.info = client.wait_for_session(created["id"], self.startup_timeout, on_wait) if created["state"] != "idle" else created
         except LivyError as exc:
-            log_tail = ""
+            why = ""
             try:
-                log_tail = "\n".join(client.log(created["id"], size=30))
+                why = _start_failure(client.log(created["id"], size=200))
                 client.delete_session(created["id"])
             except LivyError:
                 pass
-            raise LivyError(f"The Spark session did not start: {exc}\n{log_tail}".rstrip()) from None
+            raise LivyError(f"The Spark session did not start: {exc}\n{why}".rstrip()) from None
         except KeyboardInterrupt:
             client.delete_session(created["id"])
             raise
@@ -222,3 +222,12 @@ class RemoteSession:
 
         self._heartbeat = threading.Thread(target=beat, name="studio-heartbeat", daemon=True)
         self._heartbeat.start()
+
+
+def _start_failure(lines: list[str]) -> str:
+    """Why a session did not start, from its log: the service's "failed to start" line with the
+    exception under it (without its stack frames), else the log's last lines."""
+    start = max((i for i, line in enumerate(lines) if "failed to start:" in line), default=None)
+    picked = lines[start:] if start is not None else lines[-10:]
+    kept = [line for line in picked if line.strip() and not line.lstrip().startswith(("at ", "... "))]
+    return "\n".join(kept[:8] if start is not None else kept)

@@ -3,9 +3,15 @@
 ``sc.install_pypi_package("name[==version]"[, repo_url])``, ``sc.list_packages()``,
 ``sc.uninstall_package("name")``, plus the ``%pip`` magic of the PySpark kernel.
 
-Each session gets a virtualenv of its own that sees the base environment's packages
-(``--system-site-packages``), so pip skips what is already installed and a package lands only in
-that session. Its site-packages go first on the driver's ``sys.path`` and onto the ``PYTHONPATH``
+Each session gets a virtualenv of its own, layered on the interpreter the session runs: a
+``.pth`` file in it adds every package folder of the session's own ``sys.path`` (the service's
+virtualenv, and what that sees) behind the virtualenv's own. So pip sees exactly what the session
+can import: ``%pip list`` shows pyspark and pandas, ``%pip show pyspark`` finds it, a package that
+needs pandas installs without fetching pandas again (also offline, ``--no-index``), and a base
+package is never uninstalled ("outside environment"). ``--system-site-packages`` would not do:
+from inside a virtualenv it means the *base* interpreter's packages, not the service's.
+
+The session's site-packages go first on the driver's ``sys.path`` and onto the ``PYTHONPATH``
 that PySpark hands to executors' Python workers with every task (``sc.environment``), so UDFs
 import it too, in local mode and on a standalone cluster on the same host.
 """
@@ -68,12 +74,23 @@ class SessionPackages:
         command = [sys.executable, "-P", "-m", "pip", "--python", str(python), "--disable-pip-version-check", *args]
         if args[0] == "install":
             command.append("--no-warn-script-location")
-        result = subprocess.run(command, capture_output=True, text=True, env=_pip_env())
-        output = (result.stdout + result.stderr).strip()
-        if output:
-            print(output)
-        if result.returncode != 0:
-            raise RuntimeError(f"pip {args[0]} failed (exit {result.returncode}):\n{output}")
+        # pip's lines are printed as they come, so a long install shows its progress in the cell.
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=_pip_env()
+        )
+        lines = []
+        assert process.stdout is not None
+        try:
+            for line in process.stdout:
+                lines.append(line)
+                print(line, end="", flush=True)
+        except BaseException:  # an interrupt stops pip too
+            process.kill()
+            raise
+        finally:
+            code = process.wait()
+        if code != 0:
+            raise RuntimeError(f"pip {args[0]} failed (exit {code}):\n{''.join(lines).strip()}")
         self._activate()
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -81,11 +98,9 @@ class SessionPackages:
     def _ensure_venv(self) -> Path:
         python = self.venv / "bin" / "python"
         if not python.exists():
-            subprocess.run(
-                [sys.executable, "-P", "-m", "venv", "--system-site-packages", "--without-pip", str(self.venv)],
-                check=True,
-                capture_output=True,
-            )
+            subprocess.run([sys.executable, "-P", "-m", "venv", "--without-pip", str(self.venv)], check=True, capture_output=True)
+            layer = Path(self.site_packages()) / "_studio_session_base.pth"
+            layer.write_text(_base_layer(exclude=str(self.venv)))
         return python
 
     def site_packages(self) -> str:
@@ -100,6 +115,24 @@ class SessionPackages:
         paths = [p for p in self.sc.environment.get("PYTHONPATH", "").split(os.pathsep) if p]
         if site not in paths:
             self.sc.environment["PYTHONPATH"] = os.pathsep.join([site, *paths])
+
+
+def _base_layer(exclude: str) -> str:
+    """A ``.pth`` that adds this interpreter's package folders, in its order, behind the venv's own.
+
+    ``site.addsitedir`` also reads their ``.pth`` files (editable installs put theirs there); the
+    standard library is the venv's own already."""
+    stdlib = {os.path.realpath(sysconfig.get_path(name)) for name in ("stdlib", "platstdlib")}
+    folders = []
+    for entry in sys.path:
+        if not entry or not os.path.isdir(entry) or entry.startswith(exclude):
+            continue
+        real = os.path.realpath(entry)
+        if real in stdlib or os.path.dirname(real) in stdlib and os.path.basename(real) == "lib-dynload":
+            continue
+        if entry not in folders:
+            folders.append(entry)
+    return "".join(f"import site; site.addsitedir({folder!r})\n" for folder in folders)
 
 
 def _is_local_path(text: str) -> bool:

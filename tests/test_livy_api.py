@@ -605,11 +605,11 @@ def test_a_name_means_its_live_session(livy):
     risen = duplicate.json()["id"]
     try:
         assert livy.session("phoenix")["id"] == risen
+        assert livy.session(dead)["state"] == "dead"  # (listed for 20 s here: read it now)
         taken = livy.http.post("/sessions", json={"name": "phoenix"})
         assert taken.status_code == 400 and "already exists" in taken.json()["msg"]
         assert livy.wait_session("phoenix")["id"] == risen
         assert livy.text("phoenix", "'by name'") == "'by name'"
-        assert livy.session(dead)["state"] == "dead"
     finally:
         livy.http.delete(f"/sessions/{risen}")
 

@@ -690,8 +690,8 @@ class SessionManager:
         """Why a live session should be stopped now, or None (named predicates, as jupyter_server culls).
 
         ``idleTimeout`` and ``ttl`` are both the session's own inactivity timeout, ``idleTimeout``
-        first: Livy's documentation calls ``ttl`` "the timeout for this inactive session", and
-        Livy 0.8 enforces it so; Livy 0.9 added ``idleTimeout`` for that and enforces ``ttl`` as a
+        first: Livy's documentation of the session object calls ``ttl`` "the timeout for this inactive
+        session", and Livy 0.8 enforces it so; Livy 0.9 added ``idleTimeout`` for that and enforces ``ttl`` as a
         lifetime since start only with ``livy.server.session.ttl-check`` (off by default)."""
         if session.heartbeat_timeout and now - session.last_heartbeat > session.heartbeat_timeout:
             return f"no heartbeat for {now - session.last_heartbeat:.0f}s (heartbeatTimeoutInSecond={session.heartbeat_timeout:g})"

@@ -371,6 +371,8 @@ class NotebookRun:
         self.interrupted = False
         self.started = _now()
         self.client: Any = None
+        self.livy_url = ""
+        self.session: dict[str, Any] | None = None  # the run's session as last seen (after each cell)
         self.source_bytes = b""
         self.values: dict[str, Any] = {}
         self.notebook: Any = None
@@ -477,6 +479,10 @@ class NotebookRun:
         first_line = (cell.source.strip().splitlines() or [""])[0][:60]
         self.log(f"[{number}/{len(self.reports)}] {report.status} in {report.duration:.1f}s  {first_line}")
         self.save()
+        # Seen now, while it exists: the kernel deletes it when the notebook ends, and %%configure -f
+        # may have replaced it by another of the same name.
+        if self.livy_url:
+            self.session = _session(self.livy_url, self.session_name) or self.session
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -707,6 +713,7 @@ def _run(options: RunOptions, log: Callable[[str], None], stop_requested: thread
             run.interrupted = True
         else:
             log(f"running {options.notebook} on {url} (kernel {options.kernel})")
+            run.livy_url = url
             worker = threading.Thread(target=run.execute, args=(env,), name="notebook", daemon=True)
             worker.start()
             while worker.is_alive():
@@ -719,10 +726,9 @@ def _run(options: RunOptions, log: Callable[[str], None], stop_requested: thread
                         run.kill_kernel()
                         worker.join(10)
                     break
-            # The session that exists now: %%configure -f may have replaced the first one (same name).
-            session = _session(url, run.session_name)
+            session = _session(url, run.session_name) or run.session  # the kernel may have deleted it already
             if session is not None and options.record is not None:
-                driver_log = _driver_log(url, run.session_name)
+                driver_log = _driver_log(url, session)
     except RunError as exc:
         log(f"studio run: {exc}")
         run.failure = run.failure or (-1, "RunError", str(exc))
@@ -766,14 +772,23 @@ def _run(options: RunOptions, log: Callable[[str], None], stop_requested: thread
 DRIVER_LOG_LINES = 10_000  # the end of the driver log that a record keeps
 
 
-def _driver_log(url: str, name: str) -> list[str] | None:
-    """The end of the session's driver log, kept in the record: the service's link to it dies with the session."""
+def _driver_log(url: str, session: dict[str, Any]) -> list[str] | None:
+    """The end of the session's driver log, kept in the record: the service's link to it dies with
+    the session. Read from ``appInfo.driverLogUrl``, which Spark Studio's service keeps for a while
+    after a DELETE; else from ``/sessions/{id}/log`` while the session is listed."""
     from studio.kernel.livy_client import LivyClient, LivyError
 
     client = LivyClient(url, timeout=30)
     try:
-        return client.log(name, size=DRIVER_LOG_LINES)  # type: ignore[arg-type]
-    except LivyError:
+        link = (session.get("appInfo") or {}).get("driverLogUrl")
+        if link and link.startswith(client.url):
+            response = client.http.get(link)
+            if response.status_code == 200:
+                return response.text.splitlines()[-DRIVER_LOG_LINES:]
+        return client.log(session["id"], size=DRIVER_LOG_LINES)
+    except (LivyError, OSError, ValueError):
+        return None
+    except Exception:  # noqa: BLE001 - httpx errors: the record is written without the log
         return None
     finally:
         client.close()

@@ -557,8 +557,13 @@ def test_secrets_in_spark_conf_are_redacted_from_logs_and_responses(service):
             time.sleep(0.5)
         batch_log = livy.http.get(f"/batches/{batch['id']}/log", params={"size": -1}).json()["log"]
         assert any("BATCH RESULT 10" in line for line in batch_log), batch_log
+        # The conf reaches spark-submit in a private properties file, not on its command line (`ps` shows
+        # command lines to every user); the log shows it redacted.
         submit = next(line for line in batch_log if "spark-submit --master" in line)
-        assert "spark.hadoop.fs.s3a.secret.key=*********(redacted)" in submit and "spark.myapp.apiToken=*********(redacted)" in submit
+        assert "--properties-file" in submit and "--conf" not in submit
+        conf_line = next(line for line in batch_log if "with conf " in line)
+        assert "spark.hadoop.fs.s3a.secret.key=*********(redacted)" in conf_line and "spark.myapp.apiToken=*********(redacted)" in conf_line
+        assert "spark.eventLog.dir=" in conf_line  # the rest as it is
 
         shown = json.dumps([livy.session(session["id"]), livy.http.get("/sessions").json(), livy.http.get("/batches").json()])
         shown += json.dumps(livy.log(session["id"], size=-1)) + json.dumps(batch_log)

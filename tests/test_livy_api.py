@@ -140,6 +140,12 @@ def test_namespace_has_spark_sc_sqlcontext(livy, sid):
     assert livy.text(sid, "sqlContext.sql('SELECT 3 AS x').collect()[0].x") == "3"
 
 
+def test_the_studios_secrets_are_not_in_a_sessions_environment(livy, sid):
+    """The service was started with STUDIO_TOKEN in its environment; the user's code never sees it."""
+    seen = livy.text(sid, "import os\nsorted(k for k in os.environ if 'TOKEN' in k)")
+    assert "STUDIO_TOKEN" not in seen and "JUPYTER_TOKEN" not in seen, seen
+
+
 def test_magics_json_table_matplot(livy, sid):
     out = livy.run(sid, "d = {'a': [1, 2], 'b': 'x'}\n%json d")["output"]
     assert out["data"]["application/json"] == {"a": [1, 2], "b": "x"}

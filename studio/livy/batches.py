@@ -147,7 +147,9 @@ class BatchManager:
     def live_count(self) -> int:
         return sum(1 for b in self.batches.values() if b.live)
 
-    def command(self, body: CreateBatch, batch_id: int, event_dir: Path) -> list[str]:
+    def command(self, body: CreateBatch, batch_id: int, event_dir: Path, properties: Path) -> tuple[list[str], dict[str, str]]:
+        """spark-submit's command line and the conf it reads from ``properties`` (never from the command
+        line, where `ps` would show every value to every user of the machine)."""
         conf = dict(self._base_conf())
         conf["spark.eventLog.enabled"] = "true"
         conf["spark.eventLog.dir"] = event_dir.as_uri()
@@ -158,16 +160,15 @@ class BatchManager:
         conf = sparkconf.overlay(conf, spark_conf)
         command = [spark_submit(), "--master", self.settings.master, "--deploy-mode", "client"]
         command += ["--name", body.name or f"livy-batch-{batch_id}"]
+        command += ["--properties-file", str(properties), "--load-spark-defaults"]
         for field, flag in _FLAGS.items():
             value = getattr(body, field)
             if value is None or value == []:
                 continue
             command += [flag, ",".join(value) if isinstance(value, list) else str(value)]
-        for key, value in conf.items():
-            command += ["--conf", f"{key}={value}"]
         command.append(body.file)
         command += body.args
-        return command
+        return command, conf
 
     async def create(self, body: CreateBatch, owner: str | None = None) -> Batch:
         if not body.file.strip():
@@ -196,10 +197,11 @@ class BatchManager:
             )
         batch_id = self.store.next_id("batch")
         event_dir = self.settings.state_dir / "events" / f"batch-{batch_id}"
-        command = self.command(body, batch_id, event_dir)
-        event_dir.mkdir(parents=True, exist_ok=True)
         workdir = self.settings.state_dir / "work" / f"batch-{batch_id}"
+        command, conf = self.command(body, batch_id, event_dir, workdir / "spark.properties")
+        event_dir.mkdir(parents=True, exist_ok=True)
         workdir.mkdir(parents=True, exist_ok=True)
+        sparkconf.write_properties(workdir / "spark.properties", conf)
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
         batch = Batch(batch_id, body, LogFile(self.settings.log_dir / f"batch-{batch_id}.log"), event_dir)
         batch.owner = owner
@@ -216,7 +218,9 @@ class BatchManager:
             },
         )
         batch.log.append("spark-submit " + " ".join(redact.command(command[1:])), source="StudioBatch")
-        env = {**os.environ, **sparkconf.worker_env(self.settings)}
+        shown = redact.conf(conf) or {}
+        batch.log.append("with conf " + " ".join(f"{key}={value}" for key, value in shown.items()), source="StudioBatch")
+        env = sparkconf.child_env(self.settings)
         with open(batch.log.path, "ab") as handle:
             batch.process = await asyncio.create_subprocess_exec(
                 *command,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from studio.auth.credentials import without_secrets
 from studio.config import Settings
 from studio.errors import WorkerDiedError, WorkerStartError
 from studio.livy.logs import LogFile
@@ -115,7 +116,7 @@ class WorkerProcess:
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
         self.workdir.mkdir(parents=True, exist_ok=True)
         parent, child = socket.socketpair()
-        env = {**os.environ, **self.spec.env}
+        env = {**without_secrets(dict(os.environ)), **self.spec.env}  # the worker runs the user's code
         with open(self.log.path, "ab") as log_handle:
             self._process = await asyncio.create_subprocess_exec(
                 *self.command(),

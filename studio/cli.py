@@ -152,6 +152,14 @@ def cmd_kernel_install(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        return _run_notebook(args)
+    except KeyboardInterrupt:  # Ctrl-C before the run handles it itself (it does from its first line on)
+        print("studio run: interrupted before the run started; nothing ran", file=sys.stderr)
+        return 130
+
+
+def _run_notebook(args: argparse.Namespace) -> int:
     from studio.execution import RunError, RunOptions, load_parameter_file, run
 
     parameters: dict[str, tuple[Any, bool]] = {}

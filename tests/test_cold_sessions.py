@@ -48,6 +48,9 @@ def test_static_settings_get_a_cold_worker_with_exactly_those_settings(service, 
     assert livy.text(sid, "spark.conf.get('spark.sql.shuffle.partitions')") == "'5'"
     assert livy.text(sid, "sc.getConf().get('spark.myapp.flag')") == "'on'"
     assert livy.text(sid, "sc.appName") == "'cold-one'"
+    # The conf came in a private properties file: no value is on the driver JVM's command line (`ps`).
+    cmdline = livy.text(sid, "open(f'/proc/{sc._gateway.proc.pid}/cmdline', 'rb').read().decode()")
+    assert "--properties-file" in cmdline and "spark.myapp.flag" not in cmdline and "600m" not in cmdline, cmdline
     assert livy.http.delete(f"/sessions/{sid}").status_code == 200
 
 

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from studio.auth.credentials import without_secrets
+from studio.worker.properties import write_properties
+
+__all__ = ["write_properties"]  # batches write their conf with it, as workers do
 from studio.config import Settings
 from studio.errors import InvalidRequestError
 from studio.livy.models import check_memory
@@ -114,29 +117,6 @@ def child_env(settings: Settings) -> dict[str, str]:
     """The whole environment of a worker or batch: the service's own, minus the studio's secrets
     (they run the user's code), plus ``worker_env``."""
     return {**without_secrets(dict(os.environ)), **worker_env(settings)}
-
-
-def write_properties(path: Path, conf: dict[str, str]) -> Path:
-    """Spark conf as a properties file (mode 0600) for ``spark-submit --properties-file``, so that no
-    value, a password included, is on a command line that ``ps`` shows every user of the machine."""
-    lines = [f"{_escape_property(key, key=True)}={_escape_property(value)}" for key, value in conf.items()]
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:  # Spark reads properties files as UTF-8
-        handle.write("\n".join(lines) + "\n")
-    return path
-
-
-_PROPERTY_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\f": "\\f", "=": "\\=", ":": "\\:", "#": "\\#", "!": "\\!"}
-
-
-def _escape_property(text: str, key: bool = False) -> str:
-    """java.util.Properties escaping: separators and comment marks, line breaks, and spaces that
-    would otherwise be dropped (every space in a key, a value's leading ones)."""
-    escaped = "".join(_PROPERTY_ESCAPES.get(char, char) for char in text)
-    if key:
-        return escaped.replace(" ", "\\ ")
-    stripped = escaped.lstrip(" ")
-    return "\\ " * (len(escaped) - len(stripped)) + stripped
 
 
 def worker_env(settings: Settings) -> dict[str, str]:

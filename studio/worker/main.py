@@ -13,6 +13,7 @@ import argparse
 import builtins
 import os
 import queue
+import shlex
 import signal
 import socket
 import sys
@@ -27,6 +28,7 @@ from studio.worker import lean, protocol
 from studio.worker.helpers import StudioHelpers, completions, inspection
 from studio.worker.packages import SessionPackages, bind_to_context
 from studio.worker.progress import ProgressReporter, job_group
+from studio.worker.properties import write_properties
 from studio.worker.protocol import RESULTS_DIR
 from studio.worker.repl import PythonRepl, error, run_sql
 from studio.worker.streaming import OutputStream
@@ -79,9 +81,12 @@ class Worker:
         from pyspark.sql import SparkSession, SQLContext
 
         config = self.config
+        # The conf reaches spark-submit in a private file, never as --conf on a command line that `ps`
+        # shows every user (a session's conf may hold passwords); SparkSubmit makes it the JVM's conf,
+        # which the Python side then reads back.
+        properties = write_properties(Path.cwd() / "spark.properties", dict(config["conf"]))
+        os.environ["PYSPARK_SUBMIT_ARGS"] = f"--properties-file {shlex.quote(str(properties))} --load-spark-defaults pyspark-shell"
         builder = SparkSession.builder.master(config["master"]).appName(config["app_name"])
-        for key, value in config["conf"].items():
-            builder = builder.config(key, value)
         self.spark = builder.getOrCreate()
         self.sc = self.spark.sparkContext
         self.sc.setLogLevel(config.get("log_level", "WARN"))

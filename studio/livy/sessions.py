@@ -475,11 +475,16 @@ class SessionManager:
         """Wait up to ``timeout`` seconds for the statement to be final, or, with ``stream_from``,
         for it to print past that offset (whichever comes first)."""
         deadline = time.monotonic() + timeout
-        while not statement.state.is_final and (stream_from is None or statement.stream_length <= stream_from):
+        while not statement.state.is_final:
+            # The last chunk (with ``unstreamed``) comes just before the result: wait for that, so a
+            # statement that printed costs its client no extra round trip.
+            last_chunk_in = statement.unstreamed is not None
+            if stream_from is not None and statement.stream_length > stream_from and not last_chunk_in:
+                return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            event = statement.done if stream_from is None else statement.changed
+            event = statement.done if stream_from is None or last_chunk_in else statement.changed
             try:
                 await asyncio.wait_for(event.wait(), remaining)
             except asyncio.TimeoutError:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from studio.auth.credentials import without_secrets
 from studio.config import Settings
 from studio.errors import InvalidRequestError, StudioError
 from studio.urls import split_credentials
@@ -121,7 +122,7 @@ def _local_refused(url: str) -> InvalidRequestError:
 def clone_command(source: GitSource, folder: Path, allow_local: bool) -> tuple[list[str], dict[str, str]]:
     """The ``git clone`` command and its environment (credentials in the environment only)."""
     env = {
-        **os.environ,
+        **without_secrets(dict(os.environ)),  # git runs helpers and ssh: none of them needs the studio's token
         "GIT_TERMINAL_PROMPT": "0",
         "GIT_ALLOW_PROTOCOL": "https:ssh:file" if allow_local else "https:ssh",
     }

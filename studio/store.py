@@ -10,44 +10,133 @@ again after a restart (``process``: pid, port, token), never the live process it
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from studio import files
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS sessions (
+log = logging.getLogger(__name__)
+
+# Schema version and migrations
+# ----------------------------------
+# The database's schema version is SQLite's ``PRAGMA user_version`` (0 in a new file, and in the
+# files of versions before migrations existed). At start, every migration above that version runs
+# in order, all in one transaction, which also sets the new version: a start that fails half way
+# leaves the file as it was. A database newer than this code is refused (its rows may mean things
+# this code does not know), never opened or changed.
+#
+# To change the schema, APPEND a migration with the next version; never edit one that has been
+# committed (some database out there already ran it). A step is one SQL statement (no
+# ``executescript``: it commits on its own), or a function of the connection for work SQL
+# cannot say (look at the data first, copy a table). Add JSON columns and tables to
+# ``_JSON_COLUMNS`` below as well.
+
+
+class NewerDatabaseError(RuntimeError):
+    """The database was written by a newer Spark Studio (its schema version is above ours)."""
+
+
+Step = str | Callable[[sqlite3.Connection], None]
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    steps: tuple[Step, ...]
+
+
+def _baseline_computes_auth(db: sqlite3.Connection) -> None:
+    # computes.auth came after the first release, as an ALTER at start; the oldest files lack it.
+    if "auth" not in _columns(db, "computes"):
+        db.execute("ALTER TABLE computes ADD COLUMN auth TEXT")
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "baseline: the tables of the versions before schema versions (IF NOT EXISTS: they may be there)",
+        (
+            "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+            """CREATE TABLE IF NOT EXISTS sessions (
     id INTEGER PRIMARY KEY, name TEXT, kind TEXT NOT NULL, owner TEXT, state TEXT NOT NULL,
     created_at REAL NOT NULL, ended_at REAL, app_id TEXT, log_path TEXT, request TEXT NOT NULL,
     reason TEXT
-);
-CREATE TABLE IF NOT EXISTS batches (
+)""",
+            """CREATE TABLE IF NOT EXISTS batches (
     id INTEGER PRIMARY KEY, name TEXT, owner TEXT, state TEXT NOT NULL,
     created_at REAL NOT NULL, ended_at REAL, app_id TEXT, log_path TEXT, request TEXT NOT NULL,
     reason TEXT
-);
-CREATE TABLE IF NOT EXISTS workspaces (
+)""",
+            """CREATE TABLE IF NOT EXISTS workspaces (
     id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, description TEXT NOT NULL DEFAULT '', owner TEXT,
     repository_url TEXT, compute TEXT, idle_timeout REAL, state TEXT NOT NULL, reason TEXT,
     created_at REAL NOT NULL, updated_at REAL, state_changed_at REAL, last_activity REAL, process TEXT
-);
-CREATE TABLE IF NOT EXISTS executions (
+)""",
+            """CREATE TABLE IF NOT EXISTS executions (
     id INTEGER PRIMARY KEY, name TEXT, owner TEXT, workspace_id INTEGER, workspace TEXT, notebook TEXT NOT NULL,
     parameters TEXT, compute TEXT, livy_url TEXT, kernel TEXT, cell_timeout REAL, state TEXT NOT NULL, reason TEXT,
     created_at REAL NOT NULL, started_at REAL, ended_at REAL, state_changed_at REAL, exit_code INTEGER, warnings TEXT
-);
-CREATE TABLE IF NOT EXISTS computes (
+)""",
+            """CREATE TABLE IF NOT EXISTS computes (
     id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, url TEXT NOT NULL, owner TEXT,
     managed INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, auth TEXT
-);
-"""
+)""",
+            _baseline_computes_auth,
+        ),
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
 
-# Columns added after a table was first created: (table, column, declaration). Added at start when missing.
-_ADDED_COLUMNS = (("computes", "auth", "TEXT"),)
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
+def schema_version(db: sqlite3.Connection) -> int:
+    """The schema version a database file says it has (0: new, or made before versions existed)."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    return int(version)
+
+
+def migrate(db: sqlite3.Connection, path: Path, migrations: tuple[Migration, ...] = MIGRATIONS) -> int:
+    """Bring a database up to the newest schema in one transaction; return the version it had.
+
+    ``db`` must be in autocommit mode (``isolation_level=None``). Raises ``NewerDatabaseError``
+    for a database newer than ``migrations`` know, leaving it untouched.
+    """
+    latest = migrations[-1].version
+    # IMMEDIATE takes the write lock first, so two servers starting on one file migrate once.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        found = schema_version(db)
+        if found > latest:
+            raise NewerDatabaseError(
+                f"The database {path} has schema version {found}, but this Spark Studio knows versions up to "
+                f"{latest}: a newer Spark Studio wrote it. Upgrade Spark Studio, or start with another --state-dir."
+            )
+        for migration in migrations:
+            if migration.version <= found:
+                continue
+            for step in migration.steps:
+                if isinstance(step, str):
+                    db.execute(step)
+                else:
+                    step(db)
+        if found != latest:
+            db.execute(f"PRAGMA user_version = {int(latest)}")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return found
+
 
 # table -> its columns that hold JSON (encoded on the way in, decoded on the way out)
 _JSON_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -72,11 +161,13 @@ class Store:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        for table, column, declaration in _ADDED_COLUMNS:
-            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            if column not in present:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        try:
+            found = migrate(self._db, path)
+        except BaseException:
+            self._db.close()
+            raise
+        if found != SCHEMA_VERSION:
+            log.info("database %s migrated from schema version %d to %d", path, found, SCHEMA_VERSION)
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,176 @@
+"""The store: schema version and migrations, ids, JSON columns. A real SQLite file each time."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from studio.store import MIGRATIONS, SCHEMA_VERSION, Migration, NewerDatabaseError, Store, migrate, schema_version
+
+# The schema of the versions before schema versions existed, word for word (studio/store.py's
+# _SCHEMA then), and the column they added at start when it was missing.
+OLD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    id INTEGER PRIMARY KEY, name TEXT, kind TEXT NOT NULL, owner TEXT, state TEXT NOT NULL,
+    created_at REAL NOT NULL, ended_at REAL, app_id TEXT, log_path TEXT, request TEXT NOT NULL,
+    reason TEXT
+);
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY, name TEXT, owner TEXT, state TEXT NOT NULL,
+    created_at REAL NOT NULL, ended_at REAL, app_id TEXT, log_path TEXT, request TEXT NOT NULL,
+    reason TEXT
+);
+CREATE TABLE IF NOT EXISTS workspaces (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, description TEXT NOT NULL DEFAULT '', owner TEXT,
+    repository_url TEXT, compute TEXT, idle_timeout REAL, state TEXT NOT NULL, reason TEXT,
+    created_at REAL NOT NULL, updated_at REAL, state_changed_at REAL, last_activity REAL, process TEXT
+);
+CREATE TABLE IF NOT EXISTS executions (
+    id INTEGER PRIMARY KEY, name TEXT, owner TEXT, workspace_id INTEGER, workspace TEXT, notebook TEXT NOT NULL,
+    parameters TEXT, compute TEXT, livy_url TEXT, kernel TEXT, cell_timeout REAL, state TEXT NOT NULL, reason TEXT,
+    created_at REAL NOT NULL, started_at REAL, ended_at REAL, state_changed_at REAL, exit_code INTEGER, warnings TEXT
+);
+CREATE TABLE IF NOT EXISTS computes (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, url TEXT NOT NULL, owner TEXT,
+    managed INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL
+);
+"""
+
+
+def old_database(path: Path, with_auth_column: bool = True) -> None:
+    """A database as the versions before schema versions left it, with a row in every table."""
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    if with_auth_column:
+        db.execute("ALTER TABLE computes ADD COLUMN auth TEXT")
+    db.execute("INSERT INTO counters VALUES ('session', 7), ('batch', 3)")
+    db.execute(
+        "INSERT INTO sessions (id, name, kind, owner, state, created_at, request) "
+        "VALUES (6, 'etl', 'pyspark', 'admin', 'idle', 1.0, '{\"kind\": \"pyspark\"}')"
+    )
+    db.execute(
+        "INSERT INTO batches (id, owner, state, created_at, request) VALUES (2, 'admin', 'success', 1.0, '{}')"
+    )
+    db.execute(
+        "INSERT INTO workspaces (id, name, state, created_at, process) VALUES (1, 'sales', 'Idle', 1.0, NULL)"
+    )
+    db.execute(
+        "INSERT INTO executions (id, notebook, state, created_at, parameters) "
+        "VALUES (1, 'a.ipynb', 'FINISHED', 1.0, '{\"day\": \"2026-11-22\"}')"
+    )
+    db.execute("INSERT INTO computes (id, name, url, created_at) VALUES (1, 'local', 'http://127.0.0.1:8998', 1.0)")
+    db.commit()
+    db.close()
+
+
+def version_of(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return schema_version(db)
+    finally:
+        db.close()
+
+
+def test_versions_count_up_from_one_without_gaps():
+    assert [migration.version for migration in MIGRATIONS] == list(range(1, len(MIGRATIONS) + 1))
+    assert SCHEMA_VERSION == MIGRATIONS[-1].version
+
+
+def test_a_fresh_database_gets_the_newest_version_and_every_table(tmp_path):
+    store = Store(tmp_path / "state" / "studio.db")
+    try:
+        for table in ("sessions", "batches", "workspaces", "executions", "computes"):
+            assert store.all(table) == []
+        assert store.next_id("session") == 0
+        assert store.next_id("session") == 1
+    finally:
+        store.close()
+    assert version_of(tmp_path / "state" / "studio.db") == SCHEMA_VERSION
+    assert (tmp_path / "state" / "studio.db").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("with_auth_column", [True, False], ids=["with-computes-auth", "before-computes-auth"])
+def test_an_old_database_migrates_and_keeps_its_rows(tmp_path, with_auth_column):
+    path = tmp_path / "studio.db"
+    old_database(path, with_auth_column)
+    assert version_of(path) == 0
+    store = Store(path)
+    try:
+        session = store.get("sessions", 6)
+        assert session is not None
+        assert (session["name"], session["state"], session["request"]) == ("etl", "idle", {"kind": "pyspark"})
+        assert store.all("batches")[0]["state"] == "success"
+        assert store.all("workspaces")[0]["name"] == "sales"
+        assert store.get("executions", 1)["parameters"] == {"day": "2026-11-22"}
+        assert store.get("computes", 1)["auth"] is None
+        store.update("computes", 1, auth={"token": "t"})
+        assert store.get("computes", 1)["auth"] == {"token": "t"}
+        assert store.next_id("session") == 7  # ids keep counting across the upgrade
+    finally:
+        store.close()
+    assert version_of(path) == SCHEMA_VERSION
+    Store(path).close()  # and a second start has nothing to do
+
+
+def test_a_newer_database_is_refused_and_left_untouched(tmp_path):
+    path = tmp_path / "studio.db"
+    Store(path).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.execute("CREATE TABLE from_the_future (x)")
+    db.commit()
+    db.close()
+    before = path.read_bytes()
+    with pytest.raises(NewerDatabaseError) as caught:
+        Store(path)
+    message = str(caught.value)
+    assert f"schema version {SCHEMA_VERSION + 1}" in message
+    assert f"up to {SCHEMA_VERSION}" in message
+    assert "newer Spark Studio" in message
+    assert str(path) in message
+    assert version_of(path) == SCHEMA_VERSION + 1
+    assert path.read_bytes() == before
+
+
+def test_a_failing_migration_leaves_the_database_as_it_was(tmp_path):
+    path = tmp_path / "studio.db"
+    old_database(path)
+
+    def fail(db: sqlite3.Connection) -> None:
+        raise RuntimeError("half way")
+
+    add_column = "ALTER TABLE sessions ADD COLUMN x"
+    broken = (*MIGRATIONS, Migration(SCHEMA_VERSION + 1, "adds a column, then fails", (add_column, fail)))
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        with pytest.raises(RuntimeError, match="half way"):
+            migrate(db, path, broken)
+        assert schema_version(db) == 0
+        assert "x" not in {row[1] for row in db.execute("PRAGMA table_info(sessions)")}
+        assert not db.in_transaction
+        # the same migrations without the failing step apply on the next start
+        fixed = (*MIGRATIONS, Migration(SCHEMA_VERSION + 1, "adds a column", (add_column,)))
+        assert migrate(db, path, fixed) == 0
+        assert schema_version(db) == SCHEMA_VERSION + 1
+        assert migrate(db, path, fixed) == SCHEMA_VERSION + 1
+    finally:
+        db.close()
+
+
+def test_json_columns_round_trip_and_unfinished_work_is_closed(tmp_path):
+    store = Store(tmp_path / "studio.db")
+    try:
+        store.insert("sessions", {"id": 0, "kind": "pyspark", "state": "idle", "request": {"conf": {"a": "b"}}})
+        store.insert("sessions", {"id": 1, "kind": "pyspark", "state": "dead", "ended_at": 5.0})
+        assert store.get("sessions", 0)["request"] == {"conf": {"a": "b"}}
+        assert store.get("sessions", 1)["request"] == {}
+        assert store.mark_unfinished("sessions", "dead", "the service stopped") == 1
+        assert store.get("sessions", 0)["reason"] == "the service stopped"
+        assert store.get("sessions", 1)["ended_at"] == 5.0
+        store.delete("sessions", 0)
+        assert store.get("sessions", 0) is None
+    finally:
+        store.close()

@@ -781,7 +781,8 @@ def _driver_log(url: str, session: dict[str, Any]) -> list[str] | None:
     client = LivyClient(url, timeout=30)
     try:
         link = (session.get("appInfo") or {}).get("driverLogUrl")
-        if link and link.startswith(client.url):
+        # Only on the service itself: its credentials go with the request, and a compute chooses this URL.
+        if isinstance(link, str) and _same_origin(link, client.url):
             response = client.http.get(link)
             if response.status_code == 200:
                 return response.text.splitlines()[-DRIVER_LOG_LINES:]
@@ -792,6 +793,17 @@ def _driver_log(url: str, session: dict[str, Any]) -> list[str] | None:
         return None
     finally:
         client.close()
+
+
+def _same_origin(url: str, base: str) -> bool:
+    """Same scheme, host and port (a prefix test would let ``http://127.0.0.1:8998.evil.example`` pass)."""
+    from urllib.parse import urlsplit
+
+    left, right = urlsplit(url), urlsplit(base)
+    try:
+        return (left.scheme, left.hostname, left.port) == (right.scheme, right.hostname, right.port) and not left.username
+    except ValueError:  # a port that is not a number
+        return False
 
 
 def write_record(

@@ -129,6 +129,9 @@ def test_parameterised_notebook_runs_to_finished_with_outputs_and_record(studio,
         assert [c["status"] for c in record["cells"]] == ["completed"] * 4  # parameters, injected, two cells
         assert all(c["duration"] is not None for c in record["cells"])
         assert "kernel ready" in client.get(done["output"]["log"]).text
+        # The driver log outlives the session, with the record.
+        driver_log = client.get(f"/api/executions/{done['id']}/driver.log")
+        assert driver_log.status_code == 200 and "StudioService" in driver_log.text, driver_log.text[-500:]
 
         listed = client.get("/api/executions", params={"status": "FINISHED", "workspace": "jobs"}).json()
         assert created["id"] in [e["id"] for e in listed["executions"]]

@@ -173,6 +173,7 @@ class Execution:
                 "notebook": f"{base}/output.ipynb" if self.output_path.is_file() else None,
                 "html": f"{base}/output.html" if self.html_path.is_file() else None,
                 "log": f"{base}/log",
+                "driver_log": f"{base}/driver.log" if (self.folder / "driver.log").is_file() else None,
             },
         })
 

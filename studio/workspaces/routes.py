@@ -231,6 +231,15 @@ async def execution_log(request: Request) -> Response:
     return PlainTextResponse(text)
 
 
+async def execution_driver_log(request: Request) -> Response:
+    """The end of the run's Spark driver log, kept with its record (the service's own link dies with the session)."""
+    execution = executions(request).get(request.path_params["execution_id"])
+    path = execution.folder / "driver.log"
+    if not path.is_file():
+        raise NotFoundError(f"Execution {execution.id} has no driver log (it is {execution.status.value}).")
+    return FileResponse(path, media_type="text/plain; charset=utf-8")
+
+
 ROUTES = [
     Route("/health", health, methods=["GET"]),
     Route("/api/whoami", whoami, methods=["GET"]),
@@ -253,6 +262,7 @@ ROUTES = [
     Route("/api/executions/{execution_id}/stop", stop_execution, methods=["POST"]),
     Route("/api/executions/{execution_id}/output.{kind:str}", execution_output, methods=["GET"]),
     Route("/api/executions/{execution_id}/log", execution_log, methods=["GET"]),
+    Route("/api/executions/{execution_id}/driver.log", execution_driver_log, methods=["GET"]),
     Route("/api/computes", list_computes, methods=["GET"]),
     Route("/api/computes", create_compute, methods=["POST"]),
     Route("/api/computes/{name}", get_compute, methods=["GET"]),

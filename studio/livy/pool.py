@@ -15,6 +15,8 @@ import logging
 import time
 from typing import Callable
 
+import psutil
+
 from studio.config import Settings
 from studio.errors import WorkerError
 from studio.livy.workers import WorkerProcess
@@ -23,14 +25,11 @@ log = logging.getLogger("studio.livy.pool")
 
 
 def available_memory_mb() -> int | None:
+    """Memory the kernel could hand out without swapping (Linux's MemAvailable), in MB."""
     try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) // 1024
-    except OSError:
+        return int(psutil.virtual_memory().available) // (1024 * 1024)
+    except (OSError, RuntimeError):
         return None
-    return None
 
 
 class WorkerPool:

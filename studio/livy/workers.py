@@ -10,7 +10,6 @@ arrives on one reader task and resolves the future that waits for it.
 from __future__ import annotations
 
 import asyncio
-import enum
 import errno
 import itertools
 import logging
@@ -27,21 +26,13 @@ from studio.auth.credentials import without_secrets
 from studio.config import Settings
 from studio.errors import WorkerDiedError, WorkerStartError
 from studio.livy.logs import LogFile
+from studio.process import ShutdownStep, describe_exit, renice_group
 from studio.worker import protocol
 from studio.worker.protocol import RESULTS_DIR
 
 log = logging.getLogger("studio.livy.workers")
 
 _ids = itertools.count(1)
-
-
-class ShutdownStep(enum.Enum):
-    """How far ``stop`` had to go; kept for tests and logs (jupyter_client's _ShutdownStatus)."""
-
-    ALREADY_GONE = "already gone"
-    POLITE = "shutdown message"
-    SIGTERM = "SIGTERM"
-    SIGKILL = "SIGKILL"
 
 
 @dataclass
@@ -52,16 +43,6 @@ class WorkerSpec:
     app_name: str
     warmup: bool
     env: dict[str, str] = field(default_factory=dict)
-
-
-def describe_exit(code: int | None) -> str:
-    if code is None:
-        return "is still running"
-    if code < 0:
-        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
-        hint = " (possibly the kernel's out-of-memory killer)" if -code == signal.SIGKILL else ""
-        return f"was killed by {name}{hint}"
-    return f"exited with code {code}"
 
 
 class WorkerProcess:
@@ -282,20 +263,7 @@ class WorkerProcess:
         """Set every thread of every process in the worker's group to ``value`` (needs privilege to lower)."""
         if self._process is None:
             return False
-        pgid = self._process.pid
-        changed = False
-        for pid in _group_members(pgid):
-            try:
-                tids = os.listdir(f"/proc/{pid}/task")
-            except OSError:
-                continue
-            for tid in tids:
-                try:
-                    os.setpriority(os.PRIO_PROCESS, int(tid), value)
-                    changed = True
-                except OSError:
-                    return changed
-        return changed
+        return renice_group(self._process.pid, value)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -371,19 +339,3 @@ class WorkerProcess:
             if not future.done():
                 future.set_exception(error)
 
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                stat = handle.read().decode("ascii", "replace")
-        except OSError:
-            continue
-        # Fields after the command name (which may contain spaces) start after the last ')'.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and fields[2] == str(pgid):
-            members.append(int(entry))
-    return members

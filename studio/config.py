@@ -130,6 +130,19 @@ class Settings(BaseSettings):
         description="Seconds a cancelled statement may keep running (repeatedly interrupted) before it is "
         "recorded as cancelled while the code still runs.",
     )
+    worker_orphan_timeout: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds a session worker keeps running without its session service: workers outlive a restart "
+        "of `studio livy` (and of `studio serve`), and the next start finds them again with their sessions; a "
+        "worker whose service has not come back after this long stops itself (Livy's rsc idle timeout: 10 min).",
+    )
+    stop_sessions_on_exit: bool = Field(
+        False,
+        description="Stop every session and worker when the service stops (`--stop-sessions-on-exit`). By default "
+        "they keep running, so that the next start on the same state directory carries on with them (each worker "
+        "stops itself after STUDIO_WORKER_ORPHAN_TIMEOUT if none comes).",
+    )
 
     # --- sessions ------------------------------------------------------------------------
     max_sessions: int = Field(

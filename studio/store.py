@@ -91,6 +91,26 @@ MIGRATIONS: tuple[Migration, ...] = (
             _baseline_computes_auth,
         ),
     ),
+    Migration(
+        2,
+        "sessions survive a restart of the service: their statements, and the process records of their workers",
+        (
+            # One row per statement of a session the service still shows (rows of a session go when it
+            # leaves the API). ``output`` is Livy's output as JSON text; ``request_key`` the client's
+            # Idempotency-Key, so a POST retried across a restart does not run twice.
+            """CREATE TABLE statements (
+    session_id INTEGER NOT NULL, id INTEGER NOT NULL, code TEXT NOT NULL, kind TEXT NOT NULL, state TEXT NOT NULL,
+    output TEXT, progress REAL NOT NULL DEFAULT 0, started INTEGER NOT NULL DEFAULT 0,
+    completed INTEGER NOT NULL DEFAULT 0, stream TEXT, unstreamed TEXT, request_key TEXT, created_at REAL NOT NULL,
+    PRIMARY KEY (session_id, id)
+)""",
+            # A session worker (warm in the pool: session_id NULL) and what finds it again: ``process``
+            # is studio.process's record (pid, create time, group) with the worker's own details.
+            """CREATE TABLE workers (
+    id TEXT PRIMARY KEY, session_id INTEGER, process TEXT NOT NULL, created_at REAL NOT NULL, ended_at REAL
+)""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -145,6 +165,7 @@ _JSON_COLUMNS: dict[str, tuple[str, ...]] = {
     "workspaces": ("process",),
     "computes": ("auth",),
     "executions": ("parameters", "warnings"),
+    "workers": ("process",),
 }
 _TABLES = tuple(_JSON_COLUMNS)
 
@@ -191,7 +212,7 @@ class Store:
         with self._lock:
             self._db.execute(f"INSERT OR REPLACE INTO {table} ({columns}) VALUES ({marks})", tuple(row.values()))
 
-    def update(self, table: str, row_id: int, **fields: Any) -> None:
+    def update(self, table: str, row_id: int | str, **fields: Any) -> None:
         assert table in _TABLES
         if not fields:
             return
@@ -200,7 +221,7 @@ class Store:
         with self._lock:
             self._db.execute(f"UPDATE {table} SET {assignments} WHERE id = ?", (*fields.values(), row_id))
 
-    def get(self, table: str, row_id: int) -> dict[str, Any] | None:
+    def get(self, table: str, row_id: int | str) -> dict[str, Any] | None:
         assert table in _TABLES
         with self._lock:
             row = self._db.execute(f"SELECT * FROM {table} WHERE id = ?", (row_id,)).fetchone()
@@ -217,6 +238,54 @@ class Store:
         assert table in _TABLES
         with self._lock:
             self._db.execute(f"DELETE FROM {table} WHERE id = ?", (row_id,))
+
+    def unfinished(self, table: str) -> list[dict[str, Any]]:
+        """The rows of work not recorded as ended (``ended_at`` unset), oldest first."""
+        assert table in _TABLES
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM {table} WHERE ended_at IS NULL ORDER BY created_at, id").fetchall()
+        return [_row(table, row) for row in rows]
+
+    # -- statements (keyed by session and statement id) -------------------------------------
+
+    def add_statement(self, session_id: int, statement_id: int, **fields: Any) -> None:
+        columns = {"session_id": session_id, "id": statement_id, "created_at": time.time(), **fields}
+        names = ", ".join(columns)
+        marks = ", ".join("?" for _ in columns)
+        with self._lock:
+            self._db.execute(f"INSERT OR REPLACE INTO statements ({names}) VALUES ({marks})", tuple(columns.values()))
+
+    def update_statement(self, session_id: int, statement_id: int, **fields: Any) -> None:
+        if not fields:
+            return
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with self._lock:
+            self._db.execute(
+                f"UPDATE statements SET {assignments} WHERE session_id = ? AND id = ?",
+                (*fields.values(), session_id, statement_id),
+            )
+
+    def statements(self, session_id: int) -> list[dict[str, Any]]:
+        """The statements of a session, in id order."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM statements WHERE session_id = ? ORDER BY id", (session_id,)).fetchall()
+        return [dict(row) for row in rows]
+
+    def forget_statements(self, session_id: int, statement_id: int | None = None) -> None:
+        """Delete one statement of a session, or all of them."""
+        with self._lock:
+            if statement_id is None:
+                self._db.execute("DELETE FROM statements WHERE session_id = ?", (session_id,))
+            else:
+                self._db.execute("DELETE FROM statements WHERE session_id = ? AND id = ?", (session_id, statement_id))
+
+    def forget_statements_of_ended_sessions(self) -> int:
+        """Delete the statements of sessions that ended (no route shows them after a restart)."""
+        with self._lock:
+            cursor = self._db.execute(
+                "DELETE FROM statements WHERE session_id IN (SELECT id FROM sessions WHERE ended_at IS NOT NULL)"
+            )
+        return cursor.rowcount
 
     def mark_unfinished(self, table: str, state: str, reason: str) -> int:
         """Close the records of work a previous run of the service left unfinished."""

@@ -21,9 +21,7 @@ import asyncio
 import json
 import os
 import secrets
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from studio.config import Settings
+from studio.launcher import ServiceLauncher
+from studio.process import ChildProcess, group_members
 
 FIRST_RESULT = "spark.range(1).count()"
 IN_PROCESS_PROBE = (
@@ -86,38 +87,23 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def _proc_mb(pid: int, filename: str, field: str) -> float:
-    """A kB figure of /proc/PID/FILENAME (``field:`` line) in MB; 0 when the process is gone."""
-    try:
-        with open(f"/proc/{pid}/{filename}") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 def pss_mb(pid: int) -> float:
-    return _proc_mb(pid, "smaps_rollup", "Pss")
+    """Proportional set size in MB (shared pages divided among their users); 0 when the process is gone."""
+    try:
+        return float(getattr(psutil.Process(pid).memory_full_info(), "pss", 0)) / (1024 * 1024)
+    except psutil.Error:
+        return 0.0
 
 
 def rss_mb(pid: int) -> float:
-    return _proc_mb(pid, "status", "VmRSS")
+    try:
+        return float(psutil.Process(pid).memory_info().rss) / (1024 * 1024)
+    except psutil.Error:
+        return 0.0
 
 
 def group_pids(pgid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-                if int(fields[2]) == pgid:
-                    pids.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    return pids
+    return [process.pid for process in group_members(pgid)]
 
 
 class BenchService:
@@ -128,22 +114,19 @@ class BenchService:
         self.pool = pool
         self.token = secrets.token_urlsafe(32)  # each bench service has its own; passed in its environment
         self.env = {**os.environ, **(env or {}), "STUDIO_TOKEN": self.token}
-        self.process: subprocess.Popen[str] | None = None
+        self.launcher: ServiceLauncher
         self.url = ""
 
     def __enter__(self) -> "BenchService":
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-P", "-m", "studio", "livy", "--port", "0", "--pool", str(self.pool), "--state-dir", str(self.state_dir)]
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=open(self.state_dir / "service.log", "ab"), text=True, env=self.env
+        self.launcher = ServiceLauncher(
+            "livy",
+            ["--port", "0", "--pool", str(self.pool), "--state-dir", str(self.state_dir)],
+            ready_file=self.state_dir / "ready.json",
+            log_path=self.state_dir / "service.log",
+            env=self.env,
         )
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            if "listening on " in line:
-                self.url = line.split("listening on ", 1)[1].split()[0]
-                break
-        else:
-            raise RuntimeError(f"studio livy did not start; see {self.state_dir / 'service.log'}")
+        self.url = self.launcher.start_sync(timeout=300)
         # TCP_NODELAY: httpx writes a POST's headers and body separately, and Nagle's algorithm
         # would hold the body until the server's delayed ACK (~40 ms). curl and requests set it too.
         transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
@@ -154,13 +137,11 @@ class BenchService:
 
     def __exit__(self, *exc: Any) -> None:
         self.http.close()
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(120)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        self.launcher.stop_sync(timeout=120)
+
+    @property
+    def process(self) -> ChildProcess:
+        return self.launcher.process
 
     def status(self) -> dict[str, Any]:
         return self.http.get("/studio/status").json()
@@ -219,14 +200,16 @@ def plain_pyspark_first_result(master: str, env: dict[str, str]) -> float:
     """Spawn-to-first-result of plain PySpark, started the usual way (no studio, no CDS)."""
     code = PLAIN_PYSPARK.format(master=master)
     with tempfile.TemporaryDirectory() as folder:
-        result = subprocess.run(
-            [sys.executable, "-P", "-c", code, repr(time.time())],
-            capture_output=True, text=True, cwd=folder, env=env, timeout=600,
-        )
-    for line in result.stdout.splitlines():
+        output = Path(folder) / "output.log"
+        child = ChildProcess([sys.executable, "-P", "-c", code, repr(time.time())], name="plain PySpark", cwd=folder, env=env, output=output)
+        child.start()
+        if child.wait_sync(600) is None:
+            child.stop_sync(now=True)
+        text = output.read_text(errors="replace")
+    for line in text.splitlines():
         if line.startswith("FIRST_RESULT"):
             return float(line.split()[1])
-    raise RuntimeError(f"plain PySpark failed: {result.stderr[-2000:]}")
+    raise RuntimeError(f"plain PySpark failed: {text[-2000:]}")
 
 
 def in_process_round_trip(runs: int) -> dict[str, dict[str, float]]:
@@ -402,7 +385,7 @@ def main(args: argparse.Namespace) -> int:
         log(f"memory: {just_ready:.0f} MB right after warm-up; measuring again after {args.idle_seconds:.0f} s idle")
         time.sleep(settle)
         results["memory_mb"] = {
-            "service": round(rss_mb(warm.process.pid), 1),  # type: ignore[union-attr]
+            "service": round(rss_mb(warm.process.pid), 1),  # type: ignore[arg-type]
             "idle_warm_worker_python": round(rss_mb(worker["pid"]), 1),
             "idle_warm_worker_jvm": round(rss_mb(worker["jvmPid"]), 1) if worker.get("jvmPid") else None,
             "idle_warm_worker_total": round(sum(rss_mb(pid) for pid in members), 1),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -76,9 +77,18 @@ def setup_logging(verbose: bool = False) -> None:
 KEEP_ALIVE_SECONDS = 75
 
 
-async def serve_app(app: Any, sock: socket.socket, announce: str, settings: Settings) -> None:
+def ready_info(service: str, url: str, settings: Settings) -> dict[str, Any]:
+    """What ``--ready-file`` holds once the server listens (``studio.launcher`` reads it). Never a secret."""
+    return {"service": service, "url": url, "pid": os.getpid(), "state_dir": str(settings.state_dir)}
+
+
+async def serve_app(
+    app: Any, sock: socket.socket, announce: str, settings: Settings, ready_file: Path | None = None, ready: dict[str, Any] | None = None
+) -> None:
     """Serve an ASGI app with uvicorn on an already bound socket until SIGINT/SIGTERM.
 
+    Once it listens (its lifespan has started everything), ``announce`` is printed for people and
+    ``ready`` written to ``ready_file`` for programs (JSON, 0600, atomically; removed at the end).
     At most ``settings.max_connections`` open connections are served (more get 503), and a request
     head must be complete within ``settings.header_timeout`` seconds (see ``studio.http_limits``).
     """
@@ -114,7 +124,16 @@ async def serve_app(app: Any, sock: socket.socket, announce: str, settings: Sett
         await asyncio.sleep(0.05)
     if server.started:
         print(announce, flush=True)
-    await startup
+        if ready_file is not None:
+            from studio.files import write_private_json
+
+            write_private_json(ready_file, ready or {})
+    try:
+        await startup
+    finally:
+        if ready_file is not None and server.started:
+            with contextlib.suppress(OSError):
+                ready_file.unlink()  # it no longer listens
 
 
 def cmd_livy(args: argparse.Namespace) -> int:
@@ -139,7 +158,8 @@ def cmd_livy(args: argparse.Namespace) -> int:
         f"studio livy: listening on {url} (master {settings.master}, warm pool {settings.pool_size}, "
         f"state {settings.state_dir})\n{sign_in_hint(url, settings, token)}"
     )
-    asyncio.run(serve_app(create_app(settings), sock, announce, settings))
+    ready = ready_info("livy", url, settings)
+    asyncio.run(serve_app(create_app(settings), sock, announce, settings, args.ready_file, ready))
     return 0
 
 
@@ -219,7 +239,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"studio serve: listening on {url} (root {settings.root}, compute local: {compute}, state {settings.state_dir})"
         f"\n{sign_in_hint(url, settings, token)}"
     )
-    asyncio.run(serve_app(create_app(settings, url), sock, announce, settings))
+    ready = ready_info("serve", url, settings)
+    asyncio.run(serve_app(create_app(settings, url), sock, announce, settings, args.ready_file, ready))
     return 0
 
 
@@ -238,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="turn authentication off (loopback only: anyone who reaches the port runs code as you)",
+    )
+    livy.add_argument(
+        "--ready-file",
+        type=Path,
+        help="once it listens, write JSON with its url and pid here (0600); for programs that start it",
     )
     livy.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     livy.set_defaults(func=cmd_livy)
@@ -291,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="turn authentication off for the Studio and its session service (loopback only)",
+    )
+    serve.add_argument(
+        "--ready-file",
+        type=Path,
+        help="once it listens, write JSON with its url and pid here (0600); for programs that start it",
     )
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     serve.set_defaults(func=cmd_serve)

@@ -17,7 +17,9 @@ Managers raise only these; the web layer turns any of them into Livy's error sha
     ├── WorkerError (500)                  a worker failed in a way its session cannot recover from
     │   ├── WorkerStartError               the worker exited or timed out before it was ready
     │   └── WorkerDiedError                the worker exited while it had work
-    └── JupyterLabError (500)              a workspace's JupyterLab did not start (exited, timed out)
+    ├── JupyterLabError (500)              a workspace's JupyterLab did not start (exited, timed out)
+    └── ServiceStartError (500)            a studio server started as a child (the embedded session
+                                           service) exited or timed out before it listened
 """
 
 from __future__ import annotations
@@ -92,4 +94,8 @@ class ComputeUnreachableError(StudioError):
 
 
 class JupyterLabError(StudioError):
+    status_code = 500
+
+
+class ServiceStartError(StudioError):
     status_code = 500

@@ -37,6 +37,9 @@ from typing import Any, Callable
 
 import nbformat
 
+from studio.errors import ServiceStartError
+from studio.launcher import ServiceLauncher
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # Progress lines on stderr that the executions API reads to follow a run (studio.workspaces.executions).
@@ -294,39 +297,31 @@ def _now() -> str:
 
 
 class EmbeddedService:
-    """A `studio livy` just for this run (cold sessions only: no warm pool to fill), stopped after."""
+    """A `studio livy` just for this run (cold sessions only: no warm pool to fill), stopped after;
+    it dies with the run even when the run is killed (``studio.launcher``)."""
 
     def __init__(self) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="studio-run-"))
-        self.process: subprocess.Popen[str] | None = None
         self.url = ""
         self.token = secrets.token_urlsafe(32)  # this run's service answers only this run
-
-    def start(self) -> str:
-        command = [sys.executable, "-P", "-m", "studio", "livy", "--port", "0", "--pool", "0", "--state-dir", str(self.folder)]
-        self.process = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=open(self.folder / "service.log", "ab"),
-            text=True,
-            start_new_session=True,
+        self.launcher = ServiceLauncher(
+            "livy",
+            ["--port", "0", "--pool", "0", "--state-dir", str(self.folder)],
+            ready_file=self.folder / "ready.json",
+            log_path=self.folder / "service.log",
             env={**os.environ, "STUDIO_TOKEN": self.token},  # in the environment: `ps` shows command lines
         )
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            if "listening on " in line:
-                self.url = line.split("listening on ", 1)[1].split()[0]
-                return self.url
-        raise RunError(f"the embedded session service did not start; see {self.folder / 'service.log'}")
+
+    def start(self, timeout: float = 120.0) -> str:
+        try:
+            self.url = self.launcher.start_sync(timeout)
+        except ServiceStartError as exc:
+            raise RunError(f"the embedded session service did not start: {exc.msg}") from None
+        return self.url
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(120)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        if self.launcher.pid is not None:
+            self.launcher.stop_sync(timeout=120)
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

@@ -11,10 +11,13 @@ what it fixed.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 PRIVATE_UMASK = 0o077
 LOOSE_BITS = 0o077  # group and other permission bits
@@ -48,6 +51,23 @@ def private_file(path: Path) -> Path:
             os.fchmod(fd, stat.S_IMODE(mode) & ~LOOSE_BITS)
     finally:
         os.close(fd)
+    return path
+
+
+def write_private_json(path: Path, data: Any) -> Path:
+    """Write ``data`` as JSON to ``path``, mode 0600, atomically: a reader sees the old file or the
+    whole new one, never a half-written one (it is written beside it, then renamed over it)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 

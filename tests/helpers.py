@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
+
+from studio.errors import ServiceStartError
+from studio.launcher import ServiceLauncher
+from studio.process import ChildProcess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,25 +27,21 @@ def auth_headers(token: str = TEST_TOKEN) -> dict[str, str]:
 
 
 def processes_under(folder: Path) -> list[tuple[int, str]]:
-    """(pid, command) of every process whose working directory is inside ``folder``."""
+    """(pid, command) of every live process whose working directory is inside ``folder``."""
     found = []
     folder_text = str(folder.resolve())
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
+    for process in psutil.process_iter(["cwd", "cmdline", "status"]):
+        if process.pid == os.getpid() or process.info["status"] == psutil.STATUS_ZOMBIE:
             continue
-        try:
-            cwd = os.readlink(f"/proc/{entry}/cwd")
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                command = handle.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if cwd == folder_text or cwd.startswith(folder_text + os.sep):
-            found.append((int(entry), command[:200]))
+        cwd = process.info["cwd"]
+        if cwd and (cwd == folder_text or cwd.startswith(folder_text + os.sep)):
+            found.append((process.pid, " ".join(process.info["cmdline"] or [])[:200]))
     return found
 
 
 class ServiceProcess:
-    """`python -m studio livy --port 0` with settings from STUDIO_* variables."""
+    """`python -m studio livy --port 0` with settings from STUDIO_* variables, started by the
+    studio's own launcher (readiness from its ready file); it dies with the test process."""
 
     def __init__(
         self, state_dir: Path, env: dict[str, str] | None = None, args: list[str] | None = None, cwd: Path | None = None
@@ -58,44 +56,38 @@ class ServiceProcess:
             **(env or {}),
         }
         self.args = args or []
-        self.process: subprocess.Popen[str] | None = None
+        self.launcher: ServiceLauncher | None = None
         self.url = ""
 
     @property
     def log_path(self) -> Path:
         return self.state_dir / "service.log"
 
+    @property
+    def process(self) -> ChildProcess | None:
+        return self.launcher.process if self.launcher is not None else None
+
     def start(self, timeout: float = 60.0) -> "ServiceProcess":
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-P", "-m", "studio", "livy", "--port", "0", "--state-dir", str(self.state_dir), *self.args]
-        self.process = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=open(self.log_path, "ab"),
-            text=True,
+        self.launcher = ServiceLauncher(
+            "livy",
+            ["--port", "0", "--state-dir", str(self.state_dir), *self.args],
+            ready_file=self.state_dir / "ready.json",
+            log_path=self.log_path,
             env=self.env,
-            cwd=str(self.cwd),
+            cwd=self.cwd,
         )
-        deadline = time.monotonic() + timeout
-        assert self.process.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                raise RuntimeError(f"studio livy exited ({self.process.wait()}); log:\n{self.log_path.read_text()}")
-            if "listening on " in line:
-                self.url = line.split("listening on ", 1)[1].split()[0]
-                return self
-        raise RuntimeError("studio livy did not announce its address in time")
+        try:
+            self.url = self.launcher.start_sync(timeout)
+        except ServiceStartError as exc:
+            raise RuntimeError(f"{exc.msg}\nlog:\n{self.log_path.read_text()[-5000:]}") from None
+        return self
 
     def stop(self, timeout: float = 90.0) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        """SIGTERM, then SIGKILL after ``timeout``; the exit code."""
+        assert self.launcher is not None
+        self.launcher.stop_sync(timeout=timeout)
+        return self.launcher.process.poll()  # type: ignore[return-value]
 
     def leftovers(self) -> list[tuple[int, str]]:
         return processes_under(self.state_dir)

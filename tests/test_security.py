@@ -255,17 +255,25 @@ def test_the_token_is_private_and_printed_only_to_a_terminal(tmp_path):
         process.wait(60)
         os.close(primary)
     # Started again with its output going to a file: the same token, and the file says where it is, not what.
+    # (Its ready file tells when it listens; the line it prints is for people.)
+    ready = tmp_path / "ready.json"
     with open(tmp_path / "out.log", "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**env, "STUDIO_CDS": "false"}, cwd=tmp_path)
+        process = subprocess.Popen(
+            [*command, "--ready-file", str(ready)], stdout=log, stderr=subprocess.STDOUT, env={**env, "STUDIO_CDS": "false"}, cwd=tmp_path
+        )
         try:
             deadline = time.monotonic() + 60
-            while "listening on" not in (tmp_path / "out.log").read_text() and time.monotonic() < deadline:
-                time.sleep(0.2)
+            while not ready.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            info = json.loads(ready.read_text())
+            assert info["pid"] == process.pid and info["url"].startswith("http://127.0.0.1:")
+            assert ready.stat().st_mode & 0o777 == 0o600 and token not in ready.read_text()
         finally:
             process.terminate()
             process.wait(60)
+    assert not ready.exists(), "a server that no longer listens leaves no ready file"
     logged = (tmp_path / "out.log").read_text()
-    assert "listening on" in logged and str(state / "token") in logged and token not in logged
+    assert f"listening on {info['url']}" in logged and str(state / "token") in logged and token not in logged
     assert (state / "token").read_text().strip() == token
 
 

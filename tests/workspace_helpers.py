@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from helpers import REPO, auth_headers, processes_under
+from studio.errors import ServiceStartError
+from studio.launcher import ServiceLauncher
+from studio.process import ChildProcess
 
 
 class StudioProcess:
@@ -47,56 +49,46 @@ class StudioProcess:
             self.args += ["--livy-url", livy_url]
         else:
             self.args += ["--livy-port", "0", "--pool", str(pool)]
-        self.process: subprocess.Popen[str] | None = None
+        self.launcher: ServiceLauncher | None = None
         self.url = ""
 
     @property
     def log_path(self) -> Path:
         return self.folder / "serve.log"
 
+    @property
+    def process(self) -> ChildProcess | None:
+        return self.launcher.process if self.launcher is not None else None
+
     def start(self, timeout: float = 120.0) -> "StudioProcess":
+        """Start it with the studio's own launcher (readiness from its ready file); it dies with the tests."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        command = [
-            sys.executable, "-P", "-m", "studio", "serve", "--port", "0",
-            "--root", str(self.root), "--state-dir", str(self.state_dir), *self.args,
-        ]  # fmt: skip
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=open(self.log_path, "ab"), text=True, env=self.env, cwd=str(self.cwd)
+        self.launcher = ServiceLauncher(
+            "serve",
+            ["--port", "0", "--root", str(self.root), "--state-dir", str(self.state_dir), *self.args],
+            ready_file=self.folder / "serve.ready.json",
+            log_path=self.log_path,
+            env=self.env,
+            cwd=self.cwd,
         )
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                raise RuntimeError(f"studio serve exited ({self.process.wait()}); log:\n{self.log_tail()}")
-            if "listening on " in line:
-                self.url = line.split("listening on ", 1)[1].split()[0]
-                return self
-        raise RuntimeError("studio serve did not announce its address in time")
+        try:
+            self.url = self.launcher.start_sync(timeout)
+        except ServiceStartError as exc:
+            raise RuntimeError(f"{exc.msg}\nlog:\n{self.log_tail()}") from None
+        return self
 
     def stop(self, timeout: float = 120.0) -> int:
         """SIGTERM, as a user's Ctrl-C or a service manager would; its exit code."""
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait()
-        self._close()
-        return code
+        assert self.launcher is not None
+        self.launcher.stop_sync(timeout=timeout)
+        return self.launcher.process.poll()  # type: ignore[return-value]
 
     def crash(self) -> None:
-        """SIGKILL: the server gets no chance to stop anything."""
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait()
-        self._close()
-
-    def _close(self) -> None:
-        if self.process is not None and self.process.stdout is not None:
-            self.process.stdout.close()
+        """SIGKILL to the server alone: it gets no chance to stop anything, and what it started in
+        process groups of their own (JupyterLabs, `studio run`s, the session service) stays."""
+        assert self.launcher is not None
+        self.launcher.process.send_signal(signal.SIGKILL)
+        self.launcher.process.wait_sync(30)
 
     def log_tail(self, size: int = 4000) -> str:
         try:
@@ -222,9 +214,8 @@ def lab_post(workspace: dict[str, Any], path: str, body: dict[str, Any]) -> http
 def alive(pid: int) -> bool:
     """The process runs (a zombie counts as gone)."""
     try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
 
 

@@ -54,3 +54,17 @@ def anonymous(settings: Settings) -> Iterator[TestClient]:
 
     with TestClient(create_app(settings), base_url=LIVY_BASE) as client:
         yield client
+
+
+STUDIO_BASE = "http://127.0.0.1:8890"
+
+
+@pytest.fixture
+def studio(tmp_path: Path) -> Iterator[TestClient]:
+    """The workspace server's app (``studio serve``) pointed at a Livy URL where nothing listens, so
+    it starts no session service; workspaces are records and folders until one is started."""
+    from studio.workspaces.app import create_app
+
+    settings = make_settings(tmp_path, livy_url="http://127.0.0.1:9", compute_timeout=2)
+    with TestClient(create_app(settings, STUDIO_BASE), base_url=STUDIO_BASE, headers=AUTH) as client:
+        yield client

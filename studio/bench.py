@@ -121,7 +121,7 @@ class BenchService:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.launcher = ServiceLauncher(
             "livy",
-            ["--port", "0", "--pool", str(self.pool), "--state-dir", str(self.state_dir)],
+            ["--port", "0", "--pool", str(self.pool), "--state-dir", str(self.state_dir), "--stop-sessions-on-exit"],
             ready_file=self.state_dir / "ready.json",
             log_path=self.state_dir / "service.log",
             env=self.env,

@@ -145,6 +145,7 @@ def cmd_livy(args: argparse.Namespace) -> int:
         master="master",
         state_dir="state_dir",
         insecure_no_auth="insecure_no_auth",
+        stop_sessions_on_exit="stop_sessions_on_exit",
     )
     check_bind(settings, settings.host)
     setup_logging(args.verbose)
@@ -223,6 +224,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pool="pool_size",
         state_dir="state_dir",
         insecure_no_auth="insecure_no_auth",
+        stop_sessions_on_exit="stop_sessions_on_exit",
     )
     check_bind(settings, settings.serve_host)
     setup_logging(args.verbose)
@@ -259,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="turn authentication off (loopback only: anyone who reaches the port runs code as you)",
+    )
+    livy.add_argument(
+        "--stop-sessions-on-exit",
+        action="store_true",
+        default=None,
+        help="stop every session and worker when the service stops (default: they keep running, and the next start "
+        "on the same state directory carries on with them)",
     )
     livy.add_argument(
         "--ready-file",
@@ -317,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="turn authentication off for the Studio and its session service (loopback only)",
+    )
+    serve.add_argument(
+        "--stop-sessions-on-exit",
+        action="store_true",
+        default=None,
+        help="stop the sessions of the session service it started when it stops (default: they keep running for "
+        "the next start)",
     )
     serve.add_argument(
         "--ready-file",

@@ -306,7 +306,8 @@ class EmbeddedService:
         self.token = secrets.token_urlsafe(32)  # this run's service answers only this run
         self.launcher = ServiceLauncher(
             "livy",
-            ["--port", "0", "--pool", "0", "--state-dir", str(self.folder)],
+            # Its sessions are this run's: they stop with it (its folder is removed after).
+            ["--port", "0", "--pool", "0", "--state-dir", str(self.folder), "--stop-sessions-on-exit"],
             ready_file=self.folder / "ready.json",
             log_path=self.folder / "service.log",
             env={**os.environ, "STUDIO_TOKEN": self.token},  # in the environment: `ps` shows command lines

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ class ServiceProcess:
             "STUDIO_CDS": "false",
             "STUDIO_CACHE_DIR": str(state_dir / "cache"),
             "STUDIO_TOKEN": TEST_TOKEN,
+            # A test's service stops what it started; tests of restarts keep sessions with "false".
+            "STUDIO_STOP_SESSIONS_ON_EXIT": "true",
             **(env or {}),
         }
         self.args = args or []
@@ -88,6 +91,22 @@ class ServiceProcess:
         assert self.launcher is not None
         self.launcher.stop_sync(timeout=timeout)
         return self.launcher.process.poll()  # type: ignore[return-value]
+
+    def restart(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> float:
+        """Stop the service with ``sig`` (SIGTERM: it lets go of its sessions; SIGKILL: it just dies)
+        and start it again on the same port and state folder. Returns the seconds from the new
+        process's start until it listened."""
+        assert self.launcher is not None
+        port = httpx.URL(self.url).port
+        if sig == signal.SIGTERM:
+            self.launcher.stop_sync(timeout=90)
+        else:
+            self.launcher.process.send_signal(sig)
+            assert self.launcher.process.wait_sync(30) is not None, "the service did not die"
+        self.args = [*self.args, "--port", str(port)]  # after --port 0, so it wins
+        started = time.monotonic()
+        self.start(timeout)
+        return time.monotonic() - started
 
     def leftovers(self) -> list[tuple[int, str]]:
         return processes_under(self.state_dir)

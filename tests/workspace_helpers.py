@@ -42,6 +42,8 @@ class StudioProcess:
             **os.environ,
             "STUDIO_CDS": "false",
             "STUDIO_CACHE_DIR": str(folder / "cache"),
+            # Its session service stops what it started; a test of restarts keeps sessions with "false".
+            "STUDIO_STOP_SESSIONS_ON_EXIT": "true",
             **(env or {}),
         }
         self.args = list(args or [])

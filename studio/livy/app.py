@@ -1,9 +1,11 @@
 """``create_app(settings)``: the session service as an ASGI application.
 
 Its lifespan builds the parts in dependency order (store, class-data archive, pool, session
-and batch managers, culler) and tears them down in reverse, so stopping the service stops
-every worker and batch it started. One error handler turns ``studio.errors`` into Livy's
-``{"msg": ...}``.
+and batch managers, culler) and tears them down in reverse. Sessions outlive the service: at
+start it finds the workers an earlier run left (the store's worker records) and carries on with
+their sessions; at stop it lets go of them and leaves them running, unless it was told to stop
+everything (``stop_sessions_on_exit``). Batches stop with it. One error handler turns
+``studio.errors`` into Livy's ``{"msg": ...}``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
@@ -64,10 +67,9 @@ class Service:
         self.settings = settings
         files.secure_state_dir(settings.state_dir, log)  # 0700, loose modes left by anyone fixed and logged
         self.store = Store(settings.database_path)
-        for table in ("sessions", "batches"):
-            closed = self.store.mark_unfinished(table, "dead", "the service stopped before it finished")
-            if closed:
-                log.info("marked %d %s of an earlier run dead", closed, table)
+        closed = self.store.mark_unfinished("batches", "dead", "the service stopped before it finished")
+        if closed:
+            log.info("marked %d batches of an earlier run dead", closed)
         self.cds = CdsArchive(settings)
         self.pool = WorkerPool(settings, lambda: self.new_worker(WorkerSpec(self.base_conf(), WARM_APP_NAME, True)))
         self.sessions = SessionManager(settings, self.store, self.pool, self.new_worker, self.base_conf)
@@ -79,9 +81,59 @@ class Service:
 
     def new_worker(self, spec: WorkerSpec) -> WorkerProcess:
         spec.env = {**sparkconf.worker_env(self.settings), **spec.env}
-        return WorkerProcess(self.settings, spec)
+        worker = WorkerProcess(self.settings, spec)
+        worker.on_started = self._record_worker
+        return worker
+
+    def _record_worker(self, worker: WorkerProcess) -> None:
+        """A worker was spawned: its record, so that a later start finds it (see ``restore``)."""
+        self.store.insert("workers", {"id": worker.id, "session_id": worker.session_id, "process": worker.record()})
+        self._watch_worker(worker)
+
+    def _watch_worker(self, worker: WorkerProcess) -> None:
+        worker.exited.add_done_callback(lambda _: self.store.update("workers", worker.id, ended_at=time.time()))
+
+    async def restore(self) -> None:
+        """Find the workers an earlier run of the service left running and carry on with their
+        sessions; warm idle ones go back to the pool. Workers nobody wants are stopped."""
+        started = time.monotonic()
+        by_session: dict[int, WorkerProcess] = {}
+        unwanted: list[WorkerProcess] = []
+        pooled: list[WorkerProcess] = []
+        for row in self.store.unfinished("workers"):
+            worker = WorkerProcess.adopt(self.settings, str(row["id"]), row["process"])
+            if worker is None:  # gone (or its pid belongs to another process by now)
+                self.store.update("workers", row["id"], ended_at=time.time())
+                continue
+            self._watch_worker(worker)
+            if row["session_id"] is None:
+                pooled.append(worker)
+            else:
+                if int(row["session_id"]) in by_session:  # only the newest worker of a session counts
+                    unwanted.append(by_session[int(row["session_id"])])
+                by_session[int(row["session_id"])] = worker
+        sessions = self.store.unfinished("sessions")
+        unwanted += await self.sessions.restore(sessions, by_session)
+        attached = await asyncio.gather(*(self._attach_pooled(w) for w in pooled))
+        unwanted += [w for w, ok in zip(pooled, attached) if not ok]
+        unwanted += await self.pool.adopt([w for w, ok in zip(pooled, attached) if ok])
+        for worker in unwanted:
+            log.info("stopping worker %s (pid %s): no session or pool place wants it", worker.id, worker.pid)
+        await asyncio.gather(*(w.stop() for w in unwanted), return_exceptions=True)
+        if sessions or pooled:
+            log.info("restart: sessions and workers found again in %.2fs", time.monotonic() - started)
+
+    async def _attach_pooled(self, worker: WorkerProcess) -> bool:
+        """A warm worker of the pool, attached; False when it is no longer a clean warm worker."""
+        try:
+            state = await worker.attach()
+        except Exception as exc:  # noqa: BLE001 - any failure: it is stopped
+            log.warning("warm worker %s could not be attached: %s", worker.id, exc)
+            return False
+        return state.get("session") is None and not state.get("statements")
 
     async def start(self) -> None:
+        await self.restore()
         self.pool.start()
         self._tasks.append(asyncio.create_task(self._cull_forever(), name="culler"))
         if self.cds.enabled and not self.cds.exists():
@@ -91,9 +143,25 @@ class Service:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.sessions.shutdown()
+        if self.settings.stop_sessions_on_exit:
+            await self.sessions.shutdown()
+        else:
+            await self.sessions.detach()
+            live = self.sessions.live_count()
+            if live:
+                log.info(
+                    "leaving %d session(s) running for the next start on %s (each stops itself after %gs without "
+                    "a service; --stop-sessions-on-exit stops them with the service)",
+                    live,
+                    self.settings.state_dir,
+                    self.settings.worker_orphan_timeout,
+                )
         await self.batches.shutdown()
-        await self.pool.shutdown()
+        if self.settings.stop_sessions_on_exit:
+            await self.pool.shutdown()
+        else:
+            await self.pool.detach()
+        await asyncio.sleep(0)  # the exit callbacks of the last stopped workers write their records first
         self.store.close()
 
     async def _cull_forever(self) -> None:

@@ -6,6 +6,10 @@ JVMs, so a later pool may hand out sessions of a shared driver instead. It refil
 at a time in the background after each hand-out, at low priority, and stops refilling after
 ``worker_restart_limit`` failed starts in a row (jupyter_client's restarter does the same), so
 a broken installation does not spin.
+
+Ready workers outlive the service like session workers do: ``detach`` leaves them running when
+the service stops keeping its sessions, and the next start takes them back (``adopt``), so a restart
+costs no refill (a JVM start that would compete with the sessions for the cores).
 """
 
 from __future__ import annotations
@@ -110,6 +114,35 @@ class WorkerPool:
         return True
 
     async def shutdown(self) -> None:
+        await self._close()
+        workers = self._ready + ([self._starting] if self._starting else [])
+        self._ready = []
+        await asyncio.gather(*(worker.stop() for worker in workers), return_exceptions=True)
+
+    async def detach(self) -> None:
+        """The service stops and keeps its workers: the ready ones run on for the next start to
+        ``adopt``; one still starting is stopped (it is only a refill)."""
+        await self._close()
+        starting, self._starting = self._starting, None
+        ready, self._ready = self._ready, []
+        await asyncio.gather(
+            *(worker.detach() for worker in ready), *([starting.stop(now=True)] if starting else []), return_exceptions=True
+        )
+
+    async def adopt(self, workers: list[WorkerProcess]) -> list[WorkerProcess]:
+        """Take back the warm workers an earlier run of the service left ready (adopted and attached
+        by the caller) up to the pool's size; returns those it does not want (to be stopped)."""
+        unwanted = []
+        for worker in workers:
+            if len(self._ready) < self.size and worker.ready.done() and not worker.ready.exception() and worker.poll() is None:
+                self._ready.append(worker)
+                worker.exited.add_done_callback(lambda _, worker=worker: self._forget(worker))
+                log.info("warm pool: worker %s (pid %s) adopted", worker.id, worker.pid)
+            else:
+                unwanted.append(worker)
+        return unwanted
+
+    async def _close(self) -> None:
         self._closed = True
         if self._task is not None:
             self._task.cancel()
@@ -117,9 +150,6 @@ class WorkerPool:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        workers = self._ready + ([self._starting] if self._starting else [])
-        self._ready = []
-        await asyncio.gather(*(worker.stop() for worker in workers), return_exceptions=True)
 
     # -- filling --------------------------------------------------------------------------
 

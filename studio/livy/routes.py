@@ -162,6 +162,18 @@ async def get_session(request: Request) -> Response:
     return JSONResponse(_session(request).to_json(_base_url(request)))
 
 
+async def describe_session(request: Request) -> Response:
+    """``GET /studio/sessions/{id}`` (an extension): the session's state, why it ended, and while it
+    is idle how long until it is stopped for that; also for a session no Livy route shows any more.
+    Like any request about a live session, it refreshes its heartbeat."""
+    manager = _sessions(request)
+    key = request.path_params["session_id"]
+    description = manager.describe(key)
+    if description.get("listed"):
+        manager.heartbeat(manager.get(key))
+    return JSONResponse(description)
+
+
 async def session_state(request: Request) -> Response:
     session = _session(request)
     return JSONResponse({"id": session.id, "state": session.state.value})
@@ -224,7 +236,8 @@ async def create_statement(request: Request) -> Response:
     session = _session(request)
     body = parse_body(CreateStatement, await read_body(request))
     manager = _sessions(request)
-    statement = manager.add_statement(session, body)
+    # An extension no Livy client sends: with it, a POST retried after a lost answer runs once.
+    statement = manager.add_statement(session, body, request.headers.get("idempotency-key"))
     stream = _stream_param(request)
     await manager.wait_statement(statement, _float_param(request, "wait"), stream)
     return JSONResponse(
@@ -333,6 +346,7 @@ ROUTES = [
     Route("/studio/status", status, methods=["GET"]),
     Route("/studio/whoami", whoami, methods=["GET"]),
     Route("/studio/sessions/check", check_session, methods=["POST"]),
+    Route("/studio/sessions/{session_id}", describe_session, methods=["GET"]),
     Route("/sessions", list_sessions, methods=["GET"]),
     Route("/sessions", create_session, methods=["POST"]),
     Route("/sessions/{session_id}", get_session, methods=["GET"]),

@@ -7,6 +7,14 @@ Activity is counted as Livy counts it: on create, statement submit, cancel, comp
 when a session goes from busy to idle; GETs do not count. With ``heartbeatTimeoutInSecond``
 any request about the session refreshes its heartbeat. Unlike Livy, a busy session is never
 stopped for being idle (a long cell is not inactivity).
+
+Sessions survive a restart of the service (Livy's recovery mode, always on): the store keeps
+each session and its statements (code, state, output, timings) and the process record of its
+worker, and workers outlive the service. A service that stops keeping its sessions lets go of them
+(``detach``); the next one takes them back (``restore``): it adopts every live worker, learns what it did
+meanwhile, and carries on with each statement where it was (a running one finishes and its
+output arrives, a waiting one runs). A session whose worker did not survive is dead, with the
+reason, and so are its unfinished statements: nothing accepted is ever silently missing.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 import time
 from collections import OrderedDict
@@ -52,7 +61,7 @@ from studio.livy.models import (
     view,
 )
 from studio.livy.pool import WorkerPool, available_memory_mb
-from studio.livy.workers import WorkerProcess, WorkerSpec, describe_exit
+from studio.livy.workers import WorkerProcess, WorkerSpec, describe_worker_exit
 from studio.store import Store
 
 log = logging.getLogger("studio.livy.sessions")
@@ -81,6 +90,7 @@ class Statement:
     stream_length: int = 0
     unstreamed: str | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) on new output or a final state
+    request_key: str | None = None  # the client's Idempotency-Key: a retried POST finds this statement
 
     def set_state(self, new: StatementState) -> None:
         check_transition(STATEMENT_TRANSITIONS, self.state, new, f"statement {self.id}")
@@ -91,7 +101,9 @@ class Statement:
             self.done.set()
             self._changed()
 
-    def add_output(self, text: str, unstreamed: str | None) -> None:
+    def add_output(self, text: str, unstreamed: str | None, replay: bool = False) -> None:
+        if replay:  # everything it printed so far, again (a worker that a restarted service attached)
+            self.stream, self.stream_length = [], 0
         if text:
             self.stream.append(text)
             self.stream_length += len(text)
@@ -161,6 +173,7 @@ class Session:
         self.stopped = asyncio.Event()  # set on reaching a final state (a DELETE waits for it)
         self.reason = ""
         self.sql_num_rows: int | None = None
+        self.resumed: set[int] = set()  # statements an earlier run of the service sent to the worker
 
     @property
     def active(self) -> bool:
@@ -179,6 +192,19 @@ class Session:
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
+
+    def idle_timeout_setting(self, default: float) -> tuple[float, str]:
+        """(seconds of inactivity after which it is stopped, 0 for never; where that comes from).
+
+        ``idleTimeout`` and ``ttl`` are both the session's own inactivity timeout, ``idleTimeout``
+        first: Livy's documentation of the session object calls ``ttl`` "the timeout for this inactive
+        session", and Livy 0.8 enforces it so; Livy 0.9 added ``idleTimeout`` for that and enforces ``ttl``
+        as a lifetime since start only with ``livy.server.session.ttl-check`` (off by default)."""
+        if self.idle_timeout is not None:
+            return self.idle_timeout, "its idleTimeout"
+        if self.ttl is not None:
+            return self.ttl, "its ttl"
+        return default, "STUDIO_SESSION_IDLE_TIMEOUT"
 
     def to_json(self, base_url: str) -> dict[str, Any]:
         body = self.body
@@ -383,14 +409,20 @@ class SessionManager:
     def _attach(self, session: Session, worker: WorkerProcess) -> None:
         session.worker = worker
         session.log = worker.log
+        worker.session_id = session.id
         worker.on_progress = lambda message: self._on_progress(session, message)
         worker.on_output = lambda message: self._on_output(session, message)
         worker.exited.add_done_callback(lambda fut: self._on_worker_exit(session, worker, fut.result()))
         self.store.update("sessions", session.id, log_path=str(worker.log.path))
+        self.store.update("workers", worker.id, session_id=session.id)  # a warm one's row exists already
 
     async def _start_cold(self, session: Session, worker: WorkerProcess) -> None:
+        await self._await_ready(session, worker, start=True)
+
+    async def _await_ready(self, session: Session, worker: WorkerProcess, start: bool) -> None:
         try:
-            await worker.start()
+            if start:
+                await worker.start()
             await worker.wait_ready()
         except (WorkerError, OSError) as exc:
             if session.state is SessionState.STARTING:
@@ -412,7 +444,14 @@ class SessionManager:
 
     # -- statements -----------------------------------------------------------------------
 
-    def add_statement(self, session: Session, body: CreateStatement) -> Statement:
+    def add_statement(self, session: Session, body: CreateStatement, request_key: str | None = None) -> Statement:
+        """Queue a statement. A ``request_key`` (the client's Idempotency-Key header) that this session
+        has seen gives back that statement instead: a client that lost the answer to its POST (the
+        service restarted meanwhile) sends it again without running the code twice."""
+        if request_key:
+            for known in reversed(session.statements.values()):
+                if known.request_key == request_key:
+                    return known
         if session.state is SessionState.STARTING:
             raise ConflictError(
                 f"Session {session.id} is starting; it accepts statements once its state is idle."
@@ -430,9 +469,13 @@ class SessionManager:
         kind = parse_kind(body.kind, statement=True) or (
             SessionKind.SQL if session.kind is SessionKind.SQL else SessionKind.PYSPARK
         )
-        statement = Statement(session.next_statement_id, body.code, kind)
+        statement = Statement(session.next_statement_id, body.code, kind, request_key=request_key or None)
         session.next_statement_id += 1
         session.statements[statement.id] = statement
+        # Recorded before the client hears of it: accepted means it survives a restart of the service.
+        self.store.add_statement(
+            session.id, statement.id, code=statement.code, kind=kind.value, state=statement.state.value, request_key=statement.request_key
+        )
         self._evict(session)
         session.touch()
         if session.state is SessionState.IDLE:
@@ -452,6 +495,7 @@ class SessionManager:
             statement = session.statements[sid]
             if statement.state.is_final and sid != keep:
                 del session.statements[sid]
+                self.store.forget_statements(session.id, sid)
                 if session.worker is not None:
                     session.worker.result_file(sid).unlink(missing_ok=True)
                 excess -= 1
@@ -491,32 +535,58 @@ class SessionManager:
                 return
 
     async def _run_statements(self, session: Session) -> None:
-        """Runs the session's statements one at a time, in order, like Livy's interpreter thread."""
+        """Runs the session's statements one at a time, in order, like Livy's interpreter thread.
+        A statement that an earlier run of the service sent (``resumed``) is not sent again: its
+        result is awaited."""
         while True:
             statement_id = await session.queue.get()
             statement = session.statements.get(statement_id)
             worker = session.worker
-            if statement is None or statement.state is not StatementState.WAITING or worker is None:
+            resumed = statement_id in session.resumed
+            session.resumed.discard(statement_id)
+            if statement is None or worker is None or not (statement.state is StatementState.WAITING or resumed):
                 self._maybe_idle(session)
                 continue
-            statement.set_state(StatementState.RUNNING)
-            statement.started = now_ms()
             try:
-                output = await worker.execute(
-                    statement.id, statement.code, statement.kind.value, session.sql_num_rows or self.settings.sql_num_rows
-                )
+                if resumed:
+                    output = await worker.result(statement.id)
+                else:
+                    statement.set_state(StatementState.RUNNING)
+                    statement.started = now_ms()
+                    # Recorded before it is sent: a restart in between finds it waiting (the worker never
+                    # had it) or running (the worker says so), never lost.
+                    self.store.update_statement(session.id, statement.id, state=statement.state.value, started=statement.started)
+                    output = await worker.execute(
+                        statement.id, statement.code, statement.kind.value, session.sql_num_rows or self.settings.sql_num_rows
+                    )
             except WorkerError as exc:
                 output = {"status": "error", "ename": "SessionWorkerDied", "evalue": exc.msg, "traceback": []}
             if not statement.state.is_final:
                 statement.output = {"status": output.get("status", "error"), "execution_count": statement.id, **output}
-                statement.output_size = len(json.dumps(statement.output, ensure_ascii=False, default=str))
                 statement.set_state(
                     StatementState.CANCELLED
                     if statement.state is StatementState.CANCELLING
                     else StatementState.AVAILABLE
                 )
+                self._record(session, statement)
                 self._evict(session, keep=statement.id)
+            worker.ack(statement.id)  # recorded: the worker may forget it
             self._maybe_idle(session)
+
+    def _record(self, session: Session, statement: Statement) -> None:
+        """Write a statement's state (and, once final, its output and what it printed) to the store."""
+        fields: dict[str, Any] = {"state": statement.state.value, "started": statement.started}
+        if statement.state.is_final:
+            text = json.dumps(statement.output, ensure_ascii=False, default=str) if statement.output is not None else None
+            statement.output_size = len(text or "")
+            fields.update(
+                output=text,
+                progress=statement.progress,
+                completed=statement.completed,
+                stream="".join(statement.stream) if statement.stream else None,
+                unstreamed=statement.unstreamed,
+            )
+        self.store.update_statement(session.id, statement.id, **fields)
 
     def _maybe_idle(self, session: Session) -> None:
         """busy -> idle once nothing runs or waits (Livy: idle only after the last statement)."""
@@ -530,7 +600,7 @@ class SessionManager:
     def _on_output(self, session: Session, message: dict[str, Any]) -> None:
         statement = session.statements.get(int(message.get("id", -1)))
         if statement is not None and not statement.state.is_final:
-            statement.add_output(str(message.get("text") or ""), message.get("unstreamed"))
+            statement.add_output(str(message.get("text") or ""), message.get("unstreamed"), bool(message.get("replay")))
 
     def _on_progress(self, session: Session, message: dict[str, Any]) -> None:
         statement = session.statements.get(int(message.get("id", -1)))
@@ -545,9 +615,11 @@ class SessionManager:
             return  # Livy answers "canceled" for finished and unknown statements too
         if statement.state is StatementState.WAITING:
             statement.set_state(StatementState.CANCELLED)
+            self._record(session, statement)
             self._maybe_idle(session)
             return
         statement.set_state(StatementState.CANCELLING)
+        self._record(session, statement)  # a restart meanwhile cancels it again
         if session.worker is not None:
             session.worker.cancel(statement.id)
         self._spawn(self._cancel_deadline(session, statement))
@@ -566,6 +638,7 @@ class SessionManager:
                 "traceback": [],
             }
             statement.set_state(StatementState.CANCELLED)
+            self._record(session, statement)
 
     async def complete(self, session: Session, body: CompletionRequest) -> list[str]:
         session.touch()
@@ -604,6 +677,7 @@ class SessionManager:
             if session.log is not None:
                 self.retained_logs.keep(session.id, session.log)
             session.statements.clear()  # outputs can be large, and no route reaches them any more
+            self.store.forget_statements(session.id)
 
     def driver_log(self, key: str) -> LogFile | None:
         """The log behind ``appInfo.driverLogUrl``: of a listed session, or of one DELETEd within
@@ -660,6 +734,7 @@ class SessionManager:
                 }
             if not statement.state.is_final:
                 statement.set_state(StatementState.CANCELLED)
+                self._record(session, statement)
         if session.runner is not None:
             session.runner.cancel()
         if session.worker is not None:  # Arrow results go with the session; the user's files stay
@@ -669,7 +744,7 @@ class SessionManager:
     def _on_worker_exit(self, session: Session, worker: WorkerProcess, code: int) -> None:
         if session.worker is not worker or not session.live:
             return  # we stopped it (or it was replaced)
-        reason = f"the session's worker {describe_exit(code)}"
+        reason = f"the session's worker {describe_worker_exit(code, worker.adopted)}"
         worker.log.append(f"session {session.id} is dead: {reason}")
         log.warning("session %d is dead: %s", session.id, reason)
         for statement in session.statements.values():
@@ -686,26 +761,212 @@ class SessionManager:
                     if statement.state is StatementState.CANCELLING
                     else StatementState.AVAILABLE
                 )
+                self._record(session, statement)
         self._finish(session, SessionState.DEAD, reason)
         self._spawn(worker.stop(now=True))  # reap what may be left of its process group
+
+    # -- restart --------------------------------------------------------------------------
+
+    async def restore(self, rows: list[dict[str, Any]], workers: dict[int, WorkerProcess]) -> list[WorkerProcess]:
+        """Carry on with the sessions an earlier run of the service left live (``rows``, from the
+        store) and their adopted ``workers`` (by session id). Every session comes back with its id,
+        name, owner, kind, settings and statements; one whose worker is gone or does not answer is
+        dead, with the reason. Returns the workers that belong to no live session (to be stopped)."""
+        sessions = []
+        for row in rows:
+            try:
+                sessions.append(self._revive(row))
+            except Exception:  # noqa: BLE001 - one unreadable record must not keep the others down
+                log.exception("session %s could not be restored", row.get("id"))
+                self.store.update("sessions", row["id"], state=SessionState.DEAD.value, ended_at=time.time(), reason="its record could not be read after a restart")
+        await asyncio.gather(*(self._resume(session, workers.pop(session.id, None)) for session in sessions))
+        self.store.forget_statements_of_ended_sessions()
+        if sessions:
+            log.info(
+                "restored %d session(s): %s",
+                len(sessions),
+                ", ".join(f"{s.id} ({s.state.value})" for s in sessions),
+            )
+        return list(workers.values())
+
+    def _revive(self, row: dict[str, Any]) -> Session:
+        """A Session object from its record and its statements' records (no worker yet)."""
+        body = CreateSession.model_validate(row["request"])
+        requested = sparkconf.requested_conf(body)
+        session = Session(int(row["id"]), body, SessionKind(row["kind"]), requested)
+        session.owner = row.get("owner")
+        session.app_id = row.get("app_id")
+        session.sql_num_rows = _int_conf(sparkconf.split_service_conf(requested)[1], "livy.rsc.sql.num-rows")
+        session.created_epoch = float(row["created_at"])
+        session.created = _monotonic(session.created_epoch)
+        if row.get("log_path"):
+            session.log = LogFile(Path(row["log_path"]))
+        last = session.created_epoch
+        for record in self.store.statements(session.id):
+            statement = Statement(
+                int(record["id"]),
+                record["code"],
+                SessionKind(record["kind"]),
+                state=StatementState(record["state"]),
+                output=json.loads(record["output"]) if record["output"] else None,
+                progress=float(record["progress"] or 0.0),
+                started=int(record["started"] or 0),
+                completed=int(record["completed"] or 0),
+                request_key=record["request_key"],
+            )
+            if record["stream"]:
+                statement.stream, statement.stream_length = [record["stream"]], len(record["stream"])
+            statement.unstreamed = record["unstreamed"]
+            statement.output_size = len(record["output"] or "")
+            if statement.state.is_final:
+                statement.done.set()
+            session.statements[statement.id] = statement
+            last = max(last, statement.started / 1000, statement.completed / 1000, float(record["created_at"]))
+        session.next_statement_id = max(session.statements, default=-1) + 1
+        session.last_activity = _monotonic(last)  # GETs never counted; statements did
+        self.sessions[session.id] = session
+        return session
+
+    async def _resume(self, session: Session, worker: WorkerProcess | None) -> None:
+        if worker is None:
+            self._lost(session, "its worker ended while the service was not running")
+            return
+        self._attach(session, worker)
+        try:
+            state = await worker.attach()
+        except WorkerError as exc:
+            log.warning("session %d: %s", session.id, exc.msg)
+            self._lost(session, "its worker did not answer after the service restarted")
+            await worker.kill()
+            return
+        self._reconcile(session, worker, state)
+        session.runner = asyncio.create_task(self._run_statements(session), name=f"session-{session.id}")
+        if worker.ready.done() and worker.ready.exception() is None:
+            session.app_id = worker.info.get("app_id")
+            session.spark_ui_url = worker.info.get("spark_ui_url")
+            busy = any(not s.state.is_final for s in session.statements.values())
+            session.state = SessionState.BUSY if busy else SessionState.IDLE
+            self.store.update("sessions", session.id, state=session.state.value, app_id=session.app_id)
+        elif not worker.ready.done():  # a cold worker that was still starting: wait on
+            self._spawn(self._await_ready(session, worker, start=False))
+        worker.log.append(f"session {session.id} carried on by a restarted service (pid {os.getpid()})")
+
+    def _reconcile(self, session: Session, worker: WorkerProcess, state: dict[str, Any]) -> None:
+        """Line up the recorded statements with what the worker says it has (see protocol ``attached``)."""
+        known = {int(k): v for k, v in (state.get("statements") or {}).items()}
+        last_id = int(state.get("last_id", -1))
+        queue: list[int] = []
+        for statement in session.statements.values():
+            if statement.state.is_final:
+                continue
+            if statement.id in known:
+                # The worker has it (queued, running or done): its result comes; it is not sent again.
+                if statement.state is StatementState.WAITING:
+                    statement.state = StatementState.RUNNING  # sent just before the restart; not yet recorded so
+                    statement.started = statement.started or now_ms()
+                session.resumed.add(statement.id)
+                queue.append(statement.id)
+                if statement.state is StatementState.CANCELLING:
+                    worker.cancel(statement.id)
+            elif statement.id > last_id:
+                # The worker never had it: it runs now (or stays cancelled if that was asked).
+                if statement.state is StatementState.CANCELLING:
+                    statement.state = StatementState.CANCELLED
+                    statement.completed = now_ms()
+                    statement.done.set()
+                else:
+                    statement.state = StatementState.WAITING
+                    statement.started = 0
+                    queue.append(statement.id)
+                self._record(session, statement)
+            else:
+                # The worker ran it and forgot it, which it does only once its result was recorded: the
+                # record did not survive (a lost write). Say so rather than show it running for ever.
+                statement.output = _error(
+                    statement.id, "StatementLost", "the service restarted and this statement's result was not kept; run it again"
+                )
+                statement.state = StatementState.AVAILABLE
+                statement.completed = now_ms()
+                statement.done.set()
+                self._record(session, statement)
+        for sid in known:
+            if sid not in session.resumed:
+                worker.ack(sid)  # recorded already (a replay of a result whose acknowledgement was lost)
+        for sid in sorted(queue):
+            session.queue.put_nowait(sid)
+
+    def _lost(self, session: Session, reason: str) -> None:
+        """The session's worker is gone across a restart: the session is dead, and every statement
+        it had not finished is failed with the reason (none is left looking alive)."""
+        for statement in session.statements.values():
+            if statement.state.is_final:
+                continue
+            ran = statement.state in (StatementState.RUNNING, StatementState.CANCELLING)
+            statement.output = _error(
+                statement.id, "SessionWorkerDied", f"{reason}; this statement {'did not finish' if ran else 'never ran'}"
+            )
+            statement.state = StatementState.AVAILABLE if ran else StatementState.CANCELLED
+            statement.completed = now_ms()
+            statement.done.set()
+            self._record(session, statement)
+        if session.log is not None:
+            session.log.append(f"session {session.id} is dead: {reason}")
+        log.warning("session %d is dead: %s", session.id, reason)
+        self._finish(session, SessionState.DEAD, reason)
+
+    async def detach(self) -> None:
+        """The service stops and keeps its sessions: let go of every worker and leave it running, with
+        every record as it is, for the next start to ``restore`` (nothing is marked ended)."""
+        for task in list(self._background):
+            task.cancel()
+        runners = [s.runner for s in self.sessions.values() if s.runner is not None]
+        for runner in runners:
+            runner.cancel()
+        await asyncio.gather(*runners, return_exceptions=True)
+        await asyncio.gather(
+            *(s.worker.detach() for s in self.sessions.values() if s.worker is not None and not s.state.is_final),
+            return_exceptions=True,
+        )
+
+    def describe(self, key: str) -> dict[str, Any]:
+        """Spark Studio's view of a session (``GET /studio/sessions/{id}``): its state and, once it
+        ended, why; while it is idle, how long until it is stopped for that. Also for a session that
+        no Livy route shows any more (DELETEd, retention over, before a restart), from its record."""
+        try:
+            session = self.get(key)
+        except NotFoundError:
+            row = self.store.get("sessions", int(key)) if key.isdigit() else None
+            if row is None:
+                raise
+            return {
+                "id": row["id"], "name": row["name"], "owner": row["owner"], "state": row["state"],
+                "reason": row["reason"], "endedAt": row["ended_at"], "listed": False,
+            }  # fmt: skip
+        now = time.monotonic()
+        idle_timeout, source = session.idle_timeout_setting(self.settings.session_idle_timeout)
+        idle = now - session.last_activity if session.state is SessionState.IDLE else 0.0
+        return {
+            "id": session.id,
+            "name": session.name,
+            "owner": session.owner,
+            "state": session.state.value,
+            "reason": session.reason or None,
+            "endedAt": time.time() - (now - session.ended) if session.ended is not None else None,
+            "listed": True,
+            "idleSeconds": round(idle, 1),
+            "idleTimeout": idle_timeout or None,
+            "idleTimeoutSource": source,
+            "stopsInSeconds": round(max(0.0, idle_timeout - idle), 1) if idle_timeout and session.state is SessionState.IDLE else None,
+            "heartbeatTimeout": session.heartbeat_timeout or None,
+        }
 
     # -- culling --------------------------------------------------------------------------
 
     def expiry_reason(self, session: Session, now: float) -> str | None:
-        """Why a live session should be stopped now, or None (named predicates, as jupyter_server culls).
-
-        ``idleTimeout`` and ``ttl`` are both the session's own inactivity timeout, ``idleTimeout``
-        first: Livy's documentation of the session object calls ``ttl`` "the timeout for this inactive
-        session", and Livy 0.8 enforces it so; Livy 0.9 added ``idleTimeout`` for that and enforces ``ttl`` as a
-        lifetime since start only with ``livy.server.session.ttl-check`` (off by default)."""
+        """Why a live session should be stopped now, or None (named predicates, as jupyter_server culls)."""
         if session.heartbeat_timeout and now - session.last_heartbeat > session.heartbeat_timeout:
             return f"no heartbeat for {now - session.last_heartbeat:.0f}s (heartbeatTimeoutInSecond={session.heartbeat_timeout:g})"
-        if session.idle_timeout is not None:
-            idle_timeout, source = session.idle_timeout, "its idleTimeout"
-        elif session.ttl is not None:
-            idle_timeout, source = session.ttl, "its ttl"
-        else:
-            idle_timeout, source = self.settings.session_idle_timeout, "STUDIO_SESSION_IDLE_TIMEOUT"
+        idle_timeout, source = session.idle_timeout_setting(self.settings.session_idle_timeout)
         if session.state is SessionState.IDLE and idle_timeout and now - session.last_activity > idle_timeout:
             return f"it was inactive for {now - session.last_activity:.0f}s ({source} is {idle_timeout:g}s)"
         return None
@@ -723,6 +984,7 @@ class SessionManager:
                         self._spawn(self._complete_stop(session, SessionState.DEAD, reason))
                 elif session.ended is not None and now - session.ended > self.settings.session_state_retain:
                     self.sessions.pop(session.id, None)
+                    self.store.forget_statements(session.id)
             except Exception:  # noqa: BLE001 - one session's failure must not stop the culler
                 log.exception("culling session %d failed", session.id)
         self.retained_logs.cull(self.settings.session_state_retain)
@@ -739,6 +1001,15 @@ class SessionManager:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _monotonic(epoch: float) -> float:
+    """The monotonic clock's reading at wall-clock time ``epoch`` (for times kept across restarts)."""
+    return time.monotonic() - max(0.0, time.time() - epoch)
+
+
+def _error(statement_id: int, ename: str, evalue: str) -> dict[str, Any]:
+    return {"status": "error", "execution_count": statement_id, "ename": ename, "evalue": evalue, "traceback": []}
 
 
 def _int_conf(conf: dict[str, str], key: str) -> int | None:

@@ -1,10 +1,11 @@
 """The session worker: one Python interpreter with one SparkSession, driven by the service.
 
-Started as ``python -m studio.worker --fd N`` with a Unix socket inherited from the service
-(see ``protocol.py``). Statements run on the main thread, so a SIGINT aimed at that thread
-interrupts driver-side Python (``time.sleep``, a pandas loop); a reader thread receives
-``cancel`` and ``complete`` while a statement runs. stdout/stderr of the process are the
-session's log: the service sends them to a file.
+Started as ``python -m studio.worker --listen-fd N`` with a listening Unix socket inherited from
+the service (see ``protocol.py``): the worker outlives the service that started it and accepts
+the next one, which finds it again after a restart. Statements run on the main thread, so a
+SIGINT aimed at that thread interrupts driver-side Python (``time.sleep``, a pandas loop); a
+reader thread receives ``cancel`` and ``complete`` while a statement runs. stdout/stderr of the
+process are the session's log: the service sends them to a file.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ import queue
 import shlex
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
 import types
 import warnings
 from pathlib import Path
-from typing import Any, BinaryIO
+from collections import OrderedDict
+from typing import Any, Callable
 
 from studio.worker import lean, protocol
 from studio.worker.helpers import StudioHelpers, completions, inspection
@@ -41,37 +44,144 @@ def log(message: str) -> None:
     sys.__stderr__.flush()
 
 
-class Connection:
-    """The worker's end of the socket: blocking reads on one thread, locked writes from any."""
+class Link:
+    """The worker's end of its connection to a service, which may go and come back.
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.reader: BinaryIO = sock.makefile("rb")
+    One thread accepts services on the inherited listening socket (a new one replaces the old);
+    one reads each connection and hands its messages to ``on_message`` in order. ``send`` says
+    False when no service is there: what must not be lost is kept by the worker and said again on
+    ``attach``; the rest (progress) may go. A worker left alone for ``orphan_timeout`` seconds
+    (its service never came back) calls ``on_orphaned``.
+    """
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        on_message: Callable[[dict[str, Any]], None],
+        orphan_timeout: float,
+        on_orphaned: Callable[[], None],
+    ) -> None:
+        self._listener = listener
+        self._on_message = on_message
+        self._orphan_timeout = orphan_timeout
+        self._on_orphaned = on_orphaned
         self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._alone_since = time.monotonic()
 
-    def send(self, message: dict[str, Any]) -> None:
+    def start(self) -> None:
+        threading.Thread(target=self._accept, name="studio-accept", daemon=True).start()
+        threading.Thread(target=self._watch, name="studio-orphan-watch", daemon=True).start()
+
+    def send(self, message: dict[str, Any]) -> bool:
         data = protocol.encode(message)
         with self._lock:
-            self.sock.sendall(data)
+            sock = self._sock
+            if sock is None:
+                return False
+            try:
+                sock.sendall(data)
+                return True
+            except OSError:
+                self._drop(sock)
+                return False
 
-    def receive(self) -> dict[str, Any] | None:
-        line = self.reader.readline(protocol.MAX_LINE_BYTES)
-        if not line:
-            return None
-        return protocol.decode(line)
+    def _drop(self, sock: socket.socket) -> None:
+        """Forget a connection that ended (call with the lock held)."""
+        if self._sock is sock:
+            self._sock = None
+            self._alone_since = time.monotonic()
+            log("the service disconnected; running on, waiting for it to come back")
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _accept(self) -> None:
+        creds = struct.Struct("3i")  # struct ucred: pid, uid, gid
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError as exc:
+                log(f"accepting a service failed: {exc}")
+                time.sleep(0.5)
+                continue
+            try:
+                _, uid, _ = creds.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, creds.size))
+            except OSError:
+                uid = -1
+            if uid != os.getuid():  # the socket is 0600 in a 0700 folder; this is belt and braces
+                sock.close()
+                continue
+            with self._lock:
+                old, self._sock = self._sock, sock
+            if old is not None:
+                log("another service connected; it replaces the previous one")
+                with self._lock:
+                    self._drop(old)
+            threading.Thread(target=self._read, args=(sock,), name="studio-reader", daemon=True).start()
+
+    def _read(self, sock: socket.socket) -> None:
+        reader = sock.makefile("rb")
+        while True:
+            try:
+                line = reader.readline(protocol.MAX_LINE_BYTES)
+            except (OSError, ValueError):
+                line = b""
+            if not line:
+                break
+            try:
+                message = protocol.decode(line)
+            except ValueError as exc:
+                log(f"bad message from the service: {exc}")
+                continue
+            self._on_message(message)
+        with self._lock:
+            self._drop(sock)
+        sock.close()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, max(0.05, self._orphan_timeout / 4)))
+            with self._lock:
+                alone = self._sock is None and time.monotonic() - self._alone_since > self._orphan_timeout
+            if alone:
+                log(f"no service for {self._orphan_timeout:g}s (STUDIO_WORKER_ORPHAN_TIMEOUT); stopping")
+                self._on_orphaned()
+                return
 
 
 class Worker:
-    """Creates the SparkSession from the ``start`` message, then serves statements."""
+    """Creates the SparkSession from the ``start`` message, then serves statements.
 
-    def __init__(self, conn: Connection, config: dict[str, Any]) -> None:
-        self.conn = conn
-        self.config = config
+    What a service must not miss is kept under ``lock`` until it is acknowledged: the ready (or
+    failed) message, the statements received and not yet forgotten, each finished one's result
+    and printed text; ``attach`` says it all again to a service that reconnects."""
+
+    def __init__(self, listener: socket.socket, orphan_timeout: float) -> None:
+        self.config: dict[str, Any] = {}
+        self.started = threading.Event()  # the start message arrived
         self.queue: queue.Queue[dict[str, Any]] = queue.Queue()
         self.main_thread = threading.main_thread().ident
         self.current: int | None = None  # statement running on the main thread
         self.cancel_target: int | None = None
         self.in_user_code = False
+        self.lock = threading.RLock()
+        self.ready_message: dict[str, Any] | None = None
+        self.failed_message: str | None = None
+        self.session: int | None = None  # the session it was handed to, if any
+        self.last_id = -1  # the highest statement id the service ever sent
+        self.statements: dict[int, str] = {}  # id -> queued | running | done, until acknowledged
+        self.unacked: OrderedDict[int, dict[str, Any]] = OrderedDict()  # id -> result, stream, unstreamed
+        self.output: OutputStream | None = None
+        self.link = Link(listener, self._on_message, orphan_timeout, self._orphaned)
+
+    def send(self, message: dict[str, Any]) -> bool:
+        return self.link.send(message)
+
+    def wait_start(self) -> dict[str, Any]:
+        self.started.wait()
+        return self.config
 
     # -- start ------------------------------------------------------------------------------
 
@@ -110,23 +220,24 @@ class Worker:
         )
         if config.get("warmup"):
             self._warm_up(float(config.get("warmup_seconds", 10.0)))
-        self.progress = ProgressReporter(self.sc, self.conn.send)
-        self.output = OutputStream(self.conn.send, self.repl.max_output_bytes)
+        self.progress = ProgressReporter(self.sc, self.send)
+        self.output = OutputStream(self.send, self.repl.max_output_bytes, lock=self.lock)
         jvm = getattr(self.sc._gateway, "proc", None)
         self.jvm = jvm
         seconds = time.monotonic() - started
         log(f"SparkSession ready in {seconds:.1f}s: app {self.sc.applicationId}, UI {self.sc.uiWebUrl}")
-        self.conn.send(
-            {
-                "op": "ready",
-                "app_id": self.sc.applicationId,
-                "spark_ui_url": self.sc.uiWebUrl,
-                "spark_version": self.spark.version,
-                "jvm_pid": jvm.pid if jvm is not None else None,
-                "python_pid": os.getpid(),
-                "startup_seconds": seconds,
-            }
-        )
+        ready = {
+            "op": "ready",
+            "app_id": self.sc.applicationId,
+            "spark_ui_url": self.sc.uiWebUrl,
+            "spark_version": self.spark.version,
+            "jvm_pid": jvm.pid if jvm is not None else None,
+            "python_pid": os.getpid(),
+            "startup_seconds": seconds,
+        }
+        with self.lock:
+            self.ready_message = ready
+            self.send(ready)
 
     def _warm_up(self, budget: float) -> None:
         """Run small jobs until the JIT has compiled the job path (or the budget is spent).
@@ -150,7 +261,6 @@ class Worker:
     # -- threads ----------------------------------------------------------------------------
 
     def serve(self) -> None:
-        threading.Thread(target=self._read_loop, name="studio-reader", daemon=True).start()
         if self.jvm is not None:
             threading.Thread(target=self._watch_jvm, name="studio-jvm-watch", daemon=True).start()
         while True:
@@ -163,35 +273,87 @@ class Worker:
             elif op == "shutdown":
                 self._shutdown()
 
-    def _read_loop(self) -> None:
-        while True:
-            try:
-                message = self.conn.receive()
-            except (OSError, ValueError) as exc:
-                log(f"bad message from the service: {exc}")
-                message = None
-            if message is None:
-                log("the service closed the connection; stopping")
-                self.queue.put({"op": "shutdown"})
-                # Code that never returns must not keep the worker alive without its service.
-                time.sleep(float(self.config.get("stop_timeout", 5.0)))
-                os._exit(0)
-            op = message["op"]
-            if op == "cancel":
-                self._cancel(int(message["id"]))
-            elif op == "complete":
-                candidates = completions(self.namespace, message.get("code", ""), int(message.get("cursor", 0)))
-                self.conn.send({"op": "completion", "req": message["req"], "candidates": candidates})
-            elif op == "inspect":
-                found = inspection(
-                    self.namespace, message.get("code", ""), int(message.get("cursor", 0)), int(message.get("detail_level", 0))
-                )
-                self.conn.send({"op": "inspection", "req": message["req"], **found})
-            else:
-                if op == "shutdown" and self.current is not None:
-                    # The main thread runs a statement: cancel it, or the shutdown waits behind it.
-                    self._cancel(self.current)
-                self.queue.put(message)
+    def _on_message(self, message: dict[str, Any]) -> None:
+        """A message from the service, on the connection's reader thread (in order)."""
+        try:
+            self._handle(message)
+        except Exception as exc:  # noqa: BLE001 - the reader must live on: it is the worker's only ear
+            log(f"handling {message.get('op')!r} failed: {type(exc).__name__}: {exc}")
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        op = message["op"]
+        if op == "start":
+            if not self.started.is_set():
+                self.config = message
+                self.started.set()
+        elif op == "attach":
+            self._attach()
+        elif op == "ack":
+            with self.lock:
+                sid = int(message["id"])
+                self.unacked.pop(sid, None)
+                if self.statements.get(sid) == "done":
+                    del self.statements[sid]
+        elif op == "cancel":
+            self._cancel(int(message["id"]))
+        elif op in ("complete", "inspect") and not hasattr(self, "namespace"):
+            reply = {"op": "completion", "candidates": []} if op == "complete" else {"op": "inspection", "found": False, "data": {}}
+            self.send({**reply, "req": message["req"]})
+        elif op == "complete":
+            candidates = completions(self.namespace, message.get("code", ""), int(message.get("cursor", 0)))
+            self.send({"op": "completion", "req": message["req"], "candidates": candidates})
+        elif op == "inspect":
+            found = inspection(
+                self.namespace, message.get("code", ""), int(message.get("cursor", 0)), int(message.get("detail_level", 0))
+            )
+            self.send({"op": "inspection", "req": message["req"], **found})
+        else:
+            if op == "execute":
+                with self.lock:
+                    sid = int(message["id"])
+                    self.last_id = max(self.last_id, sid)
+                    self.statements[sid] = "queued"
+            if op == "shutdown" and self.current is not None:
+                # The main thread runs a statement: cancel it, or the shutdown waits behind it.
+                self._cancel(self.current)
+            self.queue.put(message)
+
+    def _attach(self) -> None:
+        """A service found this worker again: its state, then what it may have missed, in order.
+        Nothing else is sent meanwhile (the lock), so no chunk or result lands in between."""
+        with self.lock:
+            self.send(
+                {
+                    "op": "attached",
+                    "pid": os.getpid(),
+                    "started": self.started.is_set(),
+                    "ready": self.ready_message,
+                    "failed": self.failed_message,
+                    "session": self.session,
+                    "last_id": self.last_id,
+                    "statements": {str(k): v for k, v in self.statements.items()},
+                }
+            )
+            for sid, kept in self.unacked.items():
+                if kept["stream"] or kept["unstreamed"] is not None:
+                    self.send(
+                        {"op": "output", "id": sid, "text": kept["stream"], "unstreamed": kept["unstreamed"], "replay": True}
+                    )
+                self.send(kept["result"])
+            if self.output is not None:
+                running, text = self.output.sent()
+                if running is not None:
+                    self.send({"op": "output", "id": running, "text": text, "replay": True})
+        log("a service attached")
+
+    def _orphaned(self) -> None:
+        """No service came back in time: stop as a shutdown would, whatever the user's code does."""
+        if self.current is not None:
+            self._cancel(self.current)
+        self.queue.put({"op": "shutdown"})
+        # Code that never returns must not keep the worker alive without its service.
+        time.sleep(float(self.config.get("stop_timeout", 5.0)))
+        os._exit(0)
 
     def _watch_jvm(self) -> None:
         while True:
@@ -204,9 +366,12 @@ class Worker:
     # -- operations -------------------------------------------------------------------------
 
     def _execute(self, message: dict[str, Any]) -> None:
+        assert self.output is not None
         statement_id = int(message["id"])
         code = message["code"]
-        self.current = statement_id
+        with self.lock:
+            self.statements[statement_id] = "running"
+            self.current = statement_id
         output: dict[str, Any]
         try:
             first_line = code.strip().splitlines()[0][:120] if code.strip() else ""
@@ -225,12 +390,16 @@ class Worker:
             output = error(type(exc).__name__, str(exc), [])
         finally:
             self.in_user_code = False
-            self.current = None
             self.cancel_target = None
             self.progress.end()
+        result = {"op": "result", "id": statement_id, "output": output}
+        with self.lock:
+            self.current = None
             # What it printed, before its result: the service has the whole stream once the result is in.
-            self.output.end(self.repl.unstreamed if message.get("kind") != "sql" else "")
-        self.conn.send({"op": "result", "id": statement_id, "output": output})
+            stream, unstreamed = self.output.end(self.repl.unstreamed if message.get("kind") != "sql" else "")
+            self.statements[statement_id] = "done"
+            self.unacked[statement_id] = {"result": result, "stream": stream, "unstreamed": unstreamed}
+            self.send(result)
 
     def _activate(self, message: dict[str, Any]) -> None:
         conf: dict[str, str] = message.get("conf", {})
@@ -240,11 +409,12 @@ class Worker:
                 for key, value in conf.items():
                     self.spark.conf.set(key, value)
         except Exception as exc:  # noqa: BLE001 - an invalid value is the caller's error
-            self.conn.send({"op": "activated", "ok": False, "static": [], "error": str(exc)})
+            self.send({"op": "activated", "ok": False, "static": [], "error": str(exc)})
             return
-        if message.get("session") is not None:
+        if message.get("session") is not None and not static:
+            self.session = int(message["session"])
             log(f"handed to session {message['session']}")
-        self.conn.send({"op": "activated", "ok": not static, "static": static, "error": None})
+        self.send({"op": "activated", "ok": not static, "static": static, "error": None})
 
     def _shutdown(self) -> None:
         log("stopping Spark")
@@ -296,19 +466,19 @@ class Worker:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m studio.worker")
-    parser.add_argument("--fd", type=int, required=True, help="inherited socket to the service")
+    parser.add_argument("--listen-fd", type=int, required=True, help="inherited listening socket for the service")
+    parser.add_argument(
+        "--orphan-timeout", type=float, default=600.0, help="seconds without a service before the worker stops itself"
+    )
     args = parser.parse_args(argv)
     # The process's own streams are the session log: text a cell writes there directly (sys.__stdout__,
     # a logging handler made before the cell) must not fail on what UTF-8 cannot hold.
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
-    sock = socket.socket(fileno=args.fd)
-    conn = Connection(sock)
-    config = conn.receive()
-    if config is None or config.get("op") != "start":
-        log("no start message from the service")
-        return 2
-    worker = Worker(conn, config)
+    listener = socket.socket(fileno=args.listen_fd)
+    worker = Worker(listener, args.orphan_timeout)
+    worker.link.start()
+    worker.wait_start()
     try:
         worker.start_spark()
     except BaseException as exc:  # noqa: BLE001 - report any start failure, then exit
@@ -317,10 +487,9 @@ def main(argv: list[str] | None = None) -> int:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         sys.__stderr__.write(text)
         log(f"the SparkSession could not be created: {type(exc).__name__}: {exc}")
-        try:
-            conn.send({"op": "failed", "message": f"{type(exc).__name__}: {exc}"})
-        except OSError:
-            pass
+        with worker.lock:
+            worker.failed_message = f"{type(exc).__name__}: {exc}"
+            worker.send({"op": "failed", "message": worker.failed_message})
         sys.__stderr__.flush()
         os._exit(2)
     worker.serve()

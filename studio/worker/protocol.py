@@ -1,13 +1,22 @@
 """Messages between the session service and a session worker.
 
-One JSON object per line over a Unix socket pair that the service creates and the worker
-inherits (``--fd N``). Every message has an ``op``:
+One JSON object per line over a Unix socket. The worker outlives the service that started it:
+the service binds ``worker.sock`` in the worker's private work folder (0600 in a 0700 folder)
+and the worker inherits the listening socket (``--listen-fd N``) and accepts on it for life, one
+service at a time (a new connection replaces the old; peers of another user are refused). So a
+service that restarts connects again and carries on (``attach``). While no service is connected
+the worker keeps running its statement and keeps what the service must not miss (results until
+they are acknowledged, what the running statement printed); after ``--orphan-timeout`` seconds
+alone it stops itself. Every message has an ``op``:
 
 service → worker
     ``start``     {master, conf, app_name, warmup, warmup_seconds, log_level, max_output_bytes, cancel_timeout, stop_timeout}
-                  (first message; the worker creates its SparkSession from it)
-    ``activate``  {conf}: apply runtime SQL conf when a warm worker is handed to a session
+                  (first message to a new worker; it creates its SparkSession from it)
+    ``attach``    {}: first message of a service that finds a running worker again; answered by
+                  ``attached``, then the replays (below)
+    ``activate``  {conf, session}: apply runtime SQL conf when a warm worker is handed to a session
     ``execute``   {id, code, kind, max_rows}: run one statement (kind "pyspark" or "sql")
+    ``ack``       {id}: the service has recorded statement ``id``'s result; the worker forgets it
     ``cancel``    {id}: stop that statement's Spark jobs and interrupt its Python code
     ``complete``  {req, code, cursor}: completion candidates for the text before ``cursor``
     ``inspect``   {req, code, cursor, detail_level}: type, signature and docstring at ``cursor``
@@ -18,26 +27,57 @@ worker → service
     ``failed``     {message}: the SparkSession could not be created; the worker exits next
     ``activated``  {ok, static: [keys that need their own JVM], error}
     ``progress``   {id, progress, jobs: [...]}: live Spark progress of the running statement
-    ``output``     {id, text[, unstreamed]}: what the running statement printed since the last one
-                   (stdout and stderr as written, in order); the last, sent just before ``result``
+    ``output``     {id, text[, unstreamed][, replay]}: what the running statement printed since the last
+                   one (stdout and stderr as written, in order); the last, sent just before ``result``
                    and only if anything was printed, carries ``unstreamed``: the output's text/plain
-                   that is not in the stream (a magic's own text)
+                   that is not in the stream (a magic's own text). ``replay``: ``text`` is everything
+                   the statement printed so far (after an ``attach``), replacing what the service has
     ``result``     {id, output}: output is Livy's statement output without ``execution_count``
+    ``attached``   {pid, started, ready: <the ready message> | null, failed, session, last_id,
+                   statements: {id: "queued" | "running" | "done"}}: the worker's state for a service
+                   that attached; ``last_id`` is the highest statement id it was ever sent (-1: none),
+                   ``statements`` those it has not forgotten. Then, in order, each "done" statement's
+                   ``output`` (replay) and ``result``, and the running one's ``output`` (replay)
     ``completion`` {req, candidates}
     ``inspection`` {req, found, data}
 
+A result can arrive twice (a replay races the original); the service records the first.
 Lines can be large (images, SQL results), so readers must allow long lines.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Any
+import os
+from pathlib import Path
+from typing import Any, Iterator
 
 MAX_LINE_BYTES = 1024 * 1024 * 1024
 
 # Folder in the worker's working directory for Arrow results that the service streams to clients.
 RESULTS_DIR = ".studio-results"
+
+# The worker's listening socket, in its working directory.
+SOCKET_NAME = "worker.sock"
+
+_MAX_UNIX_PATH = 100  # sun_path holds 108 bytes with its NUL; keep a margin
+
+
+@contextlib.contextmanager
+def socket_address(folder: Path) -> Iterator[str]:
+    """An address for ``folder``/worker.sock that bind() and connect() accept: state folders can be
+    deeper than a Unix socket path may be long, so a long one goes through a descriptor of the
+    folder (``/proc/self/fd/N/worker.sock``), held open while the address is in use."""
+    path = str(folder / SOCKET_NAME)
+    if len(path.encode()) <= _MAX_UNIX_PATH:
+        yield path
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{SOCKET_NAME}"
+    finally:
+        os.close(fd)
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -6,6 +6,10 @@ Writes land in a buffer; one thread sends what has gathered every ``interval`` s
 loop that prints a million lines costs a few messages a second, and a trivial statement costs
 nothing until it ends: ``end`` sends what is left with the statement's other text
 (``unstreamed``) just before its result.
+
+What was sent is also kept (at most ``limit_bytes``, the statement's output limit) until the
+statement ends: a service that reconnects after a restart has lost what it was sent, and gets
+it again in one piece (``sent``; the worker's ``attach``).
 """
 
 from __future__ import annotations
@@ -17,12 +21,20 @@ from typing import Any, Callable
 
 
 class OutputStream:
-    def __init__(self, send: Callable[[dict[str, Any]], None], limit_bytes: int, interval: float = 0.05) -> None:
+    def __init__(
+        self,
+        send: Callable[[dict[str, Any]], Any],
+        limit_bytes: int,
+        interval: float = 0.05,
+        lock: threading.RLock | None = None,
+    ) -> None:
         self._send = send
         self._limit = limit_bytes
         self._interval = interval
-        self._lock = threading.Condition()
+        # ``lock`` is the worker's: holding it, nothing is sent, so a replay cannot interleave with a chunk.
+        self._lock = threading.Condition(lock or threading.RLock())
         self._statement: int | None = None
+        self._kept: list[str] = []
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._sent_bytes = 0
@@ -36,6 +48,7 @@ class OutputStream:
         with self._lock:
             self._statement = statement_id
             self._pending, self._pending_bytes, self._sent_bytes = [], 0, 0
+            self._kept = []
             self._sent_any = self._cut = self._noted = False
             self._decoder.reset()
             self._lock.notify()
@@ -53,14 +66,24 @@ class OutputStream:
                 self._pending.append(bytes(data))
                 self._pending_bytes += len(data)
 
-    def end(self, unstreamed: str) -> None:
+    def end(self, unstreamed: str) -> tuple[str, str | None]:
         """The statement is over: send what is left, and the output's text that is not in the stream
-        (a magic's own text) — only if anything was streamed, so a quiet statement sends nothing."""
+        (a magic's own text) — only if anything was streamed, so a quiet statement sends nothing.
+        Returns everything it streamed and the ``unstreamed`` it sent (None: it sent nothing)."""
         with self._lock:
             statement, self._statement = self._statement, None
             text = self._take()
+            sent_unstreamed = None
             if statement is not None and (text or self._sent_any):
                 self._send({"op": "output", "id": statement, "text": text, "unstreamed": unstreamed})
+                sent_unstreamed = unstreamed
+            kept, self._kept = "".join(self._kept), []
+            return kept, sent_unstreamed
+
+    def sent(self) -> tuple[int | None, str]:
+        """The running statement and what it streamed so far (call with the worker's lock held)."""
+        with self._lock:
+            return self._statement, "".join(self._kept)
 
     def _take(self) -> str:
         """The pending bytes as text (call with the lock held)."""
@@ -73,6 +96,7 @@ class OutputStream:
             self._noted = True
         if text:
             self._sent_any = True
+            self._kept.append(text)
         return text
 
     def _run(self) -> None:

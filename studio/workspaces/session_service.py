@@ -57,6 +57,8 @@ class EmbeddedSessionService:
             args += ["--pool", str(self.pool_size)]
         if self.settings.insecure_no_auth:
             args.append("--insecure-no-auth")
+        if self.settings.stop_sessions_on_exit:
+            args.append("--stop-sessions-on-exit")
         return args
 
     async def start(self, timeout: float = 120.0) -> str:
@@ -84,7 +86,8 @@ class EmbeddedSessionService:
         return None if self._launcher is None else self._launcher.poll()
 
     async def stop(self, timeout: float = 90.0) -> ShutdownStep | None:
-        """SIGTERM (it stops its sessions and workers), then SIGKILL to its group if it hangs."""
+        """SIGTERM, then SIGKILL to its group if it hangs. Its sessions keep running for the next start
+        on the same state folder (unless ``stop_sessions_on_exit``): a restart of the Studio keeps them."""
         if self._launcher is None:
             return None
         step = await self._launcher.stop(timeout=timeout)

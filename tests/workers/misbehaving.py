@@ -24,10 +24,12 @@ from studio.worker import protocol
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--listen-fd", type=int, required=True)
+    parser.add_argument("--orphan-timeout", type=float)
     args = parser.parse_args()
     mode = os.environ.get("STUDIO_TEST_WORKER", "never-ready")
-    sock = socket.socket(fileno=args.fd)
+    # Only the first service is served: these workers are for faults, not for restarts.
+    sock, _ = socket.socket(fileno=args.listen_fd).accept()
     reader = sock.makefile("rb")
     start = protocol.decode(reader.readline())
     assert start["op"] == "start"

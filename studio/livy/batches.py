@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import re
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +24,7 @@ from studio.livy import sparkconf
 from studio.livy.logs import LogFile, RetainedLogs
 from studio.livy.models import BATCH_TRANSITIONS, CreateBatch, SessionState, check_transition, view
 from studio.livy.pool import available_memory_mb
-from studio.livy.workers import describe_exit
+from studio.process import ChildProcess, describe_exit
 from studio.store import Store
 
 log = logging.getLogger("studio.livy.batches")
@@ -76,7 +75,7 @@ class Batch:
         self.event_dir = event_dir
         self.app_id: str | None = None
         self.spark_ui_url: str | None = None
-        self.process: asyncio.subprocess.Process | None = None
+        self.process: ChildProcess | None = None
         self.killed = False
         self.ended: float | None = None
         self.monitor: asyncio.Task[None] | None = None
@@ -220,17 +219,15 @@ class BatchManager:
         batch.log.append("spark-submit " + " ".join(redact.command(command[1:])), source="StudioBatch")
         shown = redact.conf(conf) or {}
         batch.log.append("with conf " + " ".join(f"{key}={value}" for key, value in shown.items()), source="StudioBatch")
-        env = sparkconf.child_env(self.settings)
-        with open(batch.log.path, "ab") as handle:
-            batch.process = await asyncio.create_subprocess_exec(
-                *command,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=handle,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-                cwd=str(workdir),
-                env=env,
-            )
+        batch.process = ChildProcess(
+            command,
+            name=f"batch {batch_id}",
+            cwd=workdir,
+            env=sparkconf.child_env(self.settings),
+            output=batch.log.path,
+            stop_timeout=self.settings.stop_timeout,
+        )
+        batch.process.start()
         batch.monitor = asyncio.create_task(self._monitor(batch), name=f"batch-{batch_id}")
         return batch
 
@@ -244,10 +241,7 @@ class BatchManager:
         self._observe(batch)
         files.tighten(batch.event_dir)
         code = wait.result()
-        try:
-            os.killpg(batch.process.pid, signal.SIGKILL)  # whatever the application left running
-        except OSError:
-            pass
+        await batch.process.kill()  # whatever the application left running in its group
         if batch.killed:
             final = SessionState.KILLED
         else:
@@ -285,19 +279,10 @@ class BatchManager:
             self.retained_logs.keep(batch.id, batch.log)
 
     async def _kill(self, batch: Batch) -> None:
+        """SIGTERM to spark-submit's group (the driver ends its application), SIGKILL if it hangs."""
         batch.killed = True
-        process = batch.process
-        if process is not None and process.returncode is None:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(process.pid, sig)
-                except OSError:
-                    break
-                try:
-                    await asyncio.wait_for(asyncio.shield(batch.monitor), self.settings.stop_timeout)  # type: ignore[arg-type]
-                    break
-                except asyncio.TimeoutError:
-                    continue
+        if batch.process is not None:
+            await batch.process.stop()
         if batch.monitor is not None:
             await batch.monitor
 

@@ -18,12 +18,12 @@ import hashlib
 import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from studio.config import Settings
 from studio.livy import sparkconf
+from studio.process import ChildProcess, python_command
 
 log = logging.getLogger("studio.livy.cds")
 
@@ -88,34 +88,25 @@ class CdsArchive:
             started = time.monotonic()
             conf = sparkconf.base_conf(self.settings, f"-XX:ArchiveClassesAtExit={_quote(tmp)}")
             env = {**os.environ, **sparkconf.worker_env(self.settings)}
-            with open(training_log, "wb") as handle:
-                process = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-P",  # nothing from the working directory on sys.path
-                    "-m",
+            training_log.unlink(missing_ok=True)  # one training run's log, not all of them
+            process = ChildProcess(
+                python_command(
                     "studio.worker.cds_train",
                     self.settings.master if self.settings.master.startswith("local") else "local[*]",
                     repr(conf),
-                    stdout=handle,
-                    stderr=asyncio.subprocess.STDOUT,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    start_new_session=True,
-                    env=env,
-                )
-                try:
-                    os.setpriority(os.PRIO_PROCESS, process.pid, nice)
-                except OSError:
-                    pass
-                try:
-                    code = await asyncio.wait_for(process.wait(), timeout)
-                except (asyncio.TimeoutError, asyncio.CancelledError):
-                    try:
-                        os.killpg(process.pid, 9)
-                    except OSError:
-                        pass
-                    await process.wait()
-                    tmp.unlink(missing_ok=True)
-                    raise
+                ),
+                name="class-data training run",
+                env=env,
+                output=training_log,
+                nice=nice,
+            )
+            process.start()
+            try:
+                code = await asyncio.wait_for(process.wait(), timeout)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                await process.kill()
+                tmp.unlink(missing_ok=True)
+                raise
             if code == 0 and tmp.exists() and tmp.stat().st_size > 0:
                 os.replace(tmp, self.path)
                 log.info("class-data archive built in %.0fs: %s", time.monotonic() - started, self.path)

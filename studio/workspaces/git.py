@@ -21,7 +21,7 @@ import contextlib
 import os
 import re
 import shutil
-import signal
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -29,6 +29,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from studio.auth.credentials import without_secrets
 from studio.config import Settings
 from studio.errors import InvalidRequestError, StudioError
+from studio.process import ChildProcess
 from studio.urls import split_credentials
 
 REMOTE_SCHEMES = {"https": "https", "ssh": "ssh", "git+ssh": "ssh", "ssh+git": "ssh"}
@@ -152,45 +153,44 @@ async def clone(settings: Settings, source: GitSource, folder: Path) -> None:
     timeout, max_bytes = settings.git_clone_timeout, settings.git_clone_max_bytes
     folder.parent.mkdir(parents=True, exist_ok=True)
     command, env = clone_command(source, folder, settings.git_allow_local)
-    try:
-        process = await asyncio.create_subprocess_exec(
-            *command,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    except OSError as exc:
-        raise StudioError(f"git clone could not run: {exc}.") from None
-    output = asyncio.create_task(process.communicate())
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    problem, interval = None, SIZE_CHECK_INTERVAL
-    while not output.done():
-        await asyncio.wait({output}, timeout=min(interval, max(0.0, deadline - loop.time())))
-        if output.done():
-            break
-        if loop.time() >= deadline:
-            problem = f"did not finish within {timeout:g} s (STUDIO_GIT_CLONE_TIMEOUT)"
-        else:
-            measured = loop.time()
-            if await asyncio.to_thread(disk_usage, folder) > max_bytes:
-                problem = f"was stopped: it grew beyond {max_bytes:,} bytes (STUDIO_GIT_CLONE_MAX_BYTES)"
-            # a checkout of many files makes the walk slow: never spend more than a fifth of the time on it
-            interval = max(SIZE_CHECK_INTERVAL, 4 * (loop.time() - measured))
-        if problem:
-            with contextlib.suppress(OSError):
-                os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
-            output.cancel()
-            await asyncio.gather(output, return_exceptions=True)
-            await asyncio.to_thread(shutil.rmtree, folder, True)
-            raise StudioError(f"git clone of {source.url} {problem}; nothing was kept.")
-    stdout, _ = output.result()
-    if process.returncode != 0:
+    with tempfile.TemporaryFile() as output:  # what git says, read back for the error message
+        # A session of its own: no terminal to ask for a password on, and one group to kill.
+        process = ChildProcess(command, name=f"git clone of {source.url}", env=env, output=output)
+        try:
+            process.start()
+        except OSError as exc:
+            raise StudioError(f"git clone could not run: {exc}.") from None
+        exited = asyncio.ensure_future(process.wait())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        problem, interval = None, SIZE_CHECK_INTERVAL
+        try:
+            while not exited.done():
+                await asyncio.wait({exited}, timeout=min(interval, max(0.0, deadline - loop.time())))
+                if exited.done():
+                    break
+                if loop.time() >= deadline:
+                    problem = f"did not finish within {timeout:g} s (STUDIO_GIT_CLONE_TIMEOUT)"
+                else:
+                    measured = loop.time()
+                    if await asyncio.to_thread(disk_usage, folder) > max_bytes:
+                        problem = f"was stopped: it grew beyond {max_bytes:,} bytes (STUDIO_GIT_CLONE_MAX_BYTES)"
+                    # a checkout of many files makes the walk slow: never spend more than a fifth of the time on it
+                    interval = max(SIZE_CHECK_INTERVAL, 4 * (loop.time() - measured))
+                if problem:
+                    await process.kill()
+                    await asyncio.to_thread(shutil.rmtree, folder, True)
+                    raise StudioError(f"git clone of {source.url} {problem}; nothing was kept.")
+        finally:
+            if not exited.done():  # cancelled: the clone goes with the request
+                exited.cancel()
+                await process.kill()
+        output.seek(0)
+        said = output.read().decode(errors="replace")
+    code = exited.result()
+    if code != 0:
         await asyncio.to_thread(shutil.rmtree, folder, True)
-        message = source.scrub(stdout.decode(errors="replace").strip()) or f"exit code {process.returncode}"
+        message = source.scrub(said.strip()) or f"exit code {code}"
         raise StudioError(f"git clone of {source.url} failed: {message}")
     if disk_usage(folder) > max_bytes:  # finished between two checks
         await asyncio.to_thread(shutil.rmtree, folder, True)

@@ -5,38 +5,36 @@
 process group of its own, bound to 127.0.0.1 on a free port, with a random token and the
 workspace's folder as its root; ``wait_ready`` polls its ``/api/status`` with that token;
 ``poll`` says whether it still runs; ``stop(now=False)`` asks it to shut down (which shuts down
-its kernels), then sends SIGTERM and SIGKILL. Jupyter starts every kernel in a session of its
-own, so a signal to JupyterLab's group does not reach them: ``stop`` also signals every process
-that descends from JupyterLab, so no kernel survives its workspace.
+its kernels), then sends SIGTERM and SIGKILL. The process itself is a ``studio.process.ChildProcess``
+with ``descendants=True``: Jupyter starts every kernel in a session of its own, so a signal to
+JupyterLab's group does not reach them, and ``stop`` signals every process that descends from
+JupyterLab too, so no kernel survives its workspace.
 
-The process outlives the workspace server on purpose: after a crash or SIGKILL of
-``studio serve`` the next one finds it again by pid, start time and token (``adopt``), the way
+The process outlives the workspace server on purpose: after a restart, crash or SIGKILL of
+``studio serve`` the next one finds it again by pid, create time and token (``adopt``), the way
 jupyterhub's ``Spawner.poll`` relies on a stored pid.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
-import errno
 import json
 import logging
 import os
 import secrets
-import signal
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from studio.auth.credentials import without_secrets
 from studio.config import Settings
 from studio.errors import JupyterLabError
-from studio.livy.workers import ShutdownStep, describe_exit
+from studio.process import ChildProcess, ShutdownStep, describe_exit, python_command
 
 log = logging.getLogger("studio.workspaces.jupyter")
 
@@ -78,16 +76,16 @@ class JupyterLabProcess:
         self.env = env
         self.port = 0
         self.token = ""
-        self.pid: int | None = None
         self.started_at = 0.0  # wall-clock time of the spawn
         self.ready_at = 0.0  # when this server first answered it (or found it again)
         self.shutdown_step: ShutdownStep | None = None
-        self._process: asyncio.subprocess.Process | None = None
-        self._start_ticks: int | None = None  # /proc start time: tells our pid from a reused one
+        self._process: ChildProcess | None = None
         self._stopping = False
-        self._spawning = False
-        self._spawned = asyncio.Event()
         self._http = httpx.AsyncClient(timeout=5.0, trust_env=False)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
 
     # -- addresses --------------------------------------------------------------------------
 
@@ -102,9 +100,9 @@ class JupyterLabProcess:
 
     def state(self) -> dict[str, Any]:
         """What the store keeps so that a restarted server can find this process again."""
+        record = self._process.record if self._process is not None else None
         return {
-            "pid": self.pid,
-            "start_ticks": self._start_ticks,
+            **(record.to_json() if record is not None else {"pid": None}),
             "port": self.port,
             "token": self.token,
             "started_at": self.started_at,
@@ -115,15 +113,19 @@ class JupyterLabProcess:
     async def adopt(
         cls, settings: Settings, folder: Path, layout_dir: Path, env: dict[str, str], state: dict[str, Any]
     ) -> "JupyterLabProcess | None":
-        """The JupyterLab a previous server started, if it still runs and answers with its token."""
+        """The JupyterLab a previous server started, if it still runs (the same process: pid and
+        create time) and answers with its token."""
         lab = cls(settings, folder, Path(state.get("log_path") or ""), layout_dir, env)
-        lab.pid = state.get("pid")
         lab.port = int(state.get("port") or 0)
         lab.token = str(state.get("token") or "")
         lab.started_at = float(state.get("started_at") or 0.0)
-        lab._start_ticks = state.get("start_ticks")
-        lab._spawned.set()
-        if not lab.pid or not lab.port or lab.poll() is not None:
+        lab._process = ChildProcess.adopt(
+            _with_create_time(state),
+            name=f"JupyterLab of {folder.name}",
+            stop_timeout=settings.jupyterlab_stop_timeout,
+            descendants=True,
+        )
+        if lab._process is None or not lab.port:
             await lab.close()
             return None
         try:
@@ -137,7 +139,7 @@ class JupyterLabProcess:
     # -- lifecycle --------------------------------------------------------------------------
 
     def command(self) -> list[str]:
-        base = list(self.settings.jupyterlab_command) or [sys.executable, "-P", "-m", "jupyterlab"]
+        base = list(self.settings.jupyterlab_command) or python_command("jupyterlab")
         return [
             *base,
             "--no-browser",
@@ -155,17 +157,8 @@ class JupyterLabProcess:
 
     async def start(self) -> None:
         """Spawn JupyterLab; ``wait_ready`` tells when it answers."""
-        self._spawning = True
-        try:
-            if not self._stopping:
-                await self._spawn()
-        finally:
-            self._spawning = False
-            self._spawned.set()
         if self._stopping:
             raise JupyterLabError(f"JupyterLab for {self.folder.name} was stopped while it started.")
-
-    async def _spawn(self) -> None:
         self.port = free_port()
         self.token = secrets.token_urlsafe(32)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,19 +169,20 @@ class JupyterLabProcess:
         env.pop("JUPYTER_TOKEN_FILE", None)
         with open(self.log_path, "ab") as log_handle:
             log_handle.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting JupyterLab on port {self.port}\n".encode())
-            log_handle.flush()
-            self._process = await asyncio.create_subprocess_exec(
-                *self.command(),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_handle,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-                cwd=str(self.folder),
-                env=env,
-            )
-        self.pid = self._process.pid
+        self._process = ChildProcess(
+            self.command(),
+            name=f"JupyterLab of {self.folder.name}",
+            cwd=self.folder,
+            env=env,
+            output=self.log_path,
+            stop_timeout=self.settings.jupyterlab_stop_timeout,
+            descendants=True,  # its kernels, which run in sessions of their own
+        )
+        try:
+            self._process.start()
+        except OSError as exc:
+            raise JupyterLabError(f"JupyterLab could not be started: {exc}") from None
         self.started_at = time.time()
-        self._start_ticks = _start_ticks(self.pid)
 
     async def wait_ready(self, timeout: float | None = None) -> dict[str, Any]:
         """Wait until JupyterLab answers ``/api/status``; JupyterLabError if it exits, is stopped or times out."""
@@ -219,109 +213,37 @@ class JupyterLabProcess:
 
     def poll(self) -> int | None:
         """None while JupyterLab runs, else its exit code (0 when it was not our child and is gone)."""
-        if self._process is not None:
-            return self._process.returncode
-        if self.pid is None:
-            return 0
-        return None if _alive(self.pid, self._start_ticks) else 0
+        return self._process.poll() if self._process is not None else 0
 
     async def wait_exit(self) -> int:
         """Wait until JupyterLab exits; its exit code (0 if unknown)."""
-        if self._process is not None:
-            return await self._process.wait()
-        while (code := self.poll()) is None:
-            await asyncio.sleep(1.0)
-        return code
+        return await self._process.wait() if self._process is not None else 0
 
     async def stop(self, now: bool = False) -> ShutdownStep:
-        """Stop JupyterLab and every kernel it started; returns the step that worked."""
+        """Stop JupyterLab and every kernel it started; returns the step that worked.
+
+        The polite step is JupyterLab's own ``/api/shutdown``, which shuts its kernels down cleanly
+        (a PySpark kernel ends its Livy session); one that never answered cannot be asked."""
         self._stopping = True
-        if self._spawning:
-            await self._spawned.wait()  # then there is a process to stop, or none at all
         try:
-            step = await self._stop(now)
+            if self._process is None:
+                step = ShutdownStep.ALREADY_GONE
+            else:
+                polite = self._ask_shutdown if self.ready_at else None
+                step = await self._process.stop(now, polite=polite)
         finally:
             await self.close()
         self.shutdown_step = step
         return step
+
+    async def _ask_shutdown(self) -> None:
+        await self._http.post(f"{self.url}/api/shutdown", headers=self._auth())
 
     async def kill(self) -> None:
         await self.stop(now=True)
 
     async def close(self) -> None:
         await self._http.aclose()
-
-    async def _stop(self, now: bool) -> ShutdownStep:
-        if self.pid is None or self.poll() is not None:
-            return ShutdownStep.ALREADY_GONE
-        timeout = self.settings.jupyterlab_stop_timeout
-        descendants = self._descendants()
-        step = ShutdownStep.SIGKILL
-        stopped = False
-        if not now and self.ready_at:  # one that never answered cannot be asked
-            # /api/shutdown shuts the kernels down cleanly (a PySpark kernel ends its Livy session) and exits.
-            # Its answer may never come (the server stops its loop), so wait for the exit instead.
-            request = asyncio.create_task(self._http.post(f"{self.url}/api/shutdown", headers=self._auth()))
-            stopped = await self._wait_exit(timeout)
-            request.cancel()
-            with contextlib.suppress(httpx.HTTPError, asyncio.CancelledError):
-                await request
-            step = ShutdownStep.POLITE
-        for sig, sig_step in ((signal.SIGTERM, ShutdownStep.SIGTERM), (signal.SIGKILL, ShutdownStep.SIGKILL)):
-            if stopped:
-                break
-            if now and sig is signal.SIGTERM:
-                continue
-            descendants |= self._descendants()
-            self._signal(sig, descendants)
-            stopped = await self._wait_exit(timeout)
-            step = sig_step
-        if not stopped:
-            log.error("JupyterLab of %s (pid %s) never died", self.folder.name, self.pid)
-        await self._reap(descendants, timeout)
-        return step
-
-    async def _wait_exit(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self.wait_exit(), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
-
-    def _descendants(self) -> set[tuple[int, int | None]]:
-        """(pid, start ticks) of every process below JupyterLab: kernels and what they started."""
-        if self.pid is None or self.poll() is not None:
-            return set()
-        return {(pid, _start_ticks(pid)) for pid in _descendants_of(self.pid)}
-
-    def _signal(self, sig: int, descendants: set[tuple[int, int | None]]) -> None:
-        assert self.pid is not None
-        _killpg(self.pid, sig)
-        for pid, ticks in descendants:
-            if _alive(pid, ticks):
-                # Kernels lead process groups of their own; signal the whole group.
-                with contextlib.suppress(OSError):
-                    os.killpg(os.getpgid(pid), sig)
-                with contextlib.suppress(OSError):
-                    os.kill(pid, sig)
-
-    async def _reap(self, descendants: set[tuple[int, int | None]], timeout: float) -> None:
-        """After JupyterLab is gone, give its orphaned kernels a moment, then kill what is left."""
-        assert self.pid is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            left = {item for item in descendants if _alive(*item)} | ({(self.pid, None)} if _group_alive(self.pid) else set())
-            if not left:
-                return
-            await asyncio.sleep(0.1)
-        for pid, ticks in descendants:
-            if _alive(pid, ticks):
-                log.warning("killing process %s left behind by JupyterLab of %s", pid, self.folder.name)
-                with contextlib.suppress(OSError):
-                    os.killpg(os.getpgid(pid), signal.SIGKILL)
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-        _killpg(self.pid, signal.SIGKILL)
 
     # -- talking to it ----------------------------------------------------------------------
 
@@ -377,63 +299,14 @@ def parse_time(value: object) -> float | None:
         return None
 
 
-# -- /proc helpers (Linux) -------------------------------------------------------------------
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    # Fields after the command name (which may contain spaces) start after the last ')'.
-    return stat[stat.rfind(")") + 2 :].split()
-
-
-def _start_ticks(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    return int(fields[19]) if fields and len(fields) > 19 else None
-
-
-def _alive(pid: int, start_ticks: int | None) -> bool:
-    """The process runs (not a zombie) and is the one we knew, not a later one with a reused pid."""
-    fields = _stat_fields(pid)
-    if not fields or fields[0] in ("Z", "X"):
-        return False
-    return start_ticks is None or (len(fields) > 19 and int(fields[19]) == start_ticks)
-
-
-def _descendants_of(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        fields = _stat_fields(int(entry))
-        if fields and len(fields) > 1:
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    found, queue = [], [root]
-    while queue:
-        for child in children.get(queue.pop(), []):
-            found.append(child)
-            queue.append(child)
-    return found
-
-
-def _killpg(pgid: int, sig: int) -> bool:
-    try:
-        os.killpg(pgid, sig)
-        return True
-    except OSError as exc:
-        if exc.errno in (errno.ESRCH, errno.EPERM):
-            return False
-        raise
-
-
-def _group_alive(pgid: int) -> bool:
-    """A live (non-zombie) process is still in the group."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat_fields(int(entry))
-            if fields and len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
-                return True
-    return False
+def _with_create_time(state: dict[str, Any]) -> dict[str, Any]:
+    """A process record of an older version kept /proc's start ticks instead of psutil's create
+    time; the one becomes the other (boot time + ticks / clock rate), so an upgrade finds its
+    running JupyterLabs again."""
+    if state.get("create_time") is None and state.get("start_ticks") is not None:
+        try:
+            create_time = psutil.boot_time() + int(state["start_ticks"]) / os.sysconf("SC_CLK_TCK")
+        except (TypeError, ValueError, OSError):
+            return state
+        return {**state, "create_time": create_time}
+    return state

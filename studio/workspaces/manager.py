@@ -42,6 +42,7 @@ from studio.errors import (
     NotFoundError,
     StudioError,
 )
+from studio.process import describe_exit
 from studio.store import Store
 from studio.workspaces import git
 from studio.workspaces.computes import Compute, ComputeManager
@@ -511,8 +512,6 @@ class WorkspaceManager:
         async def watch() -> None:
             code = await lab.wait_exit()
             if workspace.lab is lab and workspace.state in RUNNING_STATES:
-                from studio.livy.workers import describe_exit
-
                 workspace.lab = None
                 workspace.process_state = None
                 self._save(workspace, process=None)

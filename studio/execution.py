@@ -615,7 +615,7 @@ def git_commit(folder: Path) -> dict[str, Any] | None:
 
 
 def _session(url: str, name: str) -> dict[str, Any] | None:
-    from studio.kernel.livy_client import LivyClient, LivyError
+    from studio.livy_client import LivyClient, LivyError
 
     client = LivyClient(url, timeout=10)
     try:
@@ -627,7 +627,7 @@ def _session(url: str, name: str) -> dict[str, Any] | None:
 
 
 def _delete_session(url: str, name: str) -> None:
-    from studio.kernel.livy_client import LivyClient, LivyError
+    from studio.livy_client import LivyClient, LivyError
 
     client = LivyClient(url, timeout=120)
     try:
@@ -772,7 +772,7 @@ def _driver_log(url: str, session: dict[str, Any]) -> list[str] | None:
     """The end of the session's driver log, kept in the record: the service's link to it dies with
     the session. Read from ``appInfo.driverLogUrl``, which Spark Studio's service keeps for a while
     after a DELETE; else from ``/sessions/{id}/log`` while the session is listed."""
-    from studio.kernel.livy_client import LivyClient, LivyError
+    from studio.livy_client import LivyClient, LivyError
 
     client = LivyClient(url, timeout=30)
     try:

@@ -23,7 +23,7 @@ import studio
 from studio import redact
 from studio.kernel import completion, frames
 from studio.kernel import display as bundles
-from studio.kernel.livy_client import FINAL_SESSION_STATES, FINAL_STATEMENT_STATES, LivyError
+from studio.livy_client import FINAL_SESSION_STATES, FINAL_STATEMENT_STATES, LivyError
 from studio.kernel.magics import HELP_ROWS, Cell, MagicUsageError, parse_cell, parse_configure_body
 from studio.kernel.session import RemoteSession
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import httpx
 
 from studio.auth.credentials import authorization, credentials_for
-from studio.kernel.livy_client import LivyClient, LivyError
+from studio.livy_client import LivyClient, LivyError
 
 DEFAULT_URL = "http://127.0.0.1:8998"
 # The service stops a session whose kernel stopped sending heartbeats (a killed kernel).

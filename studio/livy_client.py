@@ -1,4 +1,7 @@
-"""A small Livy client on httpx, for the kernel (no Livy client library, no ``requests``).
+"""A small Livy client on httpx (no Livy client library, no ``requests``): the one the kernel,
+``studio run`` and ``studio bench`` use. It lives outside ``studio.kernel`` so that those two
+import it without the kernel, and it stays light (httpx and the credentials only): the kernel
+imports it at start-up, which counts in a notebook's first result.
 
 Every call goes through ``map_livy_errors``, so callers see one ``LivyError`` that names the
 method, URL, status and the server's ``msg``. Against Spark Studio's own service the client

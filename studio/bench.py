@@ -21,18 +21,17 @@ import asyncio
 import json
 import os
 import secrets
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 
 from studio.config import Settings
 from studio.launcher import ServiceLauncher
+from studio.livy_client import FINAL_SESSION_STATES, FINAL_STATEMENT_STATES, LivyClient
 from studio.process import ChildProcess, group_members
 
 FIRST_RESULT = "spark.range(1).count()"
@@ -127,16 +126,11 @@ class BenchService:
             env=self.env,
         )
         self.url = self.launcher.start_sync(timeout=300)
-        # TCP_NODELAY: httpx writes a POST's headers and body separately, and Nagle's algorithm
-        # would hold the body until the server's delayed ACK (~40 ms). curl and requests set it too.
-        transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-        self.http = httpx.Client(
-            base_url=self.url, timeout=600, transport=transport, headers={"Authorization": f"Bearer {self.token}"}
-        )
+        self.client = LivyClient(self.url, timeout=600, authorization=f"Bearer {self.token}")
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.http.close()
+        self.client.close()
         self.launcher.stop_sync(timeout=120)
 
     @property
@@ -144,7 +138,7 @@ class BenchService:
         return self.launcher.process
 
     def status(self) -> dict[str, Any]:
-        return self.http.get("/studio/status").json()
+        return self.client.request("GET", "/studio/status")  # type: ignore[no-any-return]
 
     def wait_pool(self, settle: float = 3.0, timeout: float = 600.0) -> dict[str, Any]:
         """Wait for a full pool, then a little more so the newest worker's JIT has settled."""
@@ -159,31 +153,30 @@ class BenchService:
             time.sleep(0.2)
 
     def create_session(self, **body: Any) -> dict[str, Any]:
-        response = self.http.post("/sessions", json=body)
-        response.raise_for_status()
-        return response.json()
+        return self.client.create_session(body)
 
     def wait_idle(self, session_id: int, timeout: float = 600.0) -> None:
+        # Polled every 20 ms (not the client's backoff): the time to idle is what is measured.
         deadline = time.monotonic() + timeout
         while True:
-            state = self.http.get(f"/sessions/{session_id}/state").json()["state"]
+            state = self.client.get_session(session_id)["state"]
             if state == "idle":
                 return
-            if state in ("dead", "error", "killed") or time.monotonic() > deadline:
+            if state in FINAL_SESSION_STATES or time.monotonic() > deadline:
                 raise RuntimeError(f"session {session_id} is {state}")
             time.sleep(0.02)
 
     def run(self, session_id: int, code: str) -> dict[str, Any]:
         """Submit and wait with the ?wait extension: returns as soon as the statement is final."""
-        statement = self.http.post(f"/sessions/{session_id}/statements", json={"code": code}).json()
-        while statement["state"] not in ("available", "cancelled"):
-            statement = self.http.get(f"/sessions/{session_id}/statements/{statement['id']}", params={"wait": 60}).json()
+        statement = self.client.submit(session_id, code)
+        while statement["state"] not in FINAL_STATEMENT_STATES:
+            statement = self.client.statement(session_id, statement["id"], wait=60, detail=False)
         if statement["output"]["status"] != "ok":
             raise RuntimeError(f"statement failed: {statement['output']}")
         return statement
 
     def delete(self, session_id: int) -> None:
-        self.http.delete(f"/sessions/{session_id}")
+        self.client.delete_session(session_id)
 
 
 def time_to_first_result(service: BenchService, **body: Any) -> float:
@@ -234,9 +227,7 @@ def rest_round_trips(service: BenchService, session_id: int, runs: int) -> dict[
         service.run(session_id, "1+1")
     for _ in range(runs):
         started = time.perf_counter()
-        statement = service.http.post(
-            f"/sessions/{session_id}/statements", params={"wait": 10}, json={"code": "1+1"}
-        ).json()
+        statement = service.client.submit(session_id, "1+1", wait=10)
         assert statement["state"] == "available"
         one_request.append(time.perf_counter() - started)
         started = time.perf_counter()
@@ -312,7 +303,7 @@ def kernel_figures(service: BenchService, args: argparse.Namespace, jupyter_path
     try:
         kernel.client.wait_for_ready(timeout=60)
         kernel.run(TRANSFER_SETUP.format(rows=rows))
-        session_id = next(s["id"] for s in service.http.get("/sessions").json()["sessions"] if s["state"] == "idle")
+        session_id = next(s["id"] for s in service.client.list_sessions() if s["state"] == "idle")
         for run in range(args.transfer_runs):
             statement = service.run(session_id, IN_PROCESS_TO_PANDAS)
             in_process.append(float(statement["output"]["data"]["text/plain"]))

@@ -173,17 +173,22 @@ class LivyClient:
 
     # -- statements -------------------------------------------------------------------------
 
-    def submit(self, session_id: int, code: str, kind: str | None = None) -> dict[str, Any]:
+    def submit(self, session_id: int, code: str, kind: str | None = None, wait: float = 0.0) -> dict[str, Any]:
+        """A new statement; with Spark Studio's service and ``wait``, the answer waits up to that many
+        seconds for it to finish (one request for a quick statement)."""
         body: dict[str, Any] = {"code": code}
         if kind:
             body["kind"] = kind
-        return self.request("POST", f"/sessions/{session_id}/statements", json=body)
+        params = {"wait": wait} if wait and self.is_studio else None
+        return self.request("POST", f"/sessions/{session_id}/statements", json=body, params=params)
 
-    def statement(self, session_id: int, statement_id: int, wait: float = 0.0, stream: int | None = None) -> dict[str, Any]:
+    def statement(
+        self, session_id: int, statement_id: int, wait: float = 0.0, stream: int | None = None, detail: bool = True
+    ) -> dict[str, Any]:
         """The statement; with Spark Studio's service, wait up to ``wait`` seconds for it to finish,
         and with ``stream`` (a character offset) also for what it prints from there on, which comes
-        back as ``stream`` and ends the wait as soon as there is some."""
-        params: dict[str, Any] = {"detail": 1}
+        back as ``stream`` and ends the wait as soon as there is some. ``detail`` adds its Spark jobs."""
+        params: dict[str, Any] = {"detail": 1} if detail else {}
         if wait and self.is_studio:
             params["wait"] = wait
         if stream is not None and self.is_studio:

@@ -1,6 +1,8 @@
-"""What both web applications share: one set of error handlers that turn ``studio.errors`` and
-Starlette's own HTTP errors into Livy's ``{"msg": ...}`` shape with the right status code, and
-one JSON response that is valid JSON for every value Python or Spark can produce."""
+"""What both web applications share: reading and parsing request bodies (a size limit, strict JSON
+into a pydantic model, every problem an ``InvalidRequestError`` naming the field), one set of error
+handlers that turn ``studio.errors`` and Starlette's own HTTP errors into Livy's ``{"msg": ...}``
+shape with the right status code, and one JSON response that is valid JSON for every value Python
+or Spark can produce."""
 
 from __future__ import annotations
 
@@ -9,11 +11,12 @@ import logging
 import math
 from typing import Any, Awaitable, Callable
 
+from pydantic import BaseModel, ValidationError
 from starlette import responses
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from studio.errors import StudioError
+from studio.errors import InvalidRequestError, PayloadTooLargeError, StudioError
 
 # Spark's own JSON writer (to_json, DataFrame.toJSON) writes these floats as strings too.
 _FLOAT_NAMES = {math.inf: "Infinity", -math.inf: "-Infinity"}
@@ -52,6 +55,78 @@ class JSONResponse(responses.JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return dumps(content)
+
+async def read_body(request: Request) -> bytes:
+    """The request body, refused with 413 beyond ``settings.max_request_bytes`` (declared or streamed)."""
+    limit = request.app.state.settings.max_request_bytes
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise PayloadTooLargeError(f"Request body of {int(length):,} bytes is over the {limit:,}-byte limit.")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"Request body is over the {limit:,}-byte limit.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_body(model: type[BaseModel], raw: bytes) -> Any:
+    """Parse and validate a JSON body into ``model``; every problem is an InvalidRequestError."""
+    if not raw.strip():
+        raise InvalidRequestError("Rejected, Reason: the request body is empty; send a JSON object.")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"Malformed JSON in the request body: {exc}.") from None
+    if not isinstance(data, dict):
+        raise InvalidRequestError(f"The request body must be a JSON object, got {type(data).__name__}.")
+    where = _lone_surrogate(data)
+    if where is not None:
+        where = where.encode("utf-8", "backslashreplace").decode("utf-8")
+        # JSON's \\udcff escape can name half a character, which no UTF-8 store or log can hold.
+        raise InvalidRequestError(f'Field "{where}" holds text that is not valid Unicode (a lone surrogate escape like \\udcff).')
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidRequestError(_validation_message(model, exc)) from None
+
+
+def _lone_surrogate(value: Any, where: str = "") -> str | None:
+    """Where in ``value`` a string holds a lone surrogate, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        path = f"{where}.{key}" if where else str(key)
+        found = _lone_surrogate(key, path) if isinstance(key, str) else None
+        found = found or _lone_surrogate(item, path)
+        if found is not None:
+            return found
+    return None
+
+
+def _validation_message(model: type[BaseModel], exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "body"
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(sorted(model.model_fields))
+            problems.append(f'Unrecognized field "{field}" (known fields: {known})')
+        elif err["type"] == "missing":
+            problems.append(f'Field "{field}" is required')
+        else:
+            got = json.dumps(err.get("input"), default=str)
+            if len(got) > 80:
+                got = got[:77] + "..."
+            problems.append(f'Field "{field}": {err["msg"]} (got {got})')
+    return "; ".join(problems) + "."
+
 
 Handler = Callable[[Request, Exception], Awaitable[JSONResponse]]
 

@@ -12,9 +12,10 @@ import json
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from studio.errors import InvalidRequestError
+from studio.web import parse_body  # noqa: F401 - shared by both servers; still importable from here
 
 
 class SessionState(str, enum.Enum):
@@ -239,59 +240,3 @@ class CreateBatch(_SparkSettings):
                 raise ValueError("args must be a list of strings (numbers and booleans are turned into strings)")
             return [_conf_value(v) for v in value]
         return value
-
-
-def parse_body(model: type[BaseModel], raw: bytes) -> Any:
-    """Parse and validate a JSON body into ``model``; every problem is an InvalidRequestError."""
-    if not raw.strip():
-        raise InvalidRequestError("Rejected, Reason: the request body is empty; send a JSON object.")
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"Malformed JSON in the request body: {exc}.") from None
-    if not isinstance(data, dict):
-        raise InvalidRequestError(f"The request body must be a JSON object, got {type(data).__name__}.")
-    where = _lone_surrogate(data)
-    if where is not None:
-        where = where.encode("utf-8", "backslashreplace").decode("utf-8")
-        # JSON's \\udcff escape can name half a character, which no UTF-8 store or log can hold.
-        raise InvalidRequestError(f'Field "{where}" holds text that is not valid Unicode (a lone surrogate escape like \\udcff).')
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidRequestError(_validation_message(model, exc)) from None
-
-
-def _lone_surrogate(value: Any, where: str = "") -> str | None:
-    """Where in ``value`` a string holds a lone surrogate, or None."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return where or "body"
-        return None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        path = f"{where}.{key}" if where else str(key)
-        found = _lone_surrogate(key, path) if isinstance(key, str) else None
-        found = found or _lone_surrogate(item, path)
-        if found is not None:
-            return found
-    return None
-
-
-def _validation_message(model: type[BaseModel], exc: ValidationError) -> str:
-    problems = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "body"
-        if err["type"] == "extra_forbidden":
-            known = ", ".join(sorted(model.model_fields))
-            problems.append(f'Unrecognized field "{field}" (known fields: {known})')
-        elif err["type"] == "missing":
-            problems.append(f'Field "{field}" is required')
-        else:
-            got = json.dumps(err.get("input"), default=str)
-            if len(got) > 80:
-                got = got[:77] + "..."
-            problems.append(f'Field "{field}": {err["msg"]} (got {got})')
-    return "; ".join(problems) + "."

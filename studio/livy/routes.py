@@ -10,7 +10,7 @@ from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 import studio
-from studio.errors import InvalidRequestError, PayloadTooLargeError
+from studio.errors import InvalidRequestError
 from studio.livy.batches import BatchManager
 from studio.livy.models import (
     CompletionRequest,
@@ -18,11 +18,10 @@ from studio.livy.models import (
     CreateSession,
     CreateStatement,
     InspectRequest,
-    parse_body,
     view,
 )
 from studio.livy.sessions import Session, SessionManager
-from studio.web import JSONResponse
+from studio.web import JSONResponse, parse_body, read_body
 
 LIVY_VERSION = "0.9.0-incubating"
 MAX_WAIT_SECONDS = 60.0
@@ -58,21 +57,6 @@ def _float_param(request: Request, name: str) -> float:
         return max(0.0, min(float(raw), MAX_WAIT_SECONDS))
     except ValueError:
         raise InvalidRequestError(f"'{name}' must be a number of seconds, got '{raw}'.") from None
-
-
-async def read_body(request: Request) -> bytes:
-    limit = request.app.state.settings.max_request_bytes
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit:
-        raise PayloadTooLargeError(f"Request body of {int(length):,} bytes is over the {limit:,}-byte limit.")
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"Request body is over the {limit:,}-byte limit.")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _session(request: Request) -> Session:

@@ -16,8 +16,7 @@ from starlette.routing import Route
 
 import studio
 from studio.errors import InvalidRequestError, NotFoundError
-from studio.livy.models import parse_body
-from studio.livy.routes import read_body
+from studio.web import parse_body, read_body
 from studio.workspaces.computes import ComputeManager
 from studio.workspaces.executions import ExecutionManager, StartExecution
 from studio.workspaces.manager import WorkspaceManager, counts_by_state

@@ -111,6 +111,15 @@ MIGRATIONS: tuple[Migration, ...] = (
 )""",
         ),
     ),
+    Migration(
+        3,
+        "executions survive a restart of studio serve: the process record of each one's `studio run`",
+        (
+            # studio.process's record (pid, create time, group) of the run's `studio run` child, kept
+            # while it runs, so the next server adopts it and follows its events file.
+            "ALTER TABLE executions ADD COLUMN process TEXT",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -164,7 +173,7 @@ _JSON_COLUMNS: dict[str, tuple[str, ...]] = {
     "batches": ("request",),
     "workspaces": ("process",),
     "computes": ("auth",),
-    "executions": ("parameters", "warnings"),
+    "executions": ("parameters", "warnings", "process"),
     "workers": ("process",),
 }
 _TABLES = tuple(_JSON_COLUMNS)

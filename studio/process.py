@@ -9,8 +9,8 @@ jupyterhub's Spawner:
   of its own (``start_new_session``), so a signal to the group reaches everything it started
   that stayed in it (a worker's JVM, spark-submit's driver), and a Ctrl-C at the parent's
   terminal reaches only the parent, which then stops its children in order. stdin is
-  ``/dev/null``; stdout and stderr go together to ``output`` (a file appended to, a descriptor,
-  or ``/dev/null``). ``start`` is synchronous (a fork and exec) and may be called with or
+  ``/dev/null``; stdout goes to ``output`` (a file appended to, a descriptor, or ``/dev/null``),
+  and stderr with it unless ``stderr`` says otherwise. ``start`` is synchronous (a fork and exec) and may be called with or
   without a running event loop; call it from a thread that lives as long as the process does
   when ``die_with_parent`` is set (Linux ties the parent-death signal to the forking thread).
 * ``poll() -> int | None``: None while it runs; once it is gone, its exit code (negative: the
@@ -35,7 +35,8 @@ jupyterhub's Spawner:
   a later run of the parent, by pid **and** create time, so a pid that the kernel gave to another
   process since is never adopted (None). An adopted process supports all of the above.
 
-``describe_exit`` words an exit code for people; ``python_command`` is how every Python child
+``run_to_end`` runs a short command (git) to its end within a timeout. ``describe_exit`` words
+an exit code for people; ``python_command`` is how every Python child
 starts (``python -P``: nothing from the working folder shadows a module); ``group_members``,
 ``descendants_of`` and ``renice_group`` are psutil helpers for the same process groups.
 """
@@ -52,6 +53,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,6 +188,29 @@ def renice_group(pgid: int, value: int) -> bool:
     return changed
 
 
+@dataclass(frozen=True)
+class Completed:
+    """How a command run by ``run_to_end`` ended."""
+
+    code: int | None  # None: it ran over its time and was killed with its group
+    output: str  # what it wrote on stdout
+
+
+def run_to_end(
+    command: Sequence[str], *, timeout: float, cwd: Path | str | None = None, env: Mapping[str, str] | None = None
+) -> Completed:
+    """Run a short command to its end without an event loop (stderr is dropped): a ChildProcess
+    like any other, so at ``timeout`` its whole group is killed, whatever it started."""
+    with tempfile.TemporaryFile() as output:
+        child = ChildProcess(command, cwd=cwd, env=env, output=output, stderr=None)
+        child.start()
+        code = child.wait_sync(timeout)
+        if code is None:
+            child.stop_sync(now=True)
+        output.seek(0)
+        return Completed(code, output.read().decode(errors="replace"))
+
+
 @contextlib.contextmanager
 def _output_handle(output: Path | int | IO[Any] | None) -> Any:
     if output is None:
@@ -209,6 +234,7 @@ class ChildProcess:
         cwd: Path | str | None = None,
         env: Mapping[str, str] | None = None,
         output: Path | int | IO[Any] | None = None,
+        stderr: Path | int | IO[Any] | None = subprocess.STDOUT,
         pass_fds: Iterable[int] = (),
         stop_timeout: float = 10.0,
         descendants: bool = False,
@@ -220,6 +246,7 @@ class ChildProcess:
         self.cwd = cwd
         self.env = dict(env) if env is not None else None
         self.output = output
+        self.stderr = stderr  # STDOUT: with the output (the default); None: /dev/null
         self.pass_fds = tuple(pass_fds)
         self.stop_timeout = stop_timeout
         self.descendants = descendants  # also stop what left the group (Jupyter's kernels)
@@ -250,12 +277,14 @@ class ChildProcess:
             # A small exec wrapper, not a preexec_fn: Python code between fork and exec is unsafe
             # in a process that runs threads. It becomes the command (same pid).
             command = [*python_command("studio.die_with_parent", str(os.getpid()), "--"), *command]
-        with _output_handle(self.output) as handle:
+        with contextlib.ExitStack() as stack:
+            handle = stack.enter_context(_output_handle(self.output))
+            errors = subprocess.STDOUT if self.stderr == subprocess.STDOUT else stack.enter_context(_output_handle(self.stderr))
             self._popen = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=handle,
-                stderr=subprocess.STDOUT,
+                stderr=errors,
                 cwd=self.cwd,
                 env=self.env,
                 pass_fds=self.pass_fds,

@@ -16,7 +16,15 @@ from pathlib import Path
 
 import psutil
 
-from studio.process import ChildProcess, ProcessRecord, ShutdownStep, describe_exit, group_members, python_command
+from studio.process import (
+    ChildProcess,
+    ProcessRecord,
+    ShutdownStep,
+    describe_exit,
+    group_members,
+    python_command,
+    run_to_end,
+)
 
 # Children that say when they are ready (a line in a file) so that no test races their start.
 IGNORES_SIGTERM = """
@@ -247,3 +255,12 @@ def test_sync_use_without_an_event_loop(tmp_path):
     assert child.wait_sync(10) == -signal.SIGTERM
     assert not child.send_signal(signal.SIGTERM) and not child.signal_group(signal.SIGTERM)
     assert child.stop_sync() is ShutdownStep.ALREADY_GONE
+
+
+def test_a_short_command_runs_to_its_end_or_is_killed_at_its_timeout(tmp_path):
+    done = run_to_end(["sh", "-c", "echo out; echo err >&2"], timeout=10)
+    assert done.code == 0 and done.output == "out\n"  # stderr is dropped
+    started = time.monotonic()
+    hung = run_to_end(script(LEAVES_GRANDCHILD, str(tmp_path / "a"), "group"), timeout=1)
+    assert hung.code is None and time.monotonic() - started < 10
+    assert gone(int(wait_for(tmp_path / "a")))  # killed with its group

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import re
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
@@ -23,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from studio.auth.gate import gate
 from studio import files
 from studio.config import Settings
+from studio.errors import StudioError
 from studio.livy import sparkconf
 from studio.livy.batches import BatchManager
 from studio.livy.cds import CdsArchive
@@ -66,6 +70,7 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         files.secure_state_dir(settings.state_dir, log)  # 0700, loose modes left by anyone fixed and logged
+        self._lock = _lock_state_dir(settings.state_dir)
         self.store = Store(settings.database_path)
         closed = self.store.mark_unfinished("batches", "dead", "the service stopped before it finished")
         if closed:
@@ -163,6 +168,7 @@ class Service:
             await self.pool.detach()
         await asyncio.sleep(0)  # the exit callbacks of the last stopped workers write their records first
         self.store.close()
+        os.close(self._lock)  # the next service on this state directory may start now
 
     async def _cull_forever(self) -> None:
         while True:
@@ -181,6 +187,39 @@ class Service:
             await self.cds.build()
         except Exception:  # noqa: BLE001
             log.exception("building the class-data archive failed")
+
+
+LOCK_WAIT_SECONDS = 60.0
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    """One session service per state directory, since each takes over every worker it records.
+    A service that starts while the previous one still lets go of them (a restart: the new process
+    may start before the old one has quite stopped) waits for it, at most ``LOCK_WAIT_SECONDS``.
+    The lock goes with the process, however it ends; workers do not inherit it."""
+    path = state_dir / "livy.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    waiting = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise StudioError(
+                    f"Another session service (pid {holder}) uses the state directory {state_dir}; stop it, or give "
+                    "this one a state directory of its own (--state-dir)."
+                ) from None
+            if not waiting:
+                log.info("waiting for the session service that used %s before (pid %s) to stop", state_dir, holder)
+                waiting = True
+            time.sleep(0.05)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def create_app(settings: Settings) -> ASGIApp:

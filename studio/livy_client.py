@@ -6,6 +6,12 @@ imports it at start-up, which counts in a notebook's first result.
 Every call goes through ``map_livy_errors``, so callers see one ``LivyError`` that names the
 method, URL, status and the server's ``msg``. Against Spark Studio's own service the client
 long-polls statements (``?wait=``); against any other Livy it polls with a short backoff.
+
+A service restarts (an upgrade, a crash) and its sessions survive it, so with
+``reconnect_timeout`` set (the kernel sets it while it has a session) a call that cannot reach
+the service is tried again for that long, if repeating it is harmless: GETs, DELETE, cancel,
+and statement submits, which carry an ``Idempotency-Key`` so that one whose answer was lost
+runs once.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from typing import Any, Iterator
+import uuid
+from typing import Any, Callable, Iterator
 
 import httpx
 
@@ -27,11 +34,14 @@ FINAL_SESSION_STATES = ("dead", "error", "killed", "success")
 class LivyError(Exception):
     """A failed call to the session service."""
 
-    def __init__(self, message: str, *, method: str = "", url: str = "", status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, method: str = "", url: str = "", status: int | None = None, transport: bool = False
+    ) -> None:
         super().__init__(message)
         self.method = method
         self.url = url
         self.status = status
+        self.transport = transport  # no answer at all (refused, reset): the service may be restarting
 
 
 @contextlib.contextmanager
@@ -40,9 +50,13 @@ def map_livy_errors(method: str, url: str) -> Iterator[None]:
     try:
         yield
     except httpx.ConnectError as exc:
-        raise LivyError(f"Cannot reach the Spark session service at {url}: {exc}.", method=method, url=url) from None
+        raise LivyError(
+            f"Cannot reach the Spark session service at {url}: {exc}.", method=method, url=url, transport=True
+        ) from None
     except httpx.TimeoutException as exc:
         raise LivyError(f"The Spark session service at {url} did not answer in time ({exc}).", method=method, url=url) from None
+    except httpx.TransportError as exc:  # the connection broke before an answer (a server that stopped)
+        raise LivyError(f"{method} {url} failed: {exc}", method=method, url=url, transport=True) from None
     except httpx.HTTPError as exc:
         raise LivyError(f"{method} {url} failed: {exc}", method=method, url=url) from None
 
@@ -58,6 +72,16 @@ class LivyClient:
         if authorization is _FIND:
             authorization = auth_header(*credentials_for(self.url))
         self.authorization: str | None = authorization
+        self.timeout = timeout
+        self.reconnect_timeout = 0.0  # seconds to retry repeatable calls the service does not answer
+        self.on_reconnect: Callable[[str], None] | None = None  # told when it starts and stops retrying
+        # Asked while retrying: where the service is now (a workspace's compute may have moved when the
+        # Studio restarted), as (url, authorization), or None to keep trying here.
+        self.relocate: Callable[[], tuple[str, str | None] | None] | None = None
+        self.http = self._client()
+        self._studio: bool | None = None
+
+    def _client(self) -> httpx.Client:
         # TCP_NODELAY: httpx writes a POST's headers and body apart, and Nagle's algorithm would
         # hold the body for the server's delayed ACK (~40 ms per statement).
         # Certificates are loaded only for an https:// service: building a verifying SSL context
@@ -67,26 +91,29 @@ class LivyClient:
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             verify=self.url.lower().startswith("https://"),
         )
-        self.http = httpx.Client(
+        return httpx.Client(
             base_url=self.url,
-            timeout=httpx.Timeout(timeout, connect=5.0),
+            timeout=httpx.Timeout(self.timeout, connect=5.0),
             transport=transport,
             headers={
                 "X-Requested-By": "spark-studio-kernel",
-                **({"Authorization": authorization} if authorization else {}),
+                **({"Authorization": self.authorization} if self.authorization else {}),
             },
         )
-        self._studio: bool | None = None
 
     def close(self) -> None:
         self.http.close()
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def request(self, method: str, path: str, *, ok: tuple[int, ...] = (200, 201), **kwargs: Any) -> Any:
+    def request(
+        self, method: str, path: str, *, ok: tuple[int, ...] = (200, 201), retry: bool | None = None, **kwargs: Any
+    ) -> Any:
+        """One call; ``retry`` (default: for GET and DELETE) says repeating it is harmless, so it is
+        tried again for ``reconnect_timeout`` seconds while the service does not answer."""
+        repeatable = method in ("GET", "DELETE") if retry is None else retry
+        response = self._send(method, path, repeatable, kwargs)
         url = self.url + path
-        with map_livy_errors(method, url):
-            response = self.http.request(method, path, **kwargs)
         if response.status_code not in ok:
             try:
                 message = response.json().get("msg") or response.text
@@ -99,6 +126,61 @@ class LivyClient:
             return response.json()
         except ValueError:
             return response.content
+
+    def _send(self, method: str, path: str, repeatable: bool, kwargs: dict[str, Any]) -> httpx.Response:
+        deadline: float | None = None
+        delay = 0.1
+        next_relocate = 0.0
+        while True:
+            try:
+                with map_livy_errors(method, self.url + path):
+                    response = self.http.request(method, path, **kwargs)
+            except LivyError as exc:
+                if not (exc.transport and repeatable and self.reconnect_timeout > 0):
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.reconnect_timeout
+                    next_relocate = now + 3.0
+                    self._tell(
+                        f"The Spark session service at {self.url} does not answer; it may be restarting. "
+                        f"Trying again for up to {self.reconnect_timeout:.0f} s."
+                    )
+                if now >= deadline:
+                    raise LivyError(
+                        f"{exc} It did not come back within {self.reconnect_timeout:.0f} s.",
+                        method=method,
+                        url=exc.url,
+                        transport=True,
+                    ) from None
+                if self.relocate is not None and now >= next_relocate:
+                    next_relocate = now + 5.0
+                    self._move(self.relocate())
+                time.sleep(delay)
+                delay = min(1.0, delay * 1.5)
+                continue
+            if deadline is not None:
+                self._tell(f"The Spark session service at {self.url} answers again.")
+            return response
+
+    def _tell(self, text: str) -> None:
+        if self.on_reconnect is not None:
+            try:
+                self.on_reconnect(text)
+            except Exception:  # noqa: BLE001 - telling must never break the call
+                pass
+
+    def _move(self, where: tuple[str, str | None] | None) -> None:
+        """Point this client at ``where`` (url, authorization) if that is somewhere else."""
+        if where is None:
+            return
+        url, authorization = where[0].rstrip("/"), where[1]
+        if url == self.url and authorization == self.authorization:
+            return
+        self._tell(f"The Spark session service moved to {url}.")
+        self.http.close()
+        self.url, self.authorization = url, authorization
+        self.http = self._client()
 
     @property
     def is_studio(self) -> bool:
@@ -180,7 +262,13 @@ class LivyClient:
         if kind:
             body["kind"] = kind
         params = {"wait": wait} if wait and self.is_studio else None
-        return self.request("POST", f"/sessions/{session_id}/statements", json=body, params=params)
+        # The key makes a submit that is sent again (its answer was lost in a restart) run once. Only
+        # Spark Studio's service knows it, so only there is the submit repeated.
+        studio = bool(self.reconnect_timeout) and self.is_studio
+        headers = {"Idempotency-Key": uuid.uuid4().hex} if studio else {}
+        return self.request(
+            "POST", f"/sessions/{session_id}/statements", json=body, params=params, headers=headers, retry=studio
+        )
 
     def statement(
         self, session_id: int, statement_id: int, wait: float = 0.0, stream: int | None = None, detail: bool = True
@@ -196,7 +284,17 @@ class LivyClient:
         return self.request("GET", f"/sessions/{session_id}/statements/{statement_id}", params=params)
 
     def cancel(self, session_id: int, statement_id: int) -> None:
-        self.request("POST", f"/sessions/{session_id}/statements/{statement_id}/cancel", json={})
+        self.request("POST", f"/sessions/{session_id}/statements/{statement_id}/cancel", json={}, retry=True)
+
+    def describe_session(self, session_id: int) -> dict[str, Any] | None:
+        """Spark Studio's view of a session (``GET /studio/sessions/{id}``): why it ended, how long an
+        idle one has left; None from any other Livy, or when it cannot say."""
+        if not self.is_studio:
+            return None
+        try:
+            return dict(self.request("GET", f"/studio/sessions/{session_id}", retry=False))
+        except LivyError:
+            return None
 
     def arrow(self, session_id: int, statement_id: int) -> bytes:
         url = f"/sessions/{session_id}/statements/{statement_id}/arrow"

@@ -25,7 +25,7 @@ from studio.kernel import completion, frames
 from studio.kernel import display as bundles
 from studio.livy_client import FINAL_SESSION_STATES, FINAL_STATEMENT_STATES, LivyError
 from studio.kernel.magics import HELP_ROWS, Cell, MagicUsageError, parse_cell, parse_configure_body
-from studio.kernel.session import RemoteSession
+from studio.kernel.session import RECONNECT_TIMEOUT, RemoteSession
 
 PROGRESS_AFTER = 0.3  # seconds; quicker statements show no progress bar
 DEFAULT_SQL_ROWS = 2500  # sparkmagic's default, always shown with the result
@@ -80,7 +80,8 @@ class PySparkKernel(IPythonKernel):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         timeout = float(os.environ.get("STUDIO_SESSION_STARTUP_TIMEOUT", "600"))
-        self.remote = RemoteSession(startup_timeout=timeout)
+        reconnect = float(os.environ.get("STUDIO_KERNEL_RECONNECT_TIMEOUT", str(RECONNECT_TIMEOUT)))
+        self.remote = RemoteSession(startup_timeout=timeout, reconnect_timeout=reconnect, on_reconnect=_say)
         self.remote.prepare_in_background()
 
     # -- execution ------------------------------------------------------------------------
@@ -197,13 +198,14 @@ class PySparkKernel(IPythonKernel):
         session_id = self._session_id()
         client = self.remote.client
         assert client is not None
+        self._idle_note(session_id)
         try:
             statement = client.submit(session_id, code, kind)
         except LivyError as exc:
             if exc.status in (400, 404):  # the session ended meanwhile: start a new one next time
                 self._session_lost(session_id, str(exc))
             raise
-        started = time.monotonic()
+        self.remote.last_activity = started = time.monotonic()
         handle = f"studio-progress-{uuid.uuid4().hex}"
         shown = False
         last: tuple[Any, ...] = ()
@@ -246,6 +248,11 @@ class PySparkKernel(IPythonKernel):
                 f"statement {statement['id']} was cancelled; the session keeps its variables"
                 + ("; what it printed is above" if printed.offset else ""),
             ) from None
+        except LivyError as exc:
+            if exc.status == 404:  # the session went while the cell waited (deleted; a restart without it)
+                self._session_lost(session_id, str(exc))
+            raise
+        self.remote.last_activity = time.monotonic()
         output = printed.rest_of(statement.get("output"), statement)
         if shown:
             failed = statement["state"] == "cancelled" or (output or {}).get("status") == "error"
@@ -260,16 +267,37 @@ class PySparkKernel(IPythonKernel):
         return int(statement["id"]), output
 
     def _session_lost(self, session_id: int, reason: str, raise_: bool = True) -> str:
-        """The session ended under this kernel (its worker died, the service restarted, someone deleted
-        it): forget it, and say what that means for the user."""
-        self.remote.forget(reason)
-        message = (
-            f"{reason.rstrip('.')}. Spark session {session_id} is gone: the next cell starts a new session, "
-            "and the variables of this one are lost."
-        )
+        """The session ended under this kernel (its worker died, it was idle too long, someone deleted
+        it): forget it, and say why (the service's reason, when it gives one) and what that means."""
+        why = self.remote.end_reason(session_id)
+        self.remote.forget(why or reason)
+        if why:
+            message = (
+                f"Spark session {session_id} has ended: {why.rstrip('.')}; the next cell starts a new session, and "
+                "the variables of this one are lost."
+            )
+        else:
+            message = (
+                f"{reason.rstrip('.')}. Spark session {session_id} is gone: the next cell starts a new session, "
+                "and the variables of this one are lost."
+            )
         if raise_:
             raise RemoteError("SessionLost", message)
         return message
+
+    def _idle_note(self, session_id: int) -> None:
+        """Before a cell: say so when the session came near being stopped for idleness, and when that
+        happens (the cell starts its clock again). Past the limit it says nothing: the cell finds out."""
+        idle, limit = self.remote.idle_seconds(), self.remote.idle_timeout
+        if idle is None or not limit or not limit / 2 <= idle < limit:
+            return
+        print(
+            f"Note: Spark session {session_id} had been idle for {_duration(idle)}; the service stops a session after "
+            f"{_duration(limit)} without a statement, and its variables are lost with it. This cell starts the clock "
+            "again.",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _cancel(self, session_id: int, statement: dict[str, Any], printed: "StreamedText") -> dict[str, Any]:
         client = self.remote.client
@@ -516,8 +544,34 @@ class PySparkKernel(IPythonKernel):
             display(bundles.sessions_table(mine, self.remote.id), raw=True)
         else:
             print("No active sessions.", flush=True)
+        if self.remote.started:
+            self._info_lifetime(client)
         if not self.remote.started and self.remote.lost:
             print(self._lost_text(client), flush=True)
+
+    def _info_lifetime(self, client: Any) -> None:
+        """%%info about this notebook's session: how long it has left while idle, or, when it has
+        ended (a dead session never passes for a live one), why."""
+        session_id = self.remote.id
+        assert session_id is not None
+        described = client.describe_session(session_id)
+        if described is None:
+            return
+        if described.get("state") in FINAL_SESSION_STATES or not described.get("listed", True):
+            self.remote.forget(str(described.get("reason") or ""))
+            return
+        limit, left = described.get("idleTimeout"), described.get("stopsInSeconds")
+        if not limit:
+            print(f"Session {session_id} is never stopped for idleness.", flush=True)
+        elif left is None:
+            print(f"Session {session_id} is busy; once idle, it is stopped after {_duration(limit)} without a statement.", flush=True)
+        else:
+            at = time.strftime("%H:%M", time.localtime(time.time() + float(left)))
+            print(
+                f"Session {session_id} has been idle for {_duration(described.get('idleSeconds') or 0)}; it is stopped after "
+                f"{_duration(limit)} without a statement, so {_duration(left)} are left (until {at}) unless a cell runs.",
+                flush=True,
+            )
 
     def _lost_text(self, client: Any) -> str:
         """What became of this notebook's last session, which ended under it."""
@@ -628,6 +682,22 @@ class PySparkKernel(IPythonKernel):
     def do_shutdown(self, restart: bool) -> dict[str, Any]:  # type: ignore[override]
         self.remote.close()
         return super().do_shutdown(restart)
+
+
+def _say(text: str) -> None:
+    """A note from the kernel itself, in the running cell (stderr, like a warning)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    """A duration for people: 45 s, 12 min, 2 h 5 min."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    if minutes < 90:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60} min" if minutes % 60 else f"{minutes // 60} h"
 
 
 def _matches(matches: list[str], cursor_pos: int, replaced: int) -> dict[str, Any]:

@@ -1,11 +1,17 @@
 """The notebook's remote Spark session: where it lives, starting it lazily, keeping it alive,
-restarting it with new settings, and deleting it when the kernel shuts down."""
+restarting it with new settings, and deleting it when the kernel shuts down.
+
+A session outlives a restart of its service, so while it lives every harmless call is tried again
+for ``reconnect_timeout`` seconds when the service does not answer (``LivyClient``), and in a
+workspace the compute's address is asked again meanwhile (the Studio may have restarted it on
+another port): the notebook carries on with the same session without anyone doing anything."""
 
 from __future__ import annotations
 
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -18,6 +24,8 @@ DEFAULT_URL = "http://127.0.0.1:8998"
 # The service stops a session whose kernel stopped sending heartbeats (a killed kernel).
 HEARTBEAT_TIMEOUT = 120
 HEARTBEAT_INTERVAL = 30.0
+# How long a cell waits for a service that does not answer (restarting) before it fails.
+RECONNECT_TIMEOUT = 180.0
 
 
 @dataclass(frozen=True)
@@ -89,8 +97,17 @@ def resolve_endpoint() -> Endpoint:
 
 
 class RemoteSession:
-    def __init__(self, startup_timeout: float) -> None:
+    def __init__(
+        self,
+        startup_timeout: float,
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
+        on_reconnect: Callable[[str], None] | None = None,
+    ) -> None:
         self.startup_timeout = startup_timeout
+        self.reconnect_timeout = reconnect_timeout
+        self.on_reconnect = on_reconnect  # told when the service stops and starts answering
+        self.idle_timeout: float | None = None  # seconds without a statement before the service stops it
+        self.last_activity = 0.0  # monotonic time of this kernel's last statement, cancel or start
         self.config: dict[str, Any] = {}  # the %%configure body
         self.good_config: dict[str, Any] = {}  # the settings of the last session that started
         self.lost: dict[str, Any] | None = None  # the last session that ended under this kernel, and why
@@ -120,6 +137,7 @@ class RemoteSession:
                 if self.client is not None:
                     self.client.close()
                 self.client = LivyClient(endpoint.url, authorization=endpoint.authorization)
+                self.client.on_reconnect = self.on_reconnect
             self.url, self.url_source = endpoint.url, endpoint.source
             return self.client
 
@@ -177,8 +195,39 @@ class RemoteSession:
             client.delete_session(created["id"])
             raise
         self.good_config, self.lost = dict(self.config), None
+        self._carry_on(client)
         self._start_heartbeat()
         return self.info
+
+    def _carry_on(self, client: LivyClient) -> None:
+        """The session lives: from now on the client rides out a restart of its service, and the
+        service says after how long without a statement it stops the session."""
+        client.reconnect_timeout = self.reconnect_timeout
+        if self.url_source.startswith("workspace"):
+            client.relocate = self._relocate
+        described = client.describe_session(int(self.info["id"])) if self.info else None
+        self.idle_timeout = float(described["idleTimeout"]) if described and described.get("idleTimeout") else None
+        self.last_activity = time.monotonic()
+
+    def _relocate(self) -> tuple[str, str | None] | None:
+        """Where the workspace's compute is now (the Studio may have restarted it elsewhere)."""
+        try:
+            endpoint = resolve_endpoint()
+        except LivyError:
+            return None
+        self.url = endpoint.url
+        return endpoint.url, endpoint.authorization
+
+    def idle_seconds(self) -> float | None:
+        """How long the session has been without a statement of this kernel (None: no session)."""
+        return time.monotonic() - self.last_activity if self.started and self.last_activity else None
+
+    def end_reason(self, session_id: int) -> str | None:
+        """Why the service ended a session (its ``reason``), if it says."""
+        if self.client is None:
+            return None
+        described = self.client.describe_session(session_id)
+        return str(described["reason"]) if described and described.get("reason") else None
 
     def refresh(self) -> dict[str, Any] | None:
         if self.client is None or self.id is None:
@@ -188,6 +237,8 @@ class RemoteSession:
 
     def delete(self) -> None:
         self._stop_heartbeat.set()
+        if self.client is not None:
+            self.client.reconnect_timeout = 0.0  # a kernel that shuts down does not wait for a service
         if self.client is not None and self.id is not None:
             try:
                 self.client.delete_session(self.id)
@@ -199,6 +250,8 @@ class RemoteSession:
         """The session is gone on the server (dead, deleted elsewhere): start a new one next time.
         It is remembered (``lost``) so %%info and %%logs can still name it."""
         self._stop_heartbeat.set()
+        if self.client is not None:
+            self.client.reconnect_timeout = 0.0
         if self.info is not None:
             self.lost = {"id": self.id, "name": self.info.get("name"), "reason": reason}
         self.info = None
@@ -216,7 +269,7 @@ class RemoteSession:
         def beat() -> None:
             while not stop.wait(HEARTBEAT_INTERVAL):
                 try:
-                    client.request("GET", f"/sessions/{session_id}/state", ok=(200, 404))  # type: ignore[union-attr]
+                    client.request("GET", f"/sessions/{session_id}/state", ok=(200, 404), retry=False)  # type: ignore[union-attr]
                 except LivyError:
                     pass
 

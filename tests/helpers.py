@@ -7,7 +7,7 @@ import secrets
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 import psutil
@@ -92,10 +92,10 @@ class ServiceProcess:
         self.launcher.stop_sync(timeout=timeout)
         return self.launcher.process.poll()  # type: ignore[return-value]
 
-    def restart(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> float:
+    def restart(self, sig: int = signal.SIGTERM, timeout: float = 60.0, between: Callable[[], None] | None = None) -> float:
         """Stop the service with ``sig`` (SIGTERM: it lets go of its sessions; SIGKILL: it just dies)
-        and start it again on the same port and state folder. Returns the seconds from the new
-        process's start until it listened."""
+        and start it again on the same port and state folder (after ``between``, if given). Returns
+        the seconds from the new process's start until it listened."""
         assert self.launcher is not None
         port = httpx.URL(self.url).port
         if sig == signal.SIGTERM:
@@ -103,6 +103,8 @@ class ServiceProcess:
         else:
             self.launcher.process.send_signal(sig)
             assert self.launcher.process.wait_sync(30) is not None, "the service did not die"
+        if between is not None:
+            between()
         self.args = [*self.args, "--port", str(port)]  # after --port 0, so it wins
         started = time.monotonic()
         self.start(timeout)

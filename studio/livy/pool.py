@@ -136,7 +136,7 @@ class WorkerPool:
         for worker in workers:
             if len(self._ready) < self.size and worker.ready.done() and not worker.ready.exception() and worker.poll() is None:
                 self._ready.append(worker)
-                worker.exited.add_done_callback(lambda _, worker=worker: self._forget(worker))
+                self._forget_when_gone(worker)
                 log.info("warm pool: worker %s (pid %s) adopted", worker.id, worker.pid)
             else:
                 unwanted.append(worker)
@@ -211,6 +211,9 @@ class WorkerPool:
         self._ready.append(worker)
         worker.exited.add_done_callback(lambda _: self._forget(worker))
         log.info("warm pool: worker %s ready in %.1fs", worker.id, worker.ready_at - worker.started_at)
+
+    def _forget_when_gone(self, worker: WorkerProcess) -> None:
+        worker.exited.add_done_callback(lambda _: self._forget(worker))
 
     def _forget(self, worker: WorkerProcess) -> None:
         if worker in self._ready:

@@ -20,6 +20,7 @@ reason, and so are its unfinished statements: nothing accepted is ever silently 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from studio import redact
 from studio.config import Settings
@@ -767,7 +768,9 @@ class SessionManager:
 
     # -- restart --------------------------------------------------------------------------
 
-    async def restore(self, rows: list[dict[str, Any]], workers: dict[int, WorkerProcess]) -> list[WorkerProcess]:
+    async def restore(
+        self, rows: Sequence[dict[str, Any]], workers: dict[int, WorkerProcess]
+    ) -> builtins.list[WorkerProcess]:
         """Carry on with the sessions an earlier run of the service left live (``rows``, from the
         store) and their adopted ``workers`` (by session id). Every session comes back with its id,
         name, owner, kind, settings and statements; one whose worker is gone or does not answer is
@@ -787,7 +790,7 @@ class SessionManager:
                 len(sessions),
                 ", ".join(f"{s.id} ({s.state.value})" for s in sessions),
             )
-        return list(workers.values())
+        return builtins.list(workers.values())
 
     def _revive(self, row: dict[str, Any]) -> Session:
         """A Session object from its record and its statements' records (no worker yet)."""

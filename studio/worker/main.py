@@ -176,8 +176,8 @@ class Worker:
         self.output: OutputStream | None = None
         self.link = Link(listener, self._on_message, orphan_timeout, self._orphaned)
 
-    def send(self, message: dict[str, Any]) -> bool:
-        return self.link.send(message)
+    def send(self, message: dict[str, Any]) -> None:
+        self.link.send(message)  # False: no service; what matters is said again on attach
 
     def wait_start(self) -> dict[str, Any]:
         self.started.wait()

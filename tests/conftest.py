@@ -1,6 +1,20 @@
+"""Fixtures of the whole suite.
+
+The real-process tier shares one warm session service (``warm_service``) among the modules that
+need nothing special of it: a Spark driver takes 10-20 s to start here, and every module starting
+its own pool paid that again. A module takes it through ``shared_service``, which waits for the
+warm workers the module counts on and, at the module's end, deletes the sessions and batches the
+module left, so the next module finds the service as this one did. Modules whose tests need their
+own settings (limits, timeouts, misbehaving workers, another working folder) start their own.
+"""
+
+from collections.abc import Iterator
+
 import pytest
 
 from helpers import ServiceProcess
+
+WARM_POOL = 2  # warm workers of the shared service
 
 
 @pytest.fixture(scope="session")
@@ -11,6 +25,34 @@ def test_root(tmp_path_factory: pytest.TempPathFactory):
 
 def start_service(root, name: str, env: dict[str, str] | None = None, args: list[str] | None = None) -> ServiceProcess:
     return ServiceProcess(root / name, env=env, args=args).start()
+
+
+@pytest.fixture(scope="session")
+def warm_service(test_root) -> Iterator[ServiceProcess]:
+    """`studio livy` with a warm pool of ``WARM_POOL`` and default settings, for the whole run."""
+    service = start_service(test_root, "warm", env={"STUDIO_POOL_SIZE": str(WARM_POOL), "STUDIO_POOL_WARMUP_SECONDS": "3"})
+    yield service
+    assert service.stop() == 0
+    assert not service.leftovers()
+
+
+def shared_service(service: ServiceProcess, ready: int = WARM_POOL) -> Iterator[ServiceProcess]:
+    """Body of a module-scoped fixture (``yield from shared_service(warm_service)``): ``ready`` warm
+    workers first; at the end, the sessions and batches the module left are deleted."""
+    service.wait_pool(ready)
+    with service.http() as http:
+        before = {kind: _ids(http, kind) for kind in ("sessions", "batches")}
+    yield service
+    with service.http(timeout=60) as http:
+        for kind, ids in before.items():
+            for item_id in _ids(http, kind) - ids:
+                http.delete(f"/{kind}/{item_id}")
+
+
+def _ids(http, kind: str) -> set[int]:
+    response = http.get(f"/{kind}", params={"size": 10_000})
+    assert response.status_code == 200, response.text
+    return {item["id"] for item in response.json()["sessions"]}
 
 
 @pytest.fixture(scope="session", autouse=True)

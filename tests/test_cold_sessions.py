@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import start_service
+from conftest import WARM_POOL, shared_service
 from helpers import REPO
 
 FILES = REPO / "tests" / "files"
 
 
 @pytest.fixture(scope="module")
-def service(test_root):
-    svc = start_service(test_root, "cold", env={"STUDIO_POOL_SIZE": "1", "STUDIO_POOL_WARMUP_SECONDS": "2"})
-    svc.wait_pool(1)
-    yield svc
-    assert svc.stop() == 0
-    assert not svc.leftovers()
+def service(warm_service):
+    yield from shared_service(warm_service)  # the whole warm pool: tests check that it stays full
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +35,7 @@ def test_static_settings_get_a_cold_worker_with_exactly_those_settings(service, 
     assert session["state"] == "starting"
     assert session["driverMemory"] == "700m"
     sid = livy.wait_session(session["id"])["id"]
-    assert livy.http.get("/studio/status").json()["pool"]["ready"] == 1  # the warm worker went back
+    assert livy.http.get("/studio/status").json()["pool"]["ready"] == WARM_POOL  # the warm worker went back
     max_heap_mb = int(livy.text(sid, "sc._jvm.java.lang.Runtime.getRuntime().maxMemory() // 2**20"))
     assert 550 <= max_heap_mb <= 700
     assert livy.text(sid, "from session_helper import greet\ngreet('cold')") == "'hello cold from pyFiles'"
@@ -66,8 +62,8 @@ def test_a_cold_start_that_fails_ends_dead_with_the_reason(livy):
 
 
 def test_an_invalid_runtime_conf_value_is_a_clear_400(service, livy):
-    service.wait_pool(1)
+    service.wait_pool(WARM_POOL)
     response = livy.http.post("/sessions", json={"conf": {"spark.sql.shuffle.partitions": "several"}})
     assert response.status_code == 400
     assert "spark.sql.shuffle.partitions" in response.json()["msg"]
-    assert livy.http.get("/studio/status").json()["pool"]["ready"] == 1
+    assert livy.http.get("/studio/status").json()["pool"]["ready"] == WARM_POOL

@@ -15,18 +15,14 @@ import time
 import httpx
 import pytest
 
-from conftest import start_service
+from conftest import shared_service, start_service
 from helpers import build_wheel
 from kernelhelpers import Kernel
 
 
 @pytest.fixture(scope="module")
-def service(test_root):
-    svc = start_service(test_root, "kernel", env={"STUDIO_POOL_SIZE": "2", "STUDIO_POOL_WARMUP_SECONDS": "3"})
-    svc.wait_pool(2)
-    yield svc
-    assert svc.stop() == 0
-    assert not svc.leftovers()
+def service(warm_service):
+    yield from shared_service(warm_service, ready=2)
 
 
 @pytest.fixture(scope="module")

@@ -8,19 +8,15 @@ import pytest
 import requests
 from livy import LivyBatch, LivySession, SessionKind, SessionState
 
-from conftest import start_service
+from conftest import shared_service
 from helpers import REPO
 
 FILES = REPO / "tests" / "files"
 
 
 @pytest.fixture(scope="module")
-def service(test_root):
-    svc = start_service(test_root, "pylivy", env={"STUDIO_POOL_SIZE": "2", "STUDIO_POOL_WARMUP_SECONDS": "3"})
-    svc.wait_pool(2)  # both sessions tests take a warm worker; neither waits for a refill
-    yield svc
-    assert svc.stop() == 0
-    assert not svc.leftovers()
+def service(warm_service):
+    yield from shared_service(warm_service, ready=2)  # both sessions tests take a warm worker; neither waits for a refill
 
 
 def auth(service):

@@ -15,17 +15,13 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from conftest import start_service
+from conftest import shared_service
 from helpers import REPO, TEST_TOKEN, processes_under
 
 
 @pytest.fixture(scope="module")
-def service(test_root):
-    svc = start_service(test_root, "run", env={"STUDIO_POOL_SIZE": "1", "STUDIO_POOL_WARMUP_SECONDS": "2"})
-    svc.wait_pool(1)
-    yield svc
-    assert svc.stop() == 0
-    assert not svc.leftovers()
+def service(warm_service):
+    yield from shared_service(warm_service, ready=1)
 
 
 def write(path: Path, *cells, parameters: str | None = None) -> Path:

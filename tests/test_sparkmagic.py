@@ -16,7 +16,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from conftest import start_service
+from conftest import shared_service, start_service
 from helpers import REPO
 
 
@@ -58,48 +58,47 @@ def cell_text(cell) -> str:
     return "\n".join(parts)
 
 
-def test_sparkmagic_kernel_runs_a_notebook_against_the_service(test_root, tmp_path):
+@pytest.fixture(scope="module")
+def service(warm_service):
+    yield from shared_service(warm_service, ready=2)
+
+
+def test_sparkmagic_kernel_runs_a_notebook_against_the_service(service, tmp_path):
     python = sparkmagic_python()
-    service = start_service(test_root, "sparkmagic", env={"STUDIO_POOL_SIZE": "2", "STUDIO_POOL_WARMUP_SECONDS": "3"})
-    try:
-        service.wait_pool(2)
-        config_dir = tmp_path / "sparkmagic"
-        config_dir.mkdir()
-        (config_dir / "config.json").write_text(
-            json.dumps(
-                {
-                    # sparkmagic's Basic_Access: any user name, the studio's token as the password.
-                    "kernel_python_credentials": {
-                        "username": "analyst", "password": service.token, "url": service.url, "auth": "Basic_Access"
-                    },
-                    "livy_session_startup_timeout_seconds": 180,
-                }
-            )
+    config_dir = tmp_path / "sparkmagic"
+    config_dir.mkdir()
+    (config_dir / "config.json").write_text(
+        json.dumps(
+            {
+                # sparkmagic's Basic_Access: any user name, the studio's token as the password.
+                "kernel_python_credentials": {
+                    "username": "analyst", "password": service.token, "url": service.url, "auth": "Basic_Access"
+                },
+                "livy_session_startup_timeout_seconds": 180,
+            }
         )
-        notebook = nbformat.v4.new_notebook()
-        notebook.cells = [nbformat.v4.new_code_cell(source) for source in CELLS]
-        source, executed = tmp_path / "sparkmagic.ipynb", tmp_path / "sparkmagic-out.ipynb"
-        nbformat.write(notebook, source)
-        env = {**os.environ, "SPARKMAGIC_CONF_DIR": str(config_dir), "JUPYTER_PLATFORM_DIRS": "1"}
-        env.pop("PYTHONPATH", None)
-        result = subprocess.run(
-            [str(python), str(REPO / "tests" / "sparkmagic_runner.py"), str(source), str(executed)],
-            capture_output=True, text=True, timeout=900, env=env,
-        )
-        assert result.returncode == 0, result.stderr[-5000:]
-        cells = nbformat.read(executed, as_version=4).cells
-        texts = [cell_text(cell) for cell in cells]
-        assert "10" in texts[1]
-        assert "local rows 10 90" in texts[3]
-        assert "Current session configs" in texts[4] and "pyspark" in texts[4]
-        assert any("image/png" in out.get("data", {}) for out in cells[5].outputs)
-        assert "spark has sent from the notebook" in texts[8]
-        assert "ZeroDivisionError" in texts[9] or "division by zero" in texts[9]
-        assert "after the error 3" in texts[10]
-        assert "partitions 7" in texts[12]
-    finally:
-        assert service.stop() == 0
-    assert not service.leftovers()
+    )
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(source) for source in CELLS]
+    source, executed = tmp_path / "sparkmagic.ipynb", tmp_path / "sparkmagic-out.ipynb"
+    nbformat.write(notebook, source)
+    env = {**os.environ, "SPARKMAGIC_CONF_DIR": str(config_dir), "JUPYTER_PLATFORM_DIRS": "1"}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [str(python), str(REPO / "tests" / "sparkmagic_runner.py"), str(source), str(executed)],
+        capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    cells = nbformat.read(executed, as_version=4).cells
+    texts = [cell_text(cell) for cell in cells]
+    assert "10" in texts[1]
+    assert "local rows 10 90" in texts[3]
+    assert "Current session configs" in texts[4] and "pyspark" in texts[4]
+    assert any("image/png" in out.get("data", {}) for out in cells[5].outputs)
+    assert "spark has sent from the notebook" in texts[8]
+    assert "ZeroDivisionError" in texts[9] or "division by zero" in texts[9]
+    assert "after the error 3" in texts[10]
+    assert "partitions 7" in texts[12]
 
 
 SPARKMAGIC_HTTP = """

@@ -174,3 +174,31 @@ def test_json_columns_round_trip_and_unfinished_work_is_closed(tmp_path):
         assert store.get("sessions", 0) is None
     finally:
         store.close()
+
+
+def test_two_servers_starting_on_one_file_migrate_it_once(tmp_path):
+    # `studio serve` and its `studio livy` may start together on one state directory.
+    import threading
+
+    path = tmp_path / "studio.db"
+    old_database(path)
+    stores: list[Store] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            stores.append(Store(path))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for store in stores:
+        store.close()
+    assert not errors and len(stores) == 4
+    assert version_of(path) == SCHEMA_VERSION

@@ -167,7 +167,7 @@ class LivyClient:
         if self.on_reconnect is not None:
             try:
                 self.on_reconnect(text)
-            except Exception:  # noqa: BLE001 - telling must never break the call
+            except Exception:  # noqa: BLE001, S110 - telling must never break the call
                 pass
 
     def _move(self, where: tuple[str, str | None] | None) -> None:

@@ -116,7 +116,7 @@ def host_names(bound_host: str, allowed: list[str]) -> tuple[set[str], bool]:
         return set(), True
     names = {name.strip().lower() for name in allowed if name.strip()}
     bound = bound_host.strip("[]").lower()
-    if bound in ("0.0.0.0", "::", ""):
+    if bound in ("0.0.0.0", "::", ""):  # noqa: S104 - recognises such a bind, binds nothing
         # Bound to every address: this machine's names and addresses are its names.
         names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
         try:

@@ -20,7 +20,7 @@ import secrets
 import time
 from pathlib import Path
 
-TOKEN_FILE = "token"
+TOKEN_FILE = "token"  # noqa: S105 - the file's name, not its content
 
 
 def token_path(state_dir: Path) -> Path:

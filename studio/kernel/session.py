@@ -152,7 +152,7 @@ class RemoteSession:
         def prepare() -> None:
             try:
                 self.connect().is_studio
-            except Exception:  # noqa: BLE001 - reported by the first remote cell instead
+            except Exception:  # noqa: BLE001, S110 - reported by the first remote cell instead
                 pass
 
         threading.Thread(target=prepare, name="studio-prepare", daemon=True).start()

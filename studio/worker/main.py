@@ -427,7 +427,7 @@ class Worker:
             try:
                 self.jvm.stdin.close()
                 self.jvm.wait(timeout=float(self.config.get("stop_timeout", 5.0)))
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001, S110 - the worker exits next; the service's stop escalates
                 pass
         sys.__stdout__.flush()
         sys.__stderr__.flush()
@@ -449,7 +449,7 @@ class Worker:
         while self.current == statement_id and time.monotonic() < deadline:
             try:
                 self.sc.cancelJobGroup(job_group(statement_id))
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001, S110 - tried again in 100 ms, then the interrupt follows
                 pass
             now = time.monotonic()
             # A cancelled Spark job returns within a few hundred ms on its own; code that is

@@ -75,7 +75,7 @@ class SessionPackages:
         if args[0] == "install":
             command.append("--no-warn-script-location")
         # pip's lines are printed as they come, so a long install shows its progress in the cell.
-        process = subprocess.Popen(
+        process = subprocess.Popen(  # noqa: S603 - this interpreter's pip with the session's own %pip arguments, no shell
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=_pip_env()
         )
         lines = []
@@ -98,7 +98,8 @@ class SessionPackages:
     def _ensure_venv(self) -> Path:
         python = self.venv / "bin" / "python"
         if not python.exists():
-            subprocess.run([sys.executable, "-P", "-m", "venv", "--without-pip", str(self.venv)], check=True, capture_output=True)
+            venv = [sys.executable, "-P", "-m", "venv", "--without-pip", str(self.venv)]
+            subprocess.run(venv, check=True, capture_output=True)  # noqa: S603 - a fixed command
             layer = Path(self.site_packages()) / "_studio_session_base.pth"
             layer.write_text(_base_layer(exclude=str(self.venv)))
         return python

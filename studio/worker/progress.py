@@ -89,7 +89,7 @@ class ProgressReporter:
                         break
                 try:
                     current = snapshot(self.sc, job_group(statement_id))
-                except Exception:  # noqa: BLE001 - a py4j hiccup must not stop progress for good
+                except Exception:  # noqa: BLE001, S112 - a py4j hiccup must not stop progress for good
                     continue
                 if current != last and current[1]:
                     last = current

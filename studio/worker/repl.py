@@ -186,10 +186,11 @@ class PythonRepl:
 
     def _run_module(self, module: ast.Module, filename: str) -> None:
         body = module.body
+        # Running the user's statement is what this REPL is for.
         for node in body[:-1]:
-            exec(compile(ast.Module([node], []), filename, "exec"), self.namespace)
+            exec(compile(ast.Module([node], []), filename, "exec"), self.namespace)  # noqa: S102
         for node in body[-1:]:
-            exec(compile(ast.Interactive([node]), filename, "single"), self.namespace)
+            exec(compile(ast.Interactive([node]), filename, "single"), self.namespace)  # noqa: S102
 
     def _run_magic(self, line: str) -> dict[str, Any]:
         name, _, rest = line[1:].partition(" ")

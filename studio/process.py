@@ -280,7 +280,7 @@ class ChildProcess:
         with contextlib.ExitStack() as stack:
             handle = stack.enter_context(_output_handle(self.output))
             errors = subprocess.STDOUT if self.stderr == subprocess.STDOUT else stack.enter_context(_output_handle(self.stderr))
-            self._popen = subprocess.Popen(
+            self._popen = subprocess.Popen(  # noqa: S603 - the one place children start: an argument list, no shell
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=handle,

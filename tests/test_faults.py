@@ -8,7 +8,6 @@ import os
 import sys
 import time
 
-import httpx
 import pytest
 
 from conftest import start_service

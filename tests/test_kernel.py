@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 
 from conftest import shared_service, start_service

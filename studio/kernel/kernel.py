@@ -598,7 +598,7 @@ class PySparkKernel(IPythonKernel):
         except LivyError as exc:
             print(f"Its log is no longer available from the service ({exc}).", flush=True)
             return
-        print(f"Its log:\n" + "\n".join(lines), flush=True)
+        print("Its log:\n" + "\n".join(lines), flush=True)
 
     def _run_help(self, cell: Cell) -> None:
         display(bundles.help_bundle(HELP_ROWS), raw=True)

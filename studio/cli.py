@@ -203,6 +203,7 @@ def _run_notebook(args: argparse.Namespace) -> int:
         cell_timeout=args.cell_timeout,
         kernel=args.kernel,
         record=args.record,
+        events=args.events,
     )
     return run(options)
 
@@ -296,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cell-timeout", type=float, help="seconds a cell may run (default: no limit)")
     run.add_argument("--kernel", default="pyspark", help="kernel to run it with (default pyspark)")
     run.add_argument("--record", type=Path, help="folder for the run record (record.json)")
+    run.add_argument(
+        "--events", type=Path, help="append progress to this file as JSON lines, for programs (see studio.execution.events)"
+    )
     run.set_defaults(func=cmd_run)
 
     bench = sub.add_parser("bench", help="measure warm vs cold start, statement round trip and memory")

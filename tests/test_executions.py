@@ -2,13 +2,18 @@
 `studio serve` with its embedded session service, real `studio run` processes, real PySpark.
 
 One server for the module (at most one execution at a time, so queueing shows); the last test
-stops and restarts it.
+of it stops and restarts it (stopping everything). A second server keeps its runs across restarts
+(as a restart of the Studio does): a run survives a restart, one that ends meanwhile is finished
+from its events, and one lost in a crash is queued again or failed with the reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -19,7 +24,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from workspace_helpers import StudioProcess
+from workspace_helpers import StudioProcess, alive, wait_gone
 
 FINAL = ("FINISHED", "FAILED", "STOPPED")
 
@@ -379,3 +384,132 @@ def _store_a_record_of_an_older_version(studio) -> int:
     folder.mkdir(parents=True)
     (folder / "record.json").write_text('{"parameters": {"f": NaN}, "cells": [], "spark_app_id": null}')
     return old_id
+
+
+# -- runs outlive the server ------------------------------------------------------------------------
+# A server of its own that keeps its runs when it stops (STUDIO_STOP_SESSIONS_ON_EXIT=false, as a
+# restart of the Studio does), with notebooks of %%local cells: they need no Spark, so the
+# embedded session service moving to another port across the restart does not matter to them.
+
+
+@pytest.fixture(scope="module")
+def restartable(test_root):
+    server = StudioProcess(
+        test_root / "executions-restart",
+        env={"STUDIO_STOP_SESSIONS_ON_EXIT": "false", "STUDIO_MAX_CONCURRENT_EXECUTIONS": "2"},
+        pool=0,
+    ).start()
+    client = server.client()
+    client.create(name="survivors")
+    client.close()
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        assert server.stop() == 0, server.log_tail()
+    left = server.leftovers()
+    for pid, _ in left:  # runs a failed test left running: not for the next tests to trip on
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left behind: {left}"
+
+
+def local_cell(text: str, sleep: float = 0, until: Path | None = None) -> str:
+    """A %%local cell that sleeps, or waits until the file ``until`` exists, then prints ``text``."""
+    wait = f"while not os.path.exists({str(until)!r}):\n    time.sleep(0.1)\n" if until else f"time.sleep({sleep})\n"
+    return f"%%local\nimport os, time\n{wait}print({text!r})"
+
+
+def events(server, execution_id: int) -> list[dict[str, Any]]:
+    """What `studio run --events` wrote for an execution (the channel the server follows)."""
+    path = server.state_dir / "executions" / str(execution_id) / "events.jsonl"
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def wait_event(server, execution_id: int, predicate, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [e for e in events(server, execution_id) if predicate(e)]
+        if found:
+            return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"execution {execution_id}: no such event in {events(server, execution_id)}")
+
+
+def kill_run(pid: int) -> None:
+    """SIGKILL a `studio run` and its kernel (in a session of its own), as an OOM killer might."""
+    import psutil
+
+    process = psutil.Process(pid)
+    family = [process, *process.children(recursive=True)]
+    for member in family:
+        member.kill()
+    psutil.wait_procs(family, timeout=30)
+
+
+def test_a_running_execution_survives_a_restart_of_studio_serve(restartable):
+    folder = restartable.root / "survivors"
+    go = folder / "go"  # the second cell of `steady` runs until the test says so, after the restart
+    write(folder, "steady.ipynb", local_cell("one", 1), local_cell("two", until=go), local_cell("three"))
+    write(folder, "brief.ipynb", local_cell("brief", 3))
+    with api(restartable) as client:
+        steady = start(client, workspace="survivors", notebook="steady.ipynb")
+        brief = start(client, workspace="survivors", notebook="brief.ipynb")
+        wait_status(client, brief["id"], ("RUNNING",))
+        wait_event(restartable, steady["id"], lambda e: e["event"] == "cell_finished" and e["number"] == 1)
+        deadline = time.monotonic() + 10  # the server reads the events file a few times a second
+        while client.get(f"/api/executions/{steady['id']}").json()["progress"]["cells_done"] < 1:
+            assert time.monotonic() < deadline, "the server did not follow the run's events"
+            time.sleep(0.1)
+
+    assert restartable.stop() == 0, restartable.log_tail()  # SIGTERM: the runs are left running
+    pid = wait_event(restartable, steady["id"], lambda e: e["event"] == "started")["pid"]
+    assert alive(pid), "the run died with its server"
+    # One run ends while no server is watching; the other is still running when the next one starts.
+    wait_event(restartable, brief["id"], lambda e: e["event"] == "finished")
+    assert not any(e["event"] == "finished" for e in events(restartable, steady["id"]))
+    restartable.start()
+    with api(restartable) as client:
+        assert client.get(f"/api/executions/{steady['id']}").json()["status"] == "RUNNING"
+        go.touch()
+        done = wait_status(client, steady["id"], FINAL)
+        assert done["status"] == "FINISHED" and done["exit_code"] == 0, done["last_state_change_reason"]
+        assert "All 3 cells succeeded" in done["last_state_change_reason"]
+        assert [c["status"] for c in done["record"]["cells"]] == ["completed"] * 3
+        text = json.dumps([c.get("outputs") for c in nbformat.reads(client.get(done["output"]["notebook"]).text, as_version=4).cells])
+        assert all(word in text for word in ("one", "two", "three"))
+        ended = client.get(f"/api/executions/{brief['id']}").json()
+        assert ended["status"] == "FINISHED" and ended["exit_code"] == 0, ended["last_state_change_reason"]
+    assert f"found its studio run (pid {pid}) again" in restartable.log_tail(20000)
+    assert wait_gone(pid)
+
+
+def test_a_run_lost_in_a_restart_is_queued_again_or_failed_with_the_reason(restartable):
+    folder = restartable.root / "survivors"
+    write(folder, "late.ipynb", local_cell("first"), local_cell("never ends", 600), local_cell("never"))
+    write(folder, "early.ipynb", local_cell("ran once"))
+    with api(restartable) as client:
+        late = start(client, workspace="survivors", notebook="late.ipynb")
+        wait_event(restartable, late["id"], lambda e: e["event"] == "cell_started" and e["number"] == 2)
+        early = start(client, workspace="survivors", notebook="early.ipynb")
+        # Lost before its kernel ran a cell: its server is killed, and so is the run, before either learns more.
+        early_pid = wait_event(restartable, early["id"], lambda e: e["event"] == "started")["pid"]
+        restartable.crash()
+        kill_run(early_pid)
+    kill_run(wait_event(restartable, late["id"], lambda e: e["event"] == "started")["pid"])
+    assert not any(e["event"] == "cell_started" for e in events(restartable, early["id"])), "the early run got too far"
+
+    restartable.start()
+    with api(restartable) as client:
+        lost = client.get(f"/api/executions/{late['id']}").json()
+        assert lost["status"] == "FAILED", lost
+        reason = lost["last_state_change_reason"]
+        assert reason.startswith("Lost: its studio run ended during cell 2 of 3 while studio serve was restarting"), reason
+        again = wait_status(client, early["id"], FINAL)
+        assert again["status"] == "FINISHED", again["last_state_change_reason"]
+        assert nbformat.reads(client.get(again["output"]["notebook"]).text, as_version=4).cells[0].outputs[0]["text"] == "ran once\n"
+    # It was queued again (it had run no cell) and ran from the start in a new `studio run`, with events of its own.
+    assert f"execution {early['id']}: STARTING -> START_PENDING (Queued again: its studio run ended" in restartable.log_tail(50000)
+    started = [e for e in events(restartable, early["id"]) if e["event"] == "started"]
+    assert len(started) == 1 and started[0]["pid"] != early_pid

@@ -3,81 +3,68 @@
 An execution runs one notebook of a workspace, headless, on a compute: it is a ``studio run``
 child process (``studio.execution``) given the compute's Livy URL, an output folder and the
 parameters, so the API and the CLI share one implementation. This module queues executions up to
-``max_concurrent_executions``, follows each run through the progress lines ``studio run`` writes
-on stderr, maps them to EMR's statuses and keeps the record in the store.
+``max_concurrent_executions``, follows each run through the JSON lines ``studio run --events``
+appends (``studio.execution.events``; never its console text), maps them to EMR's statuses
+(``models.ExecutionStatus``, every change checked against ``models.EXECUTION_TRANSITIONS``) and
+keeps the record in the store.
 
-Statuses (EMR's): ``START_PENDING`` (queued) -> ``STARTING`` (process and kernel starting) ->
-``RUNNING`` (cells run) -> ``FINISHING`` (last cell done; output, HTML, session cleanup) ->
-``FINISHED``; a failing cell goes ``FAILING`` -> ``FAILED``; a stop goes ``STOP_PENDING`` ->
-``STOPPING`` (SIGINT: the running cell is cancelled, the output written, the session deleted)
--> ``STOPPED``. Every change has a ``last_state_change_reason``.
+Statuses: ``START_PENDING`` (queued) -> ``STARTING`` (process and kernel starting) -> ``RUNNING``
+(cells run) -> ``FINISHING`` (last cell done; output, HTML, session cleanup) -> ``FINISHED``; a
+failing cell goes ``FAILING`` -> ``FAILED``; a stop goes ``STOP_PENDING`` -> ``STOPPING``
+(SIGINT: the running cell is cancelled, the output written, the session deleted) -> ``STOPPED``.
+Every change has a ``last_state_change_reason``.
 
 Each run's files are in ``<state_dir>/executions/<id>/``: ``output.ipynb``, ``output.html``,
-``record.json`` (``studio run --record``), ``parameters.yaml`` and ``run.log``. The child
-processes die with the server (``die_with_parent``); a server that stops stops them first, and
-one that restarts marks the runs it lost as ``STOPPED`` with the reason and starts the queued
-ones.
+``record.json`` (``studio run --record``), ``parameters.yaml``, ``run.log`` (what the run printed,
+for people) and ``events.jsonl`` (its progress, for this module).
+
+Runs outlive the server. A ``studio run`` child is a ``studio.process.ChildProcess`` in a session
+of its own that does not die with the server (its notebook is bounded: a run that loses its
+server simply finishes), and its process record is in the store while it runs. A server that
+stops leaves its runs running, unless ``stop_sessions_on_exit`` asks it to stop everything (then
+they are STOPPED with the reason, as before); the next server adopts each one (pid and create
+time, never a reused pid) and follows its events file from the start. A run that ended while no
+server watched is finished from its ``finished`` event; one that is gone without a word is
+queued again if it never started a cell, else FAILED (STOPPED if it was being stopped) with the
+reason. Nothing is silently lost. Queued runs start again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import enum
 import json
 import logging
 import math
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
-from pydantic import Field
 
 from studio.auth.credentials import without_secrets
 from studio.config import Settings
 from studio.errors import ConflictError, InvalidRequestError, NotFoundError
-from studio.execution import CELL_LINE, KERNEL_READY, RUN_STARTED, RunError, inject_parameters, json_safe, read_notebook
+from studio.execution import RunError, inject_parameters, json_safe, read_notebook
+from studio.execution import events as ev
+from studio.process import ChildProcess, describe_exit, python_command
 from studio.store import Store
 from studio.workspaces.computes import LOCAL, ComputeManager
 from studio.workspaces.manager import WorkspaceManager
-from studio.workspaces.models import _Body, record_id
+from studio.workspaces.models import (
+    STOP_STATUSES,
+    ExecutionStatus,
+    StartExecution,
+    check_execution_transition,
+    record_id,
+)
 
 log = logging.getLogger("studio.workspaces.executions")
 
-
-class ExecutionStatus(str, enum.Enum):
-    START_PENDING = "START_PENDING"
-    STARTING = "STARTING"
-    RUNNING = "RUNNING"
-    FINISHING = "FINISHING"
-    FINISHED = "FINISHED"
-    FAILING = "FAILING"
-    FAILED = "FAILED"
-    STOP_PENDING = "STOP_PENDING"
-    STOPPING = "STOPPING"
-    STOPPED = "STOPPED"
-
-    @property
-    def is_final(self) -> bool:
-        return self in FINAL_STATUSES
-
-
-FINAL_STATUSES = frozenset({ExecutionStatus.FINISHED, ExecutionStatus.FAILED, ExecutionStatus.STOPPED})
-STOP_STATUSES = frozenset({ExecutionStatus.STOP_PENDING, ExecutionStatus.STOPPING})
-
-
-class StartExecution(_Body):
-    workspace: int | str = Field(description="The workspace's id or name.")
-    notebook: str = Field(max_length=4096, description="Path of the notebook inside the workspace's folder.")
-    parameters: dict[str, Any] = Field(default_factory=dict)
-    compute: str | None = Field(None, description="Compute to run on; default the workspace's, else 'local'.")
-    name: str | None = Field(None, max_length=256)
-    kernel: str = Field("pyspark", min_length=1, max_length=128)
-    cell_timeout: float | None = Field(None, gt=0)
+FOLLOW_SECONDS = 0.25  # how often a running execution's events file is read
+KILL_AFTER_SIGTERM_SECONDS = 10.0
 
 
 class Execution:
@@ -103,15 +90,18 @@ class Execution:
         self.state_changed_at: float | None = row.get("state_changed_at")
         self.exit_code: int | None = row.get("exit_code")
         self.warnings: list[str] = row.get("warnings") or []
+        self.process_record: dict[str, Any] | None = row.get("process")  # studio.process's record while it runs
         self.folder = folder
-        self.process: asyncio.subprocess.Process | None = None
+        self.process: ChildProcess | None = None
         self.task: asyncio.Task[None] | None = None
         self.escalation: asyncio.Task[None] | None = None  # SIGTERM, then SIGKILL, if a stop takes too long
-        self.handles_signals = False  # `studio run` said RUN_STARTED: a SIGINT now ends it cleanly
+        self.events = ev.EventReader(self.events_path)
+        self.handles_signals = False  # its `started` event came: a SIGINT now ends it cleanly
         self._record: dict[str, Any] | None = None  # record.json, kept once the run is over
+        self.cells_started = 0
         self.cells_done = 0
         self.cells_total: int | None = None
-        self.failure: str | None = None
+        self.finished: dict[str, Any] | None = None  # its `finished` event
 
     @property
     def output_path(self) -> Path:
@@ -128,6 +118,10 @@ class Execution:
     @property
     def log_path(self) -> Path:
         return self.folder / "run.log"
+
+    @property
+    def events_path(self) -> Path:
+        return self.folder / "events.jsonl"
 
     def record(self) -> dict[str, Any] | None:
         """``record.json`` of the run; read once it is final (the UI asks every few seconds)."""
@@ -179,7 +173,7 @@ class Execution:
 
 
 class ExecutionManager:
-    """Starts, queues, follows and stops executions; raises only ``studio.errors``."""
+    """Starts, queues, follows, adopts and stops executions; raises only ``studio.errors``."""
 
     def __init__(self, settings: Settings, store: Store, workspaces: WorkspaceManager, computes: ComputeManager) -> None:
         self.settings = settings
@@ -195,7 +189,8 @@ class ExecutionManager:
     # -- startup and shutdown --------------------------------------------------------------
 
     async def recover(self) -> None:
-        """Load the records; runs a previous server lost are STOPPED with the reason; queued ones start."""
+        """Load the records; adopt the runs a previous server left running, account for the ones
+        that ended meanwhile (see the module); queued ones start."""
         for row in self.store.all("executions"):
             try:
                 execution = Execution(row, self._folder(row["id"]))
@@ -204,19 +199,90 @@ class ExecutionManager:
                 continue
             self._executions[execution.id] = execution
             if not execution.status.is_final and execution.status is not ExecutionStatus.START_PENDING:
-                self._set(
-                    execution,
-                    ExecutionStatus.STOPPED,
-                    f"Stopped: studio serve stopped while it was {execution.status.value} (its run was ended with the "
-                    "server); the output notebook holds the cells that ran.",
-                    ended_at=execution.ended_at or time.time(),
-                )
+                self._recover_one(execution)
         self._schedule()
 
+    def _recover_one(self, execution: Execution) -> None:
+        was = execution.status
+        process = ChildProcess.adopt(
+            execution.process_record,
+            name=f"execution {execution.id}",
+            stop_timeout=self.settings.execution_stop_timeout,
+            descendants=True,  # its kernel, in a session of its own
+        )
+        if process is not None and not self._is_its_run(execution, process):
+            process = None
+        self._catch_up(execution)
+        if process is not None:
+            execution.process = process
+            log.info("execution %s: found its studio run (pid %s) again, %s", execution.id, process.pid, was.value)
+            if execution.status in STOP_STATUSES:  # the previous server had asked it to stop
+                self._signal(execution, signal.SIGINT)
+            execution.task = asyncio.create_task(self._follow_adopted(execution), name=f"execution-{execution.id}")
+            execution.task.add_done_callback(lambda _: self._schedule())
+            return
+        if execution.finished is not None:  # it ended while no server was watching, and said how
+            self._finish(execution, _exit_code(execution.finished))
+            return
+        if execution.process_record is None and not execution.events_path.exists():  # a record of an older version
+            self._set(
+                execution,
+                ExecutionStatus.STOPPED,
+                f"Stopped: studio serve stopped while it was {was.value} (its run was ended with the server); the "
+                "output notebook holds the cells that ran.",
+                ended_at=execution.ended_at or time.time(),
+                process=None,
+            )
+            return
+        if was in STOP_STATUSES:
+            self._set(execution, ExecutionStatus.STOPPED, self._lost_reason(execution, "stopping"), ended_at=time.time(), process=None)
+        elif execution.cells_started == 0:
+            # Nothing of the notebook ran, so running it again from the start loses nothing.
+            self._set(
+                execution,
+                ExecutionStatus.START_PENDING,
+                f"Queued again: its studio run ended while studio serve was restarting ({was.value}), before it ran a "
+                "cell.",
+                process=None,
+            )
+        else:
+            self._set(execution, ExecutionStatus.FAILED, self._lost_reason(execution, "running"), ended_at=time.time(), process=None)
+
+    @staticmethod
+    def _lost_reason(execution: Execution, doing: str) -> str:
+        total = f" of {execution.cells_total}" if execution.cells_total else ""
+        where = f" during cell {execution.cells_started}{total}" if execution.cells_started > execution.cells_done else (
+            f" after {execution.cells_done}{total} cells"
+        )
+        return (
+            f"Lost: its studio run ended{where} while studio serve was restarting, without saying how (it was "
+            f"{doing}); the output notebook holds the cells that ran."
+        )
+
+    def _is_its_run(self, execution: Execution, process: ChildProcess) -> bool:
+        """The adopted process is this execution's `studio run` (its command names the execution's folder):
+        pid and create time already say so; this also refuses a record that a bug mixed up."""
+        try:
+            command = psutil.Process(process.pid).cmdline()
+        except psutil.Error:
+            return False
+        return str(execution.events_path) in command
+
     async def shutdown(self) -> None:
-        """Stop every running execution (the server is stopping); queued ones stay queued for the next start."""
+        """The server is stopping. Its runs keep running for the next start, which adopts them; with
+        ``stop_sessions_on_exit`` they are stopped (STOPPED, with the reason). Queued ones stay queued."""
         self._closing = True
         running = [e for e in self._executions.values() if e.task is not None and not e.task.done()]
+        if not self.settings.stop_sessions_on_exit:
+            for execution in running:
+                assert execution.task is not None
+                execution.task.cancel()
+                if execution.escalation is not None:
+                    execution.escalation.cancel()
+                pid = execution.process.pid if execution.process is not None else None
+                log.info("execution %s: left %s (studio run pid %s) for the next start", execution.id, execution.status.value, pid)
+            await asyncio.gather(*(e.task for e in running if e.task is not None), return_exceptions=True)
+            return
         for execution in running:
             if execution.status not in STOP_STATUSES:
                 self._set(execution, ExecutionStatus.STOP_PENDING, "Stopping because studio serve is stopping.")
@@ -348,18 +414,30 @@ class ExecutionManager:
         return execution
 
     def _signal(self, execution: Execution, sig: int) -> None:
-        """Signal the run. A SIGINT waits until the run handles it (``RUN_STARTED``, see ``_follow``):
-        earlier it would kill the process before it could write its output notebook."""
+        """Signal the run. A SIGINT waits until the run handles it (its ``started`` event, see
+        ``_apply``): earlier it would kill the process before it could write its output notebook."""
         process = execution.process
-        if process is None or process.returncode is not None:
+        if process is None or process.poll() is not None:
             return
-        if sig == signal.SIGINT and execution.status is ExecutionStatus.STOP_PENDING:
-            self._set(execution, ExecutionStatus.STOPPING, "Cancelling the running cell and deleting the Spark session.")
-            execution.escalation = asyncio.create_task(self._escalate_stop(execution))
+        if sig == signal.SIGINT and execution.status in STOP_STATUSES:
+            if execution.status is ExecutionStatus.STOP_PENDING:
+                self._set(execution, ExecutionStatus.STOPPING, "Cancelling the running cell and deleting the Spark session.")
+            if execution.escalation is None or execution.escalation.done():  # (again, for a run adopted while stopping)
+                execution.escalation = asyncio.create_task(self._escalate_stop(execution))
         if sig == signal.SIGINT and not execution.handles_signals:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, sig)
+        process.send_signal(sig)
+
+    async def _escalate_stop(self, execution: Execution) -> None:
+        """A stopped run that does not end in time gets SIGTERM, then SIGKILL with its kernel."""
+        await asyncio.sleep(self.settings.execution_stop_timeout)
+        process = execution.process
+        if process is None:
+            return
+        process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(KILL_AFTER_SIGTERM_SECONDS)
+        if process.poll() is None:
+            await process.kill()
 
     # -- running ----------------------------------------------------------------------------
 
@@ -370,48 +448,60 @@ class ExecutionManager:
         for execution in sorted(self._executions.values(), key=lambda e: e.id):
             if running >= self.settings.max_concurrent_executions:
                 break
-            if execution.status is ExecutionStatus.START_PENDING and execution.task is None:
+            if execution.status is ExecutionStatus.START_PENDING and (execution.task is None or execution.task.done()):
                 execution.task = asyncio.create_task(self._run(execution), name=f"execution-{execution.id}")
                 execution.task.add_done_callback(lambda _: self._schedule())  # once done, it frees its slot
                 running += 1
 
     async def _run(self, execution: Execution) -> None:
         try:
-            await self._run_process(execution)
+            if self._start_process(execution):
+                await self._follow(execution)
         except Exception as exc:  # noqa: BLE001 - a run's failure must never reach the server
             log.exception("execution %s failed to run", execution.id)
             if not execution.status.is_final:
                 self._set(execution, ExecutionStatus.FAILED, f"studio run could not be started: {exc}", ended_at=time.time())
-        finally:
-            execution.process = None
+
+    async def _follow_adopted(self, execution: Execution) -> None:
+        try:
+            await self._follow(execution)
+        except Exception:  # noqa: BLE001 - one run's failure must never reach the server
+            log.exception("execution %s: following its adopted run failed", execution.id)
 
     def _command(self, execution: Execution, notebook: Path) -> list[str]:
-        command = [
-            sys.executable, "-P", "-m", "studio", "run", str(notebook),
+        command = python_command(
+            "studio", "run", str(notebook),
             "-o", str(execution.output_path), "--html", str(execution.html_path),
             "--livy-url", execution.livy_url, "--record", str(execution.folder), "--kernel", execution.kernel,
-        ]  # fmt: skip
+            "--events", str(execution.events_path),
+        )  # fmt: skip
         if execution.parameters:
             params = execution.folder / "parameters.yaml"
             params.write_text(yaml.safe_dump(execution.parameters, sort_keys=False, allow_unicode=True))
             command += ["-f", str(params)]
         if execution.cell_timeout:
             command += ["--cell-timeout", f"{execution.cell_timeout:g}"]
-        # SIGTERM reaches the run (which then cleans up like on Ctrl-C) even if this server is killed.
-        return [sys.executable, "-P", "-m", "studio.workspaces.die_with_parent", str(os.getpid()), "--", *command]
+        return command
 
-    async def _run_process(self, execution: Execution) -> None:
+    def _start_process(self, execution: Execution) -> bool:
+        """Start the run's `studio run` (no await between the check and the start: a stop cannot slip in)."""
         if execution.status is not ExecutionStatus.START_PENDING:  # stopped while it was being scheduled
-            return
+            return False
         execution.folder.mkdir(parents=True, exist_ok=True)
         compute = self.computes.find(execution.compute)  # its URL now: `local` moves when the server restarts
         if compute is None:
             self._set(execution, ExecutionStatus.FAILED, f"Compute '{execution.compute}' was removed before the run started.", ended_at=time.time())
-            return
+            return False
         execution.livy_url = compute.url
         self._save(execution, livy_url=compute.url)
         folder = self._workspace_folder(execution)
         notebook = folder / execution.notebook
+        # A run queued again after a restart starts afresh: the events of the lost run are not this run's.
+        execution.events_path.unlink(missing_ok=True)
+        execution.events = ev.EventReader(execution.events_path)
+        execution.handles_signals, execution.finished = False, None
+        execution.cells_started = execution.cells_done = 0
+        execution.cells_total = None
         self._set(execution, ExecutionStatus.STARTING, f"Starting the PySpark kernel and a session on compute '{execution.compute}'.")
         execution.started_at = time.time()
         self._save(execution, started_at=execution.started_at)
@@ -421,30 +511,22 @@ class ExecutionManager:
         user, token = self.computes.credentials(compute)
         env.update({"STUDIO_LIVY_TOKEN": token} if token else {})
         env.update({"STUDIO_LIVY_USER": user} if user else {})
-        with open(execution.log_path, "ab") as run_log:
-            process = await asyncio.create_subprocess_exec(
-                *self._command(execution, notebook),
-                cwd=str(folder if folder.is_dir() else execution.folder),
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=run_log,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,  # a Ctrl-C at the server's terminal is the server's to handle
-            )
-            execution.process = process
-            if execution.status is ExecutionStatus.STOP_PENDING:  # stopped while the process started
-                self._signal(execution, signal.SIGINT)
-            assert process.stderr is not None
-            try:
-                async for raw in process.stderr:
-                    run_log.write(raw)
-                    run_log.flush()
-                    self._follow(execution, raw.decode("utf-8", "replace").rstrip("\n"))
-                code = await process.wait()
-            finally:
-                if execution.escalation is not None:
-                    execution.escalation.cancel()
-        self._finish(execution, code)
+        # Its own session (a Ctrl-C at the server's terminal is the server's to handle) and no tie to the
+        # server's life: the run outlives a restart, and the next server adopts it.
+        execution.process = ChildProcess(
+            self._command(execution, notebook),
+            name=f"execution {execution.id}",
+            cwd=folder if folder.is_dir() else execution.folder,
+            env=env,
+            output=execution.log_path,
+            stop_timeout=self.settings.execution_stop_timeout,
+            descendants=True,  # its kernel, in a session of its own
+        )
+        execution.process.start()
+        record = execution.process.record
+        execution.process_record = record.to_json() if record is not None else None
+        self._save(execution, process=execution.process_record)
+        return True
 
     def _workspace_folder(self, execution: Execution) -> Path:
         """The workspace's folder now (it may have been renamed since), or where it was."""
@@ -453,44 +535,74 @@ class ExecutionManager:
         except NotFoundError:
             return self.settings.root / execution.workspace
 
-    def _follow(self, execution: Execution, line: str) -> None:
-        """Move the status on from one of ``studio run``'s progress lines."""
-        if line.startswith(RUN_STARTED) and not execution.handles_signals:
+    async def _follow(self, execution: Execution) -> None:
+        """Follow the run's events until its process exits, then finish its record."""
+        process = execution.process
+        assert process is not None
+        exited = asyncio.ensure_future(process.wait())
+        try:
+            while not exited.done():
+                self._catch_up(execution)
+                await asyncio.wait({exited}, timeout=FOLLOW_SECONDS)
+            self._catch_up(execution)
+        finally:
+            if not exited.done():  # the server is stopping and leaves the run running
+                exited.cancel()
+            if execution.escalation is not None and exited.done():
+                execution.escalation.cancel()
+        code: int | None = exited.result()
+        if process.adopted:  # not our child: only the run itself can say how it ended
+            code = _exit_code(execution.finished) if execution.finished is not None else None
+        self._finish(execution, code)
+
+    def _catch_up(self, execution: Execution) -> None:
+        for event in execution.events.read():
+            self._apply(execution, event)
+
+    def _apply(self, execution: Execution, event: dict[str, Any]) -> None:
+        """Move the status on from one of ``studio run``'s events (also replayed ones: each moves
+        the status forward only, so reading a run's events again changes nothing)."""
+        kind = event.get("event")
+        if kind == ev.STARTED and not execution.handles_signals:
             execution.handles_signals = True
             if execution.status in STOP_STATUSES and execution.process is not None:  # a stop that came early
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(execution.process.pid, signal.SIGINT)
+                execution.process.send_signal(signal.SIGINT)
             return
-        if execution.status in STOP_STATUSES:
+        if kind == ev.FINISHED:
+            execution.finished = event
             return
-        if line.startswith(KERNEL_READY) and execution.status is ExecutionStatus.STARTING:
+        if kind == ev.KERNEL_READY:
+            execution.cells_total = _int(event.get("cells"), execution.cells_total)
+        elif kind in (ev.CELL_STARTED, ev.CELL_FINISHED):
+            number, total = _int(event.get("number"), 0), _int(event.get("total"), None)
+            execution.cells_total = total or execution.cells_total
+            if kind == ev.CELL_STARTED:
+                execution.cells_started = max(execution.cells_started, number or 0)
+            else:
+                execution.cells_done = max(execution.cells_done, number or 0)
+        if execution.status in STOP_STATUSES or execution.status.is_final:
+            return
+        if kind == ev.KERNEL_READY and execution.status is ExecutionStatus.STARTING:
             self._set(execution, ExecutionStatus.RUNNING, "The kernel is running the notebook's cells.")
-            return
-        if " failed: " in line and line.startswith("studio run: "):
-            execution.failure = line[len("studio run: ") :]
-            return
-        match = CELL_LINE.match(line)
-        if not match:
-            return
-        done, total, outcome = int(match.group(1)), int(match.group(2)), match.group(3)
-        execution.cells_done, execution.cells_total = done, total
-        if outcome == "failed" and execution.status is not ExecutionStatus.FAILING:
-            self._set(execution, ExecutionStatus.FAILING, f"Cell {done} of {total} failed; saving the output and deleting the session.")
-        elif outcome == "completed" and done == total and execution.status is ExecutionStatus.RUNNING:
-            self._set(execution, ExecutionStatus.FINISHING, "All cells ran; saving the output and deleting the session.")
+        elif kind == ev.CELL_FINISHED:
+            status, number, total = event.get("status"), execution.cells_done, execution.cells_total
+            if status == "failed" and execution.status in (ExecutionStatus.RUNNING, ExecutionStatus.FINISHING):
+                self._set(execution, ExecutionStatus.FAILING, f"Cell {number} of {total} failed; saving the output and deleting the session.")
+            elif status == "completed" and number == total and execution.status is ExecutionStatus.RUNNING:
+                self._set(execution, ExecutionStatus.FINISHING, "All cells ran; saving the output and deleting the session.")
 
-    async def _escalate_stop(self, execution: Execution) -> None:
-        """A stopped run that does not end in time gets SIGTERM, then SIGKILL on its process group."""
-        await asyncio.sleep(self.settings.execution_stop_timeout)
-        self._signal(execution, signal.SIGTERM)
-        await asyncio.sleep(10)
-        process = execution.process
-        if process is not None and process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-
-    def _finish(self, execution: Execution, code: int) -> None:
-        execution.exit_code = code
+    def _finish(self, execution: Execution, code: int | None) -> None:
+        """The run is over: its final status and reason, from its exit code and its `finished` event."""
+        execution.process = None
+        if execution.escalation is not None:
+            execution.escalation.cancel()
+        if code is None:  # an adopted run that ended without its `finished` event: killed, or crashed
+            doing = "stopping" if execution.status in STOP_STATUSES else "running"
+            status = ExecutionStatus.STOPPED if doing == "stopping" else ExecutionStatus.FAILED
+            reason = self._last_error(execution) or self._lost_reason(execution, doing)
+            self._set(execution, status, reason, ended_at=time.time(), process=None)
+            log.info("execution %s: %s (%s)", execution.id, status.value, reason)
+            return
         ended = time.time()
         took = ended - (execution.started_at or ended)
         record = execution.record() or {}
@@ -498,6 +610,7 @@ class ExecutionManager:
         if cells:
             execution.cells_total = len(cells)
             execution.cells_done = sum(1 for c in cells if c.get("status") in ("completed", "failed"))
+        said = str((execution.finished or {}).get("message") or "")
         if execution.status in STOP_STATUSES:
             status, reason = ExecutionStatus.STOPPED, self._stop_reason(execution, cells)
         elif code == 0:
@@ -508,8 +621,8 @@ class ExecutionManager:
             status, reason = ExecutionStatus.STOPPED, "Stopped: studio run was interrupted from outside the Studio."
         else:
             status = ExecutionStatus.FAILED
-            reason = execution.failure or self._last_error(execution) or f"studio run exited with code {code}."
-        self._set(execution, status, reason, ended_at=ended, exit_code=code)
+            reason = said or self._last_error(execution) or f"studio run {describe_exit(code)}."
+        self._set(execution, status, reason, ended_at=ended, exit_code=code, process=None)
         log.info("execution %s: %s (%s)", execution.id, status.value, reason)
 
     def _stop_reason(self, execution: Execution, cells: list[dict[str, Any]]) -> str:
@@ -524,12 +637,13 @@ class ExecutionManager:
 
     @staticmethod
     def _last_error(execution: Execution) -> str | None:
-        """Why a run failed when it printed no failing cell: its last error line, or how it crashed."""
+        """Why a run failed when its events do not say (it failed before it could, or crashed): the
+        error it printed for people last, or the last line of its traceback."""
         try:
             lines = [line for line in execution.log_path.read_text(errors="replace").splitlines() if line.strip()]
         except OSError:
             return None
-        progress = (RUN_STARTED, KERNEL_READY, "studio run: running ", "studio run: starting ", "studio run: warning: ", "studio run: interrupted")
+        progress = ("studio run: started", "studio run: kernel ready", "studio run: warning: ", "studio run: interrupted")
         for line in reversed(lines):
             if line.startswith("studio run: ") and not line.startswith(progress) and "output notebook is" not in line:
                 return line[len("studio run: ") :]
@@ -540,16 +654,27 @@ class ExecutionManager:
     # -- records ----------------------------------------------------------------------------
 
     def _set(self, execution: Execution, status: ExecutionStatus, reason: str, **fields: Any) -> None:
+        check_execution_transition(execution.id, execution.status, status)
         log.info("execution %s: %s -> %s (%s)", execution.id, execution.status.value, status.value, reason)
         execution.status = status
         execution.reason = reason
         execution.state_changed_at = time.time()
         for name, value in fields.items():
-            setattr(execution, name, value)
+            # The stored `process` is the process record; `execution.process` is the live handle.
+            setattr(execution, "process_record" if name == "process" else name, value)
         self._save(execution, state=status.value, reason=reason, state_changed_at=execution.state_changed_at, **fields)
 
     def _save(self, execution: Execution, **fields: Any) -> None:
         self.store.update("executions", execution.id, **fields)
+
+
+def _int(value: Any, default: Any) -> Any:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _exit_code(finished: dict[str, Any]) -> int | None:
+    code = finished.get("exit_code")
+    return code if isinstance(code, int) and not isinstance(code, bool) else None
 
 
 def _finite(value: Any) -> bool:

@@ -1,8 +1,11 @@
-"""Workspace states with their allowed transitions, names, and the request bodies of the API.
+"""Workspace and execution states with their allowed transitions, names, and the request bodies
+of the API.
 
-The states are EMR Studio's (``Starting``, ``Ready``, ``Attaching``, ``Attached``, ``Idle``,
+Workspace states are EMR Studio's (``Starting``, ``Ready``, ``Attaching``, ``Attached``, ``Idle``,
 ``Stopping``, ``Deleting``) plus ``Failed``, which EMR lacks and which says what went wrong
-instead of leaving a workspace silently ``Idle``.
+instead of leaving a workspace silently ``Idle``. Execution statuses are EMR's notebook execution
+statuses. Every change of either is checked against its table (``TRANSITIONS``,
+``EXECUTION_TRANSITIONS``), as the session service checks Livy's.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ import enum
 import re
 from urllib.parse import urlsplit
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
-from studio.errors import InvalidRequestError, NotFoundError
+from studio.errors import InvalidRequestError, NotFoundError, StudioError
 
 
 class WorkspaceState(str, enum.Enum):
@@ -49,6 +54,53 @@ TRANSITIONS: dict[WorkspaceState, frozenset[WorkspaceState]] = {
     WorkspaceState.DELETING: frozenset({WorkspaceState.IDLE, WorkspaceState.FAILED}),
     WorkspaceState.FAILED: RUNNING_STATES | {WorkspaceState.STOPPING},
 }
+
+
+class ExecutionStatus(str, enum.Enum):
+    START_PENDING = "START_PENDING"  # queued for a free slot (again, after a restart lost its run before a cell)
+    STARTING = "STARTING"  # `studio run` and its kernel are starting
+    RUNNING = "RUNNING"  # the kernel runs the notebook's cells
+    FINISHING = "FINISHING"  # the last cell is done: output, HTML, session cleanup
+    FINISHED = "FINISHED"
+    FAILING = "FAILING"  # a cell failed: output and cleanup
+    FAILED = "FAILED"
+    STOP_PENDING = "STOP_PENDING"  # stop asked; waiting until the run handles signals
+    STOPPING = "STOPPING"  # SIGINT: the running cell is cancelled, the output written, the session deleted
+    STOPPED = "STOPPED"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset({ExecutionStatus.FINISHED, ExecutionStatus.FAILED, ExecutionStatus.STOPPED})
+STOP_STATUSES = frozenset({ExecutionStatus.STOP_PENDING, ExecutionStatus.STOPPING})
+_RUN_STATUSES = frozenset({ExecutionStatus.STARTING, ExecutionStatus.RUNNING, ExecutionStatus.FINISHING, ExecutionStatus.FAILING})
+
+# status -> the statuses it may be entered from; every change is checked against this table.
+EXECUTION_TRANSITIONS: dict[ExecutionStatus, frozenset[ExecutionStatus]] = {
+    # queued again: a restarted server found the run gone before it had run a cell
+    ExecutionStatus.START_PENDING: frozenset({ExecutionStatus.STARTING, ExecutionStatus.RUNNING}),
+    ExecutionStatus.STARTING: frozenset({ExecutionStatus.START_PENDING}),
+    ExecutionStatus.RUNNING: frozenset({ExecutionStatus.STARTING}),
+    ExecutionStatus.FINISHING: frozenset({ExecutionStatus.RUNNING}),
+    ExecutionStatus.FAILING: frozenset({ExecutionStatus.RUNNING, ExecutionStatus.FINISHING}),
+    # exit code 0 also from STARTING/RUNNING: a notebook without code cells, or a run followed from its record
+    ExecutionStatus.FINISHED: frozenset({ExecutionStatus.STARTING, ExecutionStatus.RUNNING, ExecutionStatus.FINISHING}),
+    # from START_PENDING: its compute was removed, or `studio run` could not be started
+    ExecutionStatus.FAILED: _RUN_STATUSES | {ExecutionStatus.START_PENDING},
+    ExecutionStatus.STOP_PENDING: _RUN_STATUSES,
+    ExecutionStatus.STOPPING: frozenset({ExecutionStatus.STOP_PENDING}),
+    # from a run status: interrupted from outside the Studio, or lost with a stopping server
+    ExecutionStatus.STOPPED: _RUN_STATUSES | STOP_STATUSES | {ExecutionStatus.START_PENDING},
+}
+
+
+def check_execution_transition(execution_id: int, current: ExecutionStatus, new: ExecutionStatus) -> None:
+    """Refuse a status change the table does not allow (a bug in the server, never the client's fault)."""
+    if current not in EXECUTION_TRANSITIONS.get(new, frozenset()):
+        raise StudioError(f"Execution {execution_id} cannot go from {current.value} to {new.value}.")
+
 
 MAX_NAME_LENGTH = 64
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -120,6 +172,16 @@ class UpdateWorkspace(_Body):
 
 class AttachCompute(_Body):
     compute: str
+
+
+class StartExecution(_Body):
+    workspace: int | str = Field(description="The workspace's id or name.")
+    notebook: str = Field(max_length=4096, description="Path of the notebook inside the workspace's folder.")
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    compute: str | None = Field(None, description="Compute to run on; default the workspace's, else 'local'.")
+    name: str | None = Field(None, max_length=256)
+    kernel: str = Field("pyspark", min_length=1, max_length=128)
+    cell_timeout: float | None = Field(None, gt=0)
 
 
 class CreateCompute(_Body):

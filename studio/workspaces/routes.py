@@ -18,9 +18,9 @@ import studio
 from studio.errors import InvalidRequestError, NotFoundError
 from studio.web import parse_body, read_body
 from studio.workspaces.computes import ComputeManager
-from studio.workspaces.executions import ExecutionManager, StartExecution
+from studio.workspaces.executions import ExecutionManager
 from studio.workspaces.manager import WorkspaceManager, counts_by_state
-from studio.workspaces.models import AttachCompute, CreateCompute, CreateWorkspace, UpdateWorkspace
+from studio.workspaces.models import AttachCompute, CreateCompute, CreateWorkspace, StartExecution, UpdateWorkspace
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}

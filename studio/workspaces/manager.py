@@ -1,7 +1,8 @@
 """WorkspaceManager: workspaces, their lifecycle, idle stops and recovery after a restart.
 
-A workspace is a record in the store plus a folder ``<root>/<name>`` of notebooks; while it
-runs it also has a live ``JupyterLabProcess``. Every change of state goes through
+A workspace is a record in the store plus a folder ``<root>/<name>`` of notebooks (made, moved
+and removed by ``studio.workspaces.folders``); while it runs it also has a live
+``JupyterLabProcess``. Every change of state goes through
 ``_transition``, which checks the table in ``models.TRANSITIONS`` and records the reason, so
 the UI can always say why a workspace is where it is ("Stopped after 3600 s without activity").
 
@@ -28,7 +29,6 @@ import logging
 import os
 import secrets
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -44,7 +44,7 @@ from studio.errors import (
 )
 from studio.process import describe_exit
 from studio.store import Store
-from studio.workspaces import git
+from studio.workspaces import folders, git
 from studio.workspaces.computes import Compute, ComputeManager
 from studio.workspaces.jupyter import JupyterLabProcess
 from studio.workspaces.models import (
@@ -60,17 +60,7 @@ from studio.workspaces.models import (
 
 log = logging.getLogger("studio.workspaces")
 
-SEED_NOTEBOOK_GLOB = "*.ipynb"
 SERVER_FILE = "serve.json"  # in the state directory: {"url": where this server listens now}
-
-
-def default_seed_dir() -> Path | None:
-    """The studio's own example notebooks: ``notebooks/`` of a source checkout, else the installed copy."""
-    checkout = Path(__file__).resolve().parents[2]
-    if (checkout / "pyproject.toml").is_file() and (checkout / "notebooks").is_dir():
-        return checkout / "notebooks"
-    installed = Path(sys.prefix) / "share" / "spark-studio" / "notebooks"  # pyproject's data-files
-    return installed if installed.is_dir() else None
 
 
 class Workspace:
@@ -145,7 +135,7 @@ class WorkspaceManager:
         self.jupyter_config_dir = jupyter_config_dir  # JupyterLab defaults; goes first on JUPYTER_CONFIG_PATH
         self.server_url = server_url  # where the workspaces' kernels reach this server
         self.root = settings.root
-        self.seed_dir = settings.workspace_seed_dir or default_seed_dir()
+        self.seed_dir = settings.workspace_seed_dir or folders.default_seed_dir()
         self._workspaces: dict[int, Workspace] = {}
         self._creating: set[str] = set()  # names reserved while their repository is cloned
         self._culler: asyncio.Task[None] | None = None
@@ -258,22 +248,8 @@ class WorkspaceManager:
         folder = self.root / name
         self._creating.add(name)
         try:
-            state, reason = WorkspaceState.IDLE, None
-            if source is not None:
-                if folder.exists() and any(folder.iterdir()):
-                    raise ConflictError(
-                        f"Folder {folder} already exists and is not empty, so the repository cannot be cloned into "
-                        "it; choose another name."
-                    )
-                try:
-                    await git.clone(self.settings, source, folder)
-                except StudioError as exc:
-                    state, reason = WorkspaceState.FAILED, exc.msg
-            else:
-                existed = folder.exists()
-                folder.mkdir(parents=True, exist_ok=True)
-                if not existed:
-                    self._seed(folder)
+            reason = await folders.make_folder(self.settings, folder, source, self.seed_dir)
+            state = WorkspaceState.FAILED if reason else WorkspaceState.IDLE  # a clone that failed says why
             now = time.time()
             workspace_id = self.store.next_id("workspace")
             row = {
@@ -315,14 +291,6 @@ class WorkspaceManager:
         if taken:
             raise ConflictError(f"A workspace named '{name}' already exists.")
 
-    def _seed(self, folder: Path) -> None:
-        if self.seed_dir is None or not self.seed_dir.is_dir():
-            return
-        for notebook in sorted(self.seed_dir.glob(SEED_NOTEBOOK_GLOB)):
-            target = folder / notebook.name
-            if not target.exists():
-                shutil.copyfile(notebook, target)
-
     def update(self, workspace_id: int | str, body: UpdateWorkspace) -> Workspace:
         """Change the description, idle timeout or name (a rename moves the folder, so only while Idle)."""
         workspace = self.get(workspace_id)
@@ -335,11 +303,7 @@ class WorkspaceManager:
                 raise ConflictError(
                     f"Workspace '{workspace.name}' is {workspace.state.value}; stop it before renaming it (its folder moves)."
                 )
-            target = self.root / name
-            if target.exists():
-                raise ConflictError(f"Folder {target} already exists; choose another name.")
-            if workspace.folder.exists():
-                workspace.folder.rename(target)
+            folders.move_folder(workspace.folder, self.root / name)
             workspace.name = name
             changes["name"] = name
         if "description" in given and body.description is not None:
@@ -374,7 +338,7 @@ class WorkspaceManager:
         folder = workspace.folder
         try:
             if remove_files:
-                await asyncio.to_thread(self._remove_folder, folder)
+                await asyncio.to_thread(folders.remove_folder, self.root, folder)
             shutil.rmtree(self._state_dir(workspace), ignore_errors=True)
         except OSError as exc:
             self._transition(workspace, WorkspaceState.FAILED, f"Deleting its files failed: {exc}")
@@ -389,14 +353,6 @@ class WorkspaceManager:
             "folder": str(folder),
             "files": "removed" if remove_files else "kept",
         }
-
-    def _remove_folder(self, folder: Path) -> None:
-        # The name was checked to be one plain path component; check again that this stays inside the root.
-        resolved = folder.resolve()
-        if resolved.parent != self.root.resolve() or folder.is_symlink():
-            raise OSError(f"refusing to remove {folder}: not a folder directly inside {self.root}")
-        if folder.exists():
-            shutil.rmtree(folder)
 
     # -- start and stop ---------------------------------------------------------------------
 

@@ -33,11 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import nbformat
+import psutil
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
 from helpers import REPO, ServiceProcess
 from kernelhelpers import Kernel
+from studio.process import descendants_of
 from workspace_helpers import StudioProcess, lab_get, lab_post
 
 FILES = REPO / "tests" / "files"
@@ -125,29 +127,14 @@ def api(studio):
 
 
 def children(pid: int) -> list[int]:
-    """Every descendant of ``pid``, from /proc."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        kids = [child for child, ppid in parents.items() if ppid == parent]
-        found += kids
-        frontier += kids
-    return found
+    """Every descendant of ``pid``."""
+    return [process.pid for process in descendants_of(pid)]
 
 
 def argv(pid: int) -> list[str]:
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return [part.decode(errors="replace") for part in handle.read().split(b"\0") if part]
-    except OSError:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
         return []
 
 

@@ -138,7 +138,7 @@ class BenchService:
         return self.launcher.process
 
     def status(self) -> dict[str, Any]:
-        return self.client.request("GET", "/studio/status")  # type: ignore[no-any-return]
+        return self.client.request("GET", "/studio/status")
 
     def wait_pool(self, settle: float = 3.0, timeout: float = 600.0) -> dict[str, Any]:
         """Wait for a full pool, then a little more so the newest worker's JIT has settled."""

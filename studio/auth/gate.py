@@ -120,7 +120,7 @@ def host_names(bound_host: str, allowed: list[str]) -> tuple[set[str], bool]:
         # Bound to every address: this machine's names and addresses are its names.
         names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
         try:
-            names |= {info[4][0].lower() for info in socket.getaddrinfo(socket.gethostname(), None)}
+            names |= {str(info[4][0]).lower() for info in socket.getaddrinfo(socket.gethostname(), None)}
         except OSError:
             pass
     else:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib.abc
+import importlib.machinery
 import os
 import sys
+from collections.abc import Sequence
+from types import ModuleType
 
 
 class _RefuseDebugpy(importlib.abc.MetaPathFinder):
@@ -17,7 +20,9 @@ class _RefuseDebugpy(importlib.abc.MetaPathFinder):
     removed once the kernel is up, so ``%%local`` code can still import debugpy.
     """
 
-    def find_spec(self, name, path=None, target=None):  # noqa: ANN001, ANN201
+    def find_spec(
+        self, name: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if name == "debugpy" or name.startswith("debugpy."):
             raise ModuleNotFoundError(f"No module named {name!r} (the PySpark kernel starts without its debugger)", name=name)
         return None

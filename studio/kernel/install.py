@@ -9,11 +9,12 @@ import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 KERNEL_NAME = "pyspark"
 
 
-def kernelspec() -> dict:
+def kernelspec() -> dict[str, Any]:
     """The kernelspec, with this interpreter as the kernel's Python."""
     spec = json.loads(resources.files("studio.kernel").joinpath("kernelspec/kernel.json").read_text())
     spec["argv"][0] = sys.executable

@@ -16,6 +16,7 @@ import time
 import uuid
 from typing import Any
 
+from IPython.core.interactiveshell import InteractiveShell
 from IPython.display import display, update_display
 from ipykernel.ipkernel import IPythonKernel
 
@@ -84,9 +85,16 @@ class PySparkKernel(IPythonKernel):
         self.remote = RemoteSession(startup_timeout=timeout, reconnect_timeout=reconnect, on_reconnect=_say)
         self.remote.prepare_in_background()
 
+    @property
+    def ipython(self) -> InteractiveShell:
+        """The local IPython (``%%local`` cells, ``-o`` variables); ipykernel types it optional, but
+        it exists from the kernel's start on."""
+        assert self.shell is not None
+        return self.shell
+
     # -- execution ------------------------------------------------------------------------
 
-    async def do_execute(  # type: ignore[override]
+    async def do_execute(
         self,
         code: str,
         silent: bool,
@@ -106,7 +114,7 @@ class PySparkKernel(IPythonKernel):
             return await super().do_execute(
                 local_code, silent, store_history, user_expressions, allow_stdin, cell_meta=cell_meta, cell_id=cell_id
             )
-        count = self.shell.execution_count
+        count = self.ipython.execution_count
         try:
             getattr(self, f"_run_{cell.kind}")(cell)
         except RemoteError as exc:
@@ -123,13 +131,13 @@ class PySparkKernel(IPythonKernel):
             sys.stdout.flush()
             sys.stderr.flush()
         if store_history:
-            self.shell.execution_count += 1
+            self.ipython.execution_count += 1
         return {"status": "ok", "execution_count": count, "payload": [], "user_expressions": {}}
 
     def _count_and_fail(self, error: RemoteError, store_history: bool) -> dict[str, Any]:
-        count = self.shell.execution_count
+        count = self.ipython.execution_count
         if store_history:
-            self.shell.execution_count += 1
+            self.ipython.execution_count += 1
         traceback = [line.rstrip("\n") for line in error.traceback] or [f"{error.ename}: {error.evalue}"]
         content = {"ename": error.ename, "evalue": error.evalue, "traceback": traceback}
         sys.stdout.flush()
@@ -356,13 +364,13 @@ class PySparkKernel(IPythonKernel):
         import re
 
         match = re.search(r"name '([^']+)' is not defined", error.evalue)
-        if not match or match.group(1) not in self.shell.user_ns:
+        if not match or match.group(1) not in self.ipython.user_ns:
             return error
         name = match.group(1)
         hint = (
             f"'{name}' is a variable of this notebook's local Python (%%local), not of the Spark session; "
             f"send it with %%send_to_spark -i {name}"
-            + (" -t df" if type(self.shell.user_ns[name]).__name__ == "DataFrame" else "")
+            + (" -t df" if type(self.ipython.user_ns[name]).__name__ == "DataFrame" else "")
             + " first."
         )
         return RemoteError(error.ename, f"{error.evalue}. {hint}", [*error.traceback, hint])
@@ -410,7 +418,7 @@ class PySparkKernel(IPythonKernel):
             f"spark.sql({cell.body.strip()!r})", args.maxrows, args.samplemethod, args.samplefraction, quiet=args.quiet
         )
         if args.output:
-            self.shell.user_ns[args.output] = frame
+            self.ipython.user_ns[args.output] = frame
         if not args.quiet:
             display(
                 bundles.frame_bundle(
@@ -429,7 +437,7 @@ class PySparkKernel(IPythonKernel):
             self._show(self._statement(cell.body)[1])
         if args.output:
             frame, description = self._export(args.output, args.maxrows, args.samplemethod, args.samplefraction, quiet=args.quiet)
-            self.shell.user_ns[args.output] = frame
+            self.ipython.user_ns[args.output] = frame
             if not args.quiet:
                 display(
                     bundles.frame_bundle(
@@ -470,9 +478,9 @@ class PySparkKernel(IPythonKernel):
 
     def _run_send_to_spark(self, cell: Cell) -> None:
         args = cell.args
-        if args.input not in self.shell.user_ns:
+        if args.input not in self.ipython.user_ns:
             raise MagicUsageError(f"local variable '{args.input}' is not defined (define it in a %%local cell)")
-        value = self.shell.user_ns[args.input]
+        value = self.ipython.user_ns[args.input]
         name = args.name or args.input
         if not name.isidentifier():
             raise MagicUsageError(f"'{name}' is not a valid Python name")

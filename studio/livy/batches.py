@@ -9,6 +9,7 @@ named after the application id, so that folder tells both facts without parsing 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import os
 import re
@@ -146,7 +147,9 @@ class BatchManager:
     def live_count(self) -> int:
         return sum(1 for b in self.batches.values() if b.live)
 
-    def command(self, body: CreateBatch, batch_id: int, event_dir: Path, properties: Path) -> tuple[list[str], dict[str, str]]:
+    def command(
+        self, body: CreateBatch, batch_id: int, event_dir: Path, properties: Path
+    ) -> tuple[builtins.list[str], dict[str, str]]:
         """spark-submit's command line and the conf it reads from ``properties`` (never from the command
         line, where `ps` would show every value to every user of the machine)."""
         conf = dict(self._base_conf())

@@ -28,11 +28,11 @@ MAX_WAIT_SECONDS = 60.0
 
 
 def _sessions(request: Request) -> SessionManager:
-    return request.app.state.sessions  # type: ignore[no-any-return]
+    return request.app.state.sessions
 
 
 def _batches(request: Request) -> BatchManager:
-    return request.app.state.batches  # type: ignore[no-any-return]
+    return request.app.state.batches
 
 
 def _base_url(request: Request) -> str:

@@ -27,6 +27,7 @@ def main() -> int:
     spark = builder.getOrCreate()
     sc = spark.sparkContext
     sc.setLogLevel("WARN")
+    assert sc._gateway is not None  # set once the context is up
     jvm = sc._gateway.proc
     spark.range(1).count()
     spark.sql("SELECT 1").collect()

@@ -18,6 +18,7 @@ import shlex
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -25,7 +26,7 @@ import types
 import warnings
 from pathlib import Path
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 from studio.worker import lean, protocol
 from studio.worker.helpers import StudioHelpers, completions, inspection
@@ -40,8 +41,15 @@ from studio.worker.streaming import OutputStream
 def log(message: str) -> None:
     """A log line in Spark's own format, so the session log reads as one."""
     stamp = time.strftime("%y/%m/%d %H:%M:%S")
-    sys.__stderr__.write(f"{stamp} INFO StudioWorker: {message}\n")
-    sys.__stderr__.flush()
+    stream = own_stderr()
+    stream.write(f"{stamp} INFO StudioWorker: {message}\n")
+    stream.flush()
+
+
+def own_stderr() -> TextIO:
+    """The worker's own stderr, its log file (``sys.stderr`` is a cell's capture while one runs)."""
+    assert sys.__stderr__ is not None  # the service always gives a worker its log as stderr
+    return sys.__stderr__
 
 
 class Link:
@@ -162,7 +170,7 @@ class Worker:
         self.config: dict[str, Any] = {}
         self.started = threading.Event()  # the start message arrived
         self.queue: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.main_thread = threading.main_thread().ident
+        self.main_thread: int = threading.main_thread().ident or 0  # started, so never None
         self.current: int | None = None  # statement running on the main thread
         self.cancel_target: int | None = None
         self.in_user_code = False
@@ -253,16 +261,18 @@ class Worker:
                 self.spark.sql("SELECT 1").collect()
             if time.monotonic() > deadline:
                 break
-        self.sc.setLocalProperty("spark.jobGroup.id", None)
-        self.sc.setLocalProperty("spark.job.description", None)
+        for key in ("spark.jobGroup.id", "spark.job.description"):
+            # None removes the property, as Spark documents; pyspark's annotation says str only.
+            self.sc.setLocalProperty(key, None)  # type: ignore[arg-type]
         # The warm-up's garbage would otherwise stay in the heap while the worker waits idle.
+        assert self.sc._jvm is not None  # set once the context is up
         self.sc._jvm.System.gc()
 
     # -- threads ----------------------------------------------------------------------------
 
     def serve(self) -> None:
         if self.jvm is not None:
-            threading.Thread(target=self._watch_jvm, name="studio-jvm-watch", daemon=True).start()
+            threading.Thread(target=self._watch_jvm, args=(self.jvm,), name="studio-jvm-watch", daemon=True).start()
         while True:
             message = self.queue.get()
             op = message["op"]
@@ -355,11 +365,11 @@ class Worker:
         time.sleep(float(self.config.get("stop_timeout", 5.0)))
         os._exit(0)
 
-    def _watch_jvm(self) -> None:
+    def _watch_jvm(self, jvm: subprocess.Popen[bytes]) -> None:
         while True:
-            code = self.jvm.poll()
+            code = jvm.poll()
             if code is not None:
-                log(f"the Spark driver JVM (pid {self.jvm.pid}) exited with code {code}; the session cannot continue")
+                log(f"the Spark driver JVM (pid {jvm.pid}) exited with code {code}; the session cannot continue")
                 os._exit(3)
             time.sleep(1.0)
 
@@ -429,8 +439,9 @@ class Worker:
                 self.jvm.wait(timeout=float(self.config.get("stop_timeout", 5.0)))
             except Exception:  # noqa: BLE001, S110 - the worker exits next; the service's stop escalates
                 pass
-        sys.__stdout__.flush()
-        sys.__stderr__.flush()
+        for stream in (sys.__stdout__, sys.__stderr__):
+            if stream is not None:
+                stream.flush()
         os._exit(0)
 
     # -- cancel -----------------------------------------------------------------------------
@@ -485,12 +496,12 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        sys.__stderr__.write(text)
+        own_stderr().write(text)
         log(f"the SparkSession could not be created: {type(exc).__name__}: {exc}")
         with worker.lock:
             worker.failed_message = f"{type(exc).__name__}: {exc}"
             worker.send({"op": "failed", "message": worker.failed_message})
-        sys.__stderr__.flush()
+        own_stderr().flush()
         os._exit(2)
     worker.serve()
     return 0

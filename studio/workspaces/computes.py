@@ -15,6 +15,7 @@ uses the studio's own token (or ``STUDIO_LIVY_TOKEN`` for a ``--livy-url`` of an
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import time
 from dataclasses import dataclass
@@ -145,7 +146,7 @@ class ComputeManager:
         log.info("registered compute %s at %s", name, url)
         return self.get(name)
 
-    def remove(self, name: str, attached: list[str]) -> None:
+    def remove(self, name: str, attached: builtins.list[str]) -> None:
         """Forget a compute; refused while workspaces are attached to it or when `studio serve` provides it."""
         compute = self.get(name)
         if compute.managed:
@@ -188,7 +189,7 @@ class ComputeManager:
             status = None  # a plain Livy server: it has no such route
         return {"version": version.get("version"), "status": status if isinstance(status, dict) else None}
 
-    async def sessions(self, compute: Compute) -> list[dict[str, Any]]:
+    async def sessions(self, compute: Compute) -> builtins.list[dict[str, Any]]:
         """The compute's Livy sessions, reduced to what the Studio shows."""
         label = f"Compute '{compute.name}' at {compute.url}"
         body = await self._get_json(compute.url, "/sessions?size=1000", label, self.authorization(compute))
@@ -208,7 +209,7 @@ class ComputeManager:
         data.update(healthy=True, error=None, version=health["version"], status=health["status"], sessions=sessions)
         return data
 
-    async def describe_all(self) -> list[dict[str, Any]]:
+    async def describe_all(self) -> builtins.list[dict[str, Any]]:
         return list(await asyncio.gather(*(self.describe(compute) for compute in self.list())))
 
     async def _get_json(self, url: str, path: str, label: str, auth: str | None = None) -> Any:
@@ -234,7 +235,9 @@ class ComputeManager:
 
 
 def _session_summary(session: dict[str, Any]) -> dict[str, Any]:
-    app_info = session.get("appInfo") if isinstance(session.get("appInfo"), dict) else {}
+    app_info = session.get("appInfo")
+    if not isinstance(app_info, dict):
+        app_info = {}
     return {
         "id": session.get("id"),
         "name": session.get("name"),

@@ -256,7 +256,7 @@ class JupyterLabProcess:
 
     async def kernels(self) -> list[dict[str, Any]]:
         """Its kernels with ``execution_state``; asking does not count as activity."""
-        return await self._get("/api/kernels?no_track_activity=1")  # type: ignore[return-value]
+        return await self._get("/api/kernels?no_track_activity=1")
 
     async def last_activity(self) -> tuple[float, bool]:
         """(epoch seconds of the last activity, whether a kernel is busy right now).

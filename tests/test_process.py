@@ -264,3 +264,23 @@ def test_a_short_command_runs_to_its_end_or_is_killed_at_its_timeout(tmp_path):
     hung = run_to_end(script(LEAVES_GRANDCHILD, str(tmp_path / "a"), "group"), timeout=1)
     assert hung.code is None and time.monotonic() - started < 10
     assert gone(int(wait_for(tmp_path / "a")))  # killed with its group
+
+
+def test_a_jupyterlab_record_of_an_older_version_is_still_adopted(tmp_path):
+    """Older versions kept /proc's start ticks (field 22 of /proc/PID/stat) instead of psutil's
+    create time; an upgrade must still find the JupyterLabs they started."""
+    from studio.workspaces.jupyter import _with_create_time
+
+    child = ChildProcess(script(SLEEPS, str(tmp_path / "a")), stop_timeout=5)
+    child.start()
+    try:
+        wait_for(tmp_path / "a")
+        with open(f"/proc/{child.pid}/stat") as handle:  # what the older version stored
+            ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
+        old = {"pid": child.pid, "start_ticks": ticks, "port": 1, "token": "t"}
+        assert ChildProcess.adopt(old) is None  # no create time: not adoptable as it is
+        adopted = ChildProcess.adopt(_with_create_time(old))
+        assert adopted is not None and adopted.pid == child.pid
+        assert ChildProcess.adopt(_with_create_time({**old, "start_ticks": ticks - 1000})) is None
+    finally:
+        child.stop_sync()

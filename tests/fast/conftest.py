@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
+from helpers import TEST_TOKEN, auth_headers
 from studio.config import Settings
 
-TOKEN = "fast-tier-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+TOKEN = TEST_TOKEN
+AUTH = auth_headers(TOKEN)
 LIVY_BASE = "http://127.0.0.1:8998"
 
 

@@ -32,6 +32,7 @@ reason. Nothing is silently lost. Queued runs start again.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import logging
 import math
@@ -379,7 +380,7 @@ class ExecutionManager:
         return path
 
     @staticmethod
-    def _check_parameters(path: Path, parameters: dict[str, Any]) -> list[str]:
+    def _check_parameters(path: Path, parameters: dict[str, Any]) -> builtins.list[str]:
         """The run's own checks (unknown names, wrong types) before anything is queued; returns warnings."""
         try:
             _, notebook = read_notebook(path)
@@ -468,7 +469,7 @@ class ExecutionManager:
         except Exception:  # noqa: BLE001 - one run's failure must never reach the server
             log.exception("execution %s: following its adopted run failed", execution.id)
 
-    def _command(self, execution: Execution, notebook: Path) -> list[str]:
+    def _command(self, execution: Execution, notebook: Path) -> builtins.list[str]:
         command = python_command(
             "studio", "run", str(notebook),
             "-o", str(execution.output_path), "--html", str(execution.html_path),
@@ -625,7 +626,7 @@ class ExecutionManager:
         self._set(execution, status, reason, ended_at=ended, exit_code=code, process=None)
         log.info("execution %s: %s (%s)", execution.id, status.value, reason)
 
-    def _stop_reason(self, execution: Execution, cells: list[dict[str, Any]]) -> str:
+    def _stop_reason(self, execution: Execution, cells: builtins.list[dict[str, Any]]) -> str:
         why = "Stopped because studio serve stopped" if self._closing else "Stopped on request"
         done, total = execution.cells_done, execution.cells_total
         of = f" of {total}" if total else ""

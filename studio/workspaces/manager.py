@@ -22,6 +22,7 @@ raises only ``studio.errors``.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import hmac
 import json
@@ -228,7 +229,7 @@ class WorkspaceManager:
             raise NotFoundError(f"Workspace {key} not found.")
         return workspace
 
-    def attached_to(self, compute: str) -> list[str]:
+    def attached_to(self, compute: str) -> builtins.list[str]:
         return [w.name for w in self._workspaces.values() if w.compute == compute]
 
     def to_json(self, workspace: Workspace) -> dict[str, Any]:

@@ -27,15 +27,15 @@ _FALSE = {"", "0", "false", "no", "off"}
 
 
 def workspaces(request: Request) -> WorkspaceManager:
-    return request.app.state.workspaces  # type: ignore[no-any-return]
+    return request.app.state.workspaces
 
 
 def computes(request: Request) -> ComputeManager:
-    return request.app.state.computes  # type: ignore[no-any-return]
+    return request.app.state.computes
 
 
 def executions(request: Request) -> ExecutionManager:
-    return request.app.state.executions  # type: ignore[no-any-return]
+    return request.app.state.executions
 
 
 def _flag(request: Request, name: str) -> bool:

@@ -641,7 +641,7 @@ class SessionManager:
             statement.set_state(StatementState.CANCELLED)
             self._record(session, statement)
 
-    async def complete(self, session: Session, body: CompletionRequest) -> list[str]:
+    async def complete(self, session: Session, body: CompletionRequest) -> builtins.list[str]:
         session.touch()
         if not session.active or session.worker is None:
             raise ConflictError(f"Session {session.id} is {session.state.value}; completion needs an active session.")

@@ -842,6 +842,10 @@ class SessionManager:
             self._lost(session, "its worker did not answer after the service restarted")
             await worker.kill()
             return
+        if not state.get("started"):  # the service stopped between spawning it and sending it its settings
+            self._lost(session, "its worker had not been given its settings when the service stopped")
+            await worker.kill()
+            return
         self._reconcile(session, worker, state)
         session.runner = asyncio.create_task(self._run_statements(session), name=f"session-{session.id}")
         if worker.ready.done() and worker.ready.exception() is None:

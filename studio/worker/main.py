@@ -181,6 +181,7 @@ class Worker:
         self.last_id = -1  # the highest statement id the service ever sent
         self.statements: dict[int, str] = {}  # id -> queued | running | done, until acknowledged
         self.unacked: OrderedDict[int, dict[str, Any]] = OrderedDict()  # id -> result, stream, unstreamed
+        self.cancelled_early: set[int] = set()  # cancelled before they started
         self.output: OutputStream | None = None
         self.link = Link(listener, self._on_message, orphan_timeout, self._orphaned)
 
@@ -382,8 +383,11 @@ class Worker:
         with self.lock:
             self.statements[statement_id] = "running"
             self.current = statement_id
+            cancelled = statement_id in self.cancelled_early
         output: dict[str, Any]
         try:
+            if cancelled:
+                raise KeyboardInterrupt
             first_line = code.strip().splitlines()[0][:120] if code.strip() else ""
             self.sc.setJobGroup(job_group(statement_id), f"statement {statement_id}: {first_line}", True)
             self.progress.begin(statement_id)
@@ -447,8 +451,13 @@ class Worker:
     # -- cancel -----------------------------------------------------------------------------
 
     def _cancel(self, statement_id: int) -> None:
-        if self.current != statement_id:
-            return  # finished already, or never started here (the service cancels waiting ones)
+        with self.lock:
+            if self.current != statement_id:
+                # Received and not started yet (the main thread has not taken it from the queue): it
+                # must not start at all; else finished already, or never sent here.
+                if self.statements.get(statement_id) == "queued":
+                    self.cancelled_early.add(statement_id)
+                return
         self.cancel_target = statement_id
         threading.Thread(target=self._cancel_loop, args=(statement_id,), name="studio-cancel", daemon=True).start()
 

@@ -46,6 +46,16 @@ def check_bind(settings: Settings, host: str) -> None:
         )
 
 
+def check_database(settings: Settings) -> None:
+    """A database that a newer version wrote is refused in one line, before anything starts."""
+    from studio.store import NewerDatabaseError, check_schema
+
+    try:
+        check_schema(settings.database_path)
+    except NewerDatabaseError as exc:
+        sys.exit(f"studio: {exc}")
+
+
 def with_token(settings: Settings) -> tuple[Settings, str]:
     """The settings with the studio's token resolved (STUDIO_TOKEN, else kept in the state directory)."""
     from pydantic import SecretStr
@@ -148,6 +158,7 @@ def cmd_livy(args: argparse.Namespace) -> int:
         stop_sessions_on_exit="stop_sessions_on_exit",
     )
     check_bind(settings, settings.host)
+    check_database(settings)
     setup_logging(args.verbose)
     settings, token = with_token(settings)
     from studio.livy.app import create_app
@@ -228,6 +239,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stop_sessions_on_exit="stop_sessions_on_exit",
     )
     check_bind(settings, settings.serve_host)
+    check_database(settings)
     setup_logging(args.verbose)
     if not args.verbose:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check and status poll

@@ -134,6 +134,27 @@ def schema_version(db: sqlite3.Connection) -> int:
     return int(version)
 
 
+def check_schema(path: Path) -> None:
+    """Refuse a database that a newer Spark Studio wrote (``NewerDatabaseError``) before anything
+    starts; a missing file is fine (the store creates it). Changes nothing."""
+    if not path.is_file():
+        return
+    db = sqlite3.connect(str(path))
+    try:
+        found = schema_version(db)
+    finally:
+        db.close()
+    if found > SCHEMA_VERSION:
+        raise _newer(path, found, SCHEMA_VERSION)
+
+
+def _newer(path: Path, found: int, latest: int) -> NewerDatabaseError:
+    return NewerDatabaseError(
+        f"The database {path} has schema version {found}, but this Spark Studio knows versions up to "
+        f"{latest}: a newer Spark Studio wrote it. Upgrade Spark Studio, or start with another --state-dir."
+    )
+
+
 def migrate(db: sqlite3.Connection, path: Path, migrations: tuple[Migration, ...] = MIGRATIONS) -> int:
     """Bring a database up to the newest schema in one transaction; return the version it had.
 
@@ -146,10 +167,7 @@ def migrate(db: sqlite3.Connection, path: Path, migrations: tuple[Migration, ...
     try:
         found = schema_version(db)
         if found > latest:
-            raise NewerDatabaseError(
-                f"The database {path} has schema version {found}, but this Spark Studio knows versions up to "
-                f"{latest}: a newer Spark Studio wrote it. Upgrade Spark Studio, or start with another --state-dir."
-            )
+            raise _newer(path, found, latest)
         for migration in migrations:
             if migration.version <= found:
                 continue

@@ -202,3 +202,26 @@ def test_two_servers_starting_on_one_file_migrate_it_once(tmp_path):
         store.close()
     assert not errors and len(stores) == 4
     assert version_of(path) == SCHEMA_VERSION
+
+
+def test_the_servers_refuse_a_newer_database_in_one_line_before_anything_starts(tmp_path):
+    from studio.cli import build_parser
+    from studio.store import check_schema
+
+    check_schema(tmp_path / "missing" / "studio.db")  # nothing yet: the store will make it
+    assert not (tmp_path / "missing").exists()
+    path = tmp_path / "state" / "studio.db"
+    Store(path).close()
+    check_schema(path)
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(NewerDatabaseError):
+        check_schema(path)
+    for argv in (["livy", "--port", "0"], ["serve", "--port", "0", "--livy-url", "http://127.0.0.1:9"]):
+        args = build_parser().parse_args([*argv, "--state-dir", str(tmp_path / "state")])
+        with pytest.raises(SystemExit) as caught:
+            args.func(args)
+        assert str(caught.value).startswith(f"studio: The database {path} has schema version {SCHEMA_VERSION + 1}")
+    assert version_of(path) == SCHEMA_VERSION + 1

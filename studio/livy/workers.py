@@ -375,7 +375,9 @@ class WorkerProcess:
         op = message["op"]
         if op == "ready":
             self.info = message
-            self.ready_at = time.monotonic()
+            # An adopted worker was ready long ago: its start took what it says, from its recorded start.
+            adopted = self.adopted and message.get("startup_seconds") is not None
+            self.ready_at = self.started_at + float(message["startup_seconds"]) if adopted else time.monotonic()
             if not self.ready.done():
                 self.ready.set_result(message)
         elif op == "failed":

@@ -552,11 +552,10 @@ class SessionManager:
                 if resumed:
                     output = await worker.result(statement.id)
                 else:
+                    # Not recorded as running (a write less per statement): after a restart the worker
+                    # says whether it had it (then it is running, since when the worker says) or not.
                     statement.set_state(StatementState.RUNNING)
                     statement.started = now_ms()
-                    # Recorded before it is sent: a restart in between finds it waiting (the worker never
-                    # had it) or running (the worker says so), never lost.
-                    self.store.update_statement(session.id, statement.id, state=statement.state.value, started=statement.started)
                     output = await worker.execute(
                         statement.id, statement.code, statement.kind.value, session.sql_num_rows or self.settings.sql_num_rows
                     )
@@ -861,6 +860,7 @@ class SessionManager:
     def _reconcile(self, session: Session, worker: WorkerProcess, state: dict[str, Any]) -> None:
         """Line up the recorded statements with what the worker says it has (see protocol ``attached``)."""
         known = {int(k): v for k, v in (state.get("statements") or {}).items()}
+        started = {int(k): int(v) for k, v in (state.get("started_ms") or {}).items()}
         last_id = int(state.get("last_id", -1))
         queue: list[int] = []
         for statement in session.statements.values():
@@ -869,8 +869,8 @@ class SessionManager:
             if statement.id in known:
                 # The worker has it (queued, running or done): its result comes; it is not sent again.
                 if statement.state is StatementState.WAITING:
-                    statement.state = StatementState.RUNNING  # sent just before the restart; not yet recorded so
-                    statement.started = statement.started or now_ms()
+                    statement.state = StatementState.RUNNING  # sent before the restart (running is not recorded)
+                statement.started = started.get(statement.id) or statement.started or now_ms()
                 session.resumed.add(statement.id)
                 queue.append(statement.id)
                 if statement.state is StatementState.CANCELLING:

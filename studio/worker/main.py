@@ -182,6 +182,7 @@ class Worker:
         self.statements: dict[int, str] = {}  # id -> queued | running | done, until acknowledged
         self.unacked: OrderedDict[int, dict[str, Any]] = OrderedDict()  # id -> result, stream, unstreamed
         self.cancelled_early: set[int] = set()  # cancelled before they started
+        self.started_ms: dict[int, int] = {}  # when each statement it has not forgotten started (epoch ms)
         self.output: OutputStream | None = None
         self.link = Link(listener, self._on_message, orphan_timeout, self._orphaned)
 
@@ -305,6 +306,7 @@ class Worker:
                 self.unacked.pop(sid, None)
                 if self.statements.get(sid) == "done":
                     del self.statements[sid]
+                    self.started_ms.pop(sid, None)
         elif op == "cancel":
             self._cancel(int(message["id"]))
         elif op in ("complete", "inspect") and not hasattr(self, "namespace"):
@@ -343,6 +345,7 @@ class Worker:
                     "session": self.session,
                     "last_id": self.last_id,
                     "statements": {str(k): v for k, v in self.statements.items()},
+                    "started_ms": {str(k): v for k, v in self.started_ms.items()},
                 }
             )
             for sid, kept in self.unacked.items():
@@ -382,6 +385,7 @@ class Worker:
         code = message["code"]
         with self.lock:
             self.statements[statement_id] = "running"
+            self.started_ms[statement_id] = int(time.time() * 1000)
             self.current = statement_id
             cancelled = statement_id in self.cancelled_early
         output: dict[str, Any]

@@ -34,9 +34,10 @@ worker → service
                    the statement printed so far (after an ``attach``), replacing what the service has
     ``result``     {id, output}: output is Livy's statement output without ``execution_count``
     ``attached``   {pid, started, ready: <the ready message> | null, failed, session, last_id,
-                   statements: {id: "queued" | "running" | "done"}}: the worker's state for a service
-                   that attached; ``last_id`` is the highest statement id it was ever sent (-1: none),
-                   ``statements`` those it has not forgotten. Then, in order, each "done" statement's
+                   statements: {id: "queued" | "running" | "done"}, started_ms: {id: epoch ms}}: the
+                   worker's state for a service that attached; ``last_id`` is the highest statement id
+                   it was ever sent (-1: none), ``statements`` those it has not forgotten, ``started_ms``
+                   when those of them that ran started. Then, in order, each "done" statement's
                    ``output`` (replay) and ``result``, and the running one's ``output`` (replay)
     ``completion`` {req, candidates}
     ``inspection`` {req, found, data}

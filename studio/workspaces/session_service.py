@@ -3,15 +3,22 @@
 It is a child ``python -P -m studio livy`` (its own process, so a Spark driver that misbehaves never
 takes the workspace server down with it), started by ``studio.launcher`` (readiness from its ready
 file) so that it is told to stop even when the workspace server is killed with SIGKILL: it holds
-warm Spark drivers and a port, and nothing else would ever stop it.
+a port, and nothing else would ever stop it. Stopping, it leaves its sessions running for the next
+`studio serve` on the same state folder, whose session service carries on with them (unless
+``stop_sessions_on_exit``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
 import socket
+import time
 from pathlib import Path
+
+import psutil
 
 from studio.config import Settings
 from studio.launcher import ServiceLauncher
@@ -64,6 +71,7 @@ class EmbeddedSessionService:
     async def start(self, timeout: float = 120.0) -> str:
         """Start the service and return its URL once it listens; ServiceStartError if it does not."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        await self._previous_gone()
         port = self.port
         if port and not _port_is_free("127.0.0.1", port):
             log.warning("port %d is taken; the embedded session service takes a free port instead", port)
@@ -81,6 +89,26 @@ class EmbeddedSessionService:
         self.url = await self._launcher.start(timeout)
         log.info("embedded session service (pid %s) listens on %s", self.pid, self.url)
         return self.url
+
+    async def _previous_gone(self, timeout: float = 30.0) -> None:
+        """After a crash of `studio serve`, the session service it started was told to stop and may
+        still be letting go of its sessions, holding the port: wait for it, so that the new one gets
+        the same port and carries on with the same sessions (their clients keep their URL)."""
+        try:
+            pid = int(json.loads((self.state_dir / "service.ready.json").read_text())["pid"])
+            previous = psutil.Process(pid)
+            if "livy" not in previous.cmdline():
+                return
+        except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+            return  # none (a clean stop removes the file), or its pid is another process's by now
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if not previous.is_running() or previous.status() == psutil.STATUS_ZOMBIE:
+                    return
+            except psutil.Error:
+                return
+            await asyncio.sleep(0.1)
 
     def poll(self) -> int | None:
         return None if self._launcher is None else self._launcher.poll()

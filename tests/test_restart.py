@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from jupyter_core.utils import ensure_event_loop
 
 from conftest import start_service
 from helpers import LivyClient, ServiceProcess
@@ -237,7 +238,14 @@ def test_the_kernel_keeps_its_session_across_restarts(service, sessions, tmp_pat
         assert kernel.ok("kept + 1").stdout.strip().endswith("42")
         # A cell that runs while the service is killed and started again: it waits, then gets its answer.
         found: dict[str, Any] = {}
-        cell = threading.Thread(target=lambda: found.update(result=kernel.run("import time\ntime.sleep(6)\nkept + 2", timeout=240)))
+
+        def run_cell() -> None:
+            try:
+                found["result"] = kernel.run("import time\ntime.sleep(6)\nkept + 2", timeout=240)
+            finally:
+                ensure_event_loop().close()  # jupyter_client gave this thread an event loop; it ends with it
+
+        cell = threading.Thread(target=run_cell)  # the restart stays on this thread: it starts the service
         cell.start()
         time.sleep(2)
         service.restart(signal.SIGKILL)

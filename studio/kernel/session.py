@@ -270,7 +270,7 @@ class RemoteSession:
             while not stop.wait(HEARTBEAT_INTERVAL):
                 try:
                     client.request("GET", f"/sessions/{session_id}/state", ok=(200, 404), retry=False)  # type: ignore[union-attr]
-                except Exception:  # noqa: BLE001 - a beat that fails (the client moving meanwhile) must not end the beating
+                except Exception:  # noqa: BLE001, S110 - a failed beat (the client moving meanwhile) must not end the beating
                     pass
 
         self._heartbeat = threading.Thread(target=beat, name="studio-heartbeat", daemon=True)

@@ -4,7 +4,6 @@ that never gets ready, one that crashes on start, one that ignores polite and SI
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
@@ -96,20 +95,6 @@ def test_a_worker_that_ignores_sigterm_is_killed_with_its_process_group(test_roo
         livy.close()
         assert service.stop() == 0
     assert not service.leftovers()
-
-
-def test_remote_binding_is_refused_without_the_explicit_flag(tmp_path):
-    import subprocess
-
-    result = subprocess.run(
-        [sys.executable, "-m", "studio", "livy", "--host", "0.0.0.0", "--port", "0", "--state-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "STUDIO_POOL_SIZE": "0", "STUDIO_CDS": "false"},
-    )
-    assert result.returncode != 0
-    assert "no authentication" in result.stderr and "--allow-unauthenticated-remote-access" in result.stderr
 
 
 def test_service_shutdown_stops_every_worker(test_root):

@@ -44,10 +44,11 @@ def cluster(test_root):
 
     def start(name, *args):
         log = folder / f"{name}.log"
-        process = subprocess.Popen(
-            [spark_class, *args], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-            cwd=folder, env=env, start_new_session=True,
-        )
+        with open(log, "wb") as output:  # the child keeps its own copy of the descriptor
+            process = subprocess.Popen(
+                [spark_class, *args], stdout=output, stderr=subprocess.STDOUT,
+                cwd=folder, env=env, start_new_session=True,
+            )
         processes.append(process)
         return log
 

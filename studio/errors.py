@@ -14,6 +14,8 @@ Managers raise only these; the web layer turns any of them into Livy's error sha
     ├── PayloadTooLargeError (413)         code or request body over the configured limit
     ├── ComputeUnreachableError (502)      a compute (a Livy URL) did not answer or answered nonsense
     ├── CapacityError (503)                not enough free memory to start another worker
+    ├── StorageFullError (507)             the state disk is full: the request could not be recorded,
+    │                                      so it was not accepted (nothing changed)
     ├── WorkerError (500)                  a worker failed in a way its session cannot recover from
     │   ├── WorkerStartError               the worker exited or timed out before it was ready
     │   └── WorkerDiedError                the worker exited while it had work
@@ -69,6 +71,13 @@ class PayloadTooLargeError(StudioError):
 
 class CapacityError(StudioError):
     status_code = 503
+
+
+class StorageFullError(StudioError):
+    """The state disk (the store's database, logs, results) has no room: what the request asked for
+    could not be recorded, so it was not done. 507 Insufficient Storage."""
+
+    status_code = 507
 
 
 class LimitReachedError(StudioError):

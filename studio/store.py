@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from studio import files
+from studio.errors import StorageFullError
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +199,18 @@ _JSON_COLUMNS: dict[str, tuple[str, ...]] = {
 _TABLES = tuple(_JSON_COLUMNS)
 
 
+# A full disk
+# -----------
+# SQLite answers a write it has no room for with SQLITE_FULL ("database or disk is full"), or with
+# an I/O error when growing its -wal or -shm file failed; either way the statement is rolled back
+# and the file stays sound. The store turns that into ``StorageFullError`` (507): a request whose
+# record cannot be written is refused, nothing done. A write about work already under way (a
+# statement's result, a state change, a worker's record) is ``defer``red instead: it is held in
+# memory, in order, and written before the next write or at the next ``flush()`` once there is room;
+# any write that comes while some are held waits behind them (a non-deferred one is refused until
+# they are written), so the rows never see the writes out of order.
+
+
 class Store:
     """A small typed wrapper over one SQLite file (WAL mode; safe to call from any thread)."""
 
@@ -205,6 +219,7 @@ class Store:
         files.private_file(path)  # SQLite gives the -wal and -shm files the same mode
         self.path = path
         self._lock = threading.Lock()
+        self._held: list[tuple[str, tuple[Any, ...]]] = []  # deferred writes a full disk held back, in order
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -219,34 +234,107 @@ class Store:
 
     def close(self) -> None:
         with self._lock:
+            if self._held:
+                log.error("closing %s with %d write(s) a full disk held back; they are lost", self.path, len(self._held))
             self._db.close()
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def _is_full(self, exc: sqlite3.Error) -> bool:
+        """Whether a failed write failed for want of room (SQLITE_FULL, or an I/O error on a full disk)."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code == sqlite3.SQLITE_FULL or "database or disk is full" in str(exc):
+            return True
+        if code is not None and code & 0xFF == sqlite3.SQLITE_IOERR:
+            try:
+                room = os.statvfs(self.path.parent)
+            except OSError:
+                return False
+            return room.f_bavail * room.f_frsize < 1 << 20
+        return False
+
+    def _full(self, exc: sqlite3.Error) -> StorageFullError:
+        return StorageFullError(
+            f"The state disk is full ({exc}): this request could not be recorded, so nothing was done. "
+            "Try again once there is room on the server's state disk."
+        )
+
+    def _flush_held(self) -> bool:
+        """Write what a full disk held back, in order (call with the lock held); True when nothing is held."""
+        while self._held:
+            sql, params = self._held[0]
+            try:
+                self._db.execute(sql, params)
+            except sqlite3.Error as exc:
+                if self._is_full(exc):
+                    return False
+                log.error("a held-back write failed and is dropped: %s (%s)", exc, sql[:80])
+            self._held.pop(0)
+            if not self._held:
+                log.warning("the state disk has room again: every held-back write is now on record")
+        return True
+
+    def _write(self, sql: str, params: tuple[Any, ...], defer: bool = False) -> sqlite3.Cursor | None:
+        """Execute one write. Without room: ``StorageFullError``, or with ``defer`` it is held back
+        (see *A full disk* above) and None is returned."""
+        with self._lock:
+            if self._held and not self._flush_held():
+                if defer:
+                    self._held.append((sql, params))
+                    return None
+                raise self._full(sqlite3.OperationalError("database or disk is full"))
+            try:
+                return self._db.execute(sql, params)
+            except sqlite3.Error as exc:
+                if not self._is_full(exc):
+                    raise
+                if not defer:
+                    raise self._full(exc) from None
+                log.warning("the state disk is full (%s): holding writes back until there is room", exc)
+                self._held.append((sql, params))
+                return None
+
+    @property
+    def holding(self) -> int:
+        """Writes a full disk holds back (0: everything is on record)."""
+        return len(self._held)
+
+    def flush(self) -> bool:
+        """Write what a full disk held back, if there is room now; True when everything is on record."""
+        with self._lock:
+            return self._flush_held()
 
     def next_id(self, counter: str) -> int:
         """The next id of a counter ("session", "batch"), never reused."""
+        self._write("INSERT OR IGNORE INTO counters(name, value) VALUES (?, 0)", (counter,))
         with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO counters(name, value) VALUES (?, 0)", (counter,))
-            self._db.execute("UPDATE counters SET value = value + 1 WHERE name = ?", (counter,))
+            try:
+                self._db.execute("UPDATE counters SET value = value + 1 WHERE name = ?", (counter,))
+            except sqlite3.Error as exc:
+                if self._is_full(exc):
+                    raise self._full(exc) from None
+                raise
             (value,) = self._db.execute("SELECT value FROM counters WHERE name = ?", (counter,)).fetchone()
         return int(value) - 1
 
-    def insert(self, table: str, row: dict[str, Any]) -> None:
+    def insert(self, table: str, row: dict[str, Any], defer: bool = False) -> bool:
+        """Insert (or replace) a row; False when a full disk held it back (``defer``)."""
         assert table in _TABLES
         if table in ("sessions", "batches"):
             row = {**row, "request": row.get("request", {})}
         row = _encode(table, {**row, "created_at": row.get("created_at", time.time())})
         columns = ", ".join(row)
         marks = ", ".join("?" for _ in row)
-        with self._lock:
-            self._db.execute(f"INSERT OR REPLACE INTO {table} ({columns}) VALUES ({marks})", tuple(row.values()))
+        return self._write(f"INSERT OR REPLACE INTO {table} ({columns}) VALUES ({marks})", tuple(row.values()), defer) is not None
 
-    def update(self, table: str, row_id: int | str, **fields: Any) -> None:
+    def update(self, table: str, row_id: int | str, defer: bool = False, **fields: Any) -> bool:
+        """Set fields of a row; False when a full disk held it back (``defer``)."""
         assert table in _TABLES
         if not fields:
-            return
+            return True
         fields = _encode(table, fields)
         assignments = ", ".join(f"{name} = ?" for name in fields)
-        with self._lock:
-            self._db.execute(f"UPDATE {table} SET {assignments} WHERE id = ?", (*fields.values(), row_id))
+        return self._write(f"UPDATE {table} SET {assignments} WHERE id = ?", (*fields.values(), row_id), defer) is not None
 
     def get(self, table: str, row_id: int | str) -> dict[str, Any] | None:
         assert table in _TABLES
@@ -263,8 +351,7 @@ class Store:
 
     def delete(self, table: str, row_id: int) -> None:
         assert table in _TABLES
-        with self._lock:
-            self._db.execute(f"DELETE FROM {table} WHERE id = ?", (row_id,))
+        self._write(f"DELETE FROM {table} WHERE id = ?", (row_id,))
 
     def unfinished(self, table: str) -> list[dict[str, Any]]:
         """The rows of work not recorded as ended (``ended_at`` unset), oldest first."""
@@ -276,21 +363,20 @@ class Store:
     # -- statements (keyed by session and statement id) -------------------------------------
 
     def add_statement(self, session_id: int, statement_id: int, **fields: Any) -> None:
+        """Record an accepted statement; ``StorageFullError`` when there is no room (never held back:
+        a statement is accepted only once it is on record)."""
         columns = {"session_id": session_id, "id": statement_id, "created_at": time.time(), **fields}
         names = ", ".join(columns)
         marks = ", ".join("?" for _ in columns)
-        with self._lock:
-            self._db.execute(f"INSERT OR REPLACE INTO statements ({names}) VALUES ({marks})", tuple(columns.values()))
+        self._write(f"INSERT OR REPLACE INTO statements ({names}) VALUES ({marks})", tuple(columns.values()))
 
-    def update_statement(self, session_id: int, statement_id: int, **fields: Any) -> None:
+    def update_statement(self, session_id: int, statement_id: int, defer: bool = False, **fields: Any) -> bool:
+        """Set fields of a statement's row; False when a full disk held it back (``defer``)."""
         if not fields:
-            return
+            return True
         assignments = ", ".join(f"{name} = ?" for name in fields)
-        with self._lock:
-            self._db.execute(
-                f"UPDATE statements SET {assignments} WHERE session_id = ? AND id = ?",
-                (*fields.values(), session_id, statement_id),
-            )
+        sql = f"UPDATE statements SET {assignments} WHERE session_id = ? AND id = ?"
+        return self._write(sql, (*fields.values(), session_id, statement_id), defer) is not None
 
     def statements(self, session_id: int) -> list[dict[str, Any]]:
         """The statements of a session, in id order."""
@@ -298,13 +384,12 @@ class Store:
             rows = self._db.execute("SELECT * FROM statements WHERE session_id = ? ORDER BY id", (session_id,)).fetchall()
         return [dict(row) for row in rows]
 
-    def forget_statements(self, session_id: int, statement_id: int | None = None) -> None:
+    def forget_statements(self, session_id: int, statement_id: int | None = None, defer: bool = False) -> None:
         """Delete one statement of a session, or all of them."""
-        with self._lock:
-            if statement_id is None:
-                self._db.execute("DELETE FROM statements WHERE session_id = ?", (session_id,))
-            else:
-                self._db.execute("DELETE FROM statements WHERE session_id = ? AND id = ?", (session_id, statement_id))
+        if statement_id is None:
+            self._write("DELETE FROM statements WHERE session_id = ?", (session_id,), defer)
+        else:
+            self._write("DELETE FROM statements WHERE session_id = ? AND id = ?", (session_id, statement_id), defer)
 
     def forget_statements_of_ended_sessions(self) -> int:
         """Delete the statements of sessions that ended (no route shows them after a restart)."""

@@ -6,6 +6,7 @@ or Spark can produce."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -149,8 +150,17 @@ def error_handlers(log: logging.Logger) -> dict[Any, Handler]:
             message = f"Method {request.method} is not allowed on {request.url.path}"
         return JSONResponse({"msg": message}, status_code=exc.status_code)
 
+    async def os_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, OSError)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise exc  # to ``unhandled``
+        # A file the request needed (a log, a result, a worker's settings) could not be written.
+        log.warning("%s %s: the state disk is full: %s", request.method, request.url.path, exc)
+        message = f"The state disk is full ({exc.strerror}): this request could not be completed. Try again once there is room."
+        return JSONResponse({"msg": message}, status_code=507)
+
     async def unhandled(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"msg": f"Unhandled error: {type(exc).__name__}: {exc}"}, status_code=500)
 
-    return {StudioError: studio_error, HTTPException: http_error, Exception: unhandled}
+    return {StudioError: studio_error, HTTPException: http_error, OSError: os_error, Exception: unhandled}

@@ -163,3 +163,36 @@ def test_ids_keep_counting_in_the_store_across_restarts(tmp_path):
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         db.close()
+
+
+def test_a_full_disk_is_507_with_a_msg():
+    """The store's StorageFullError, and a file that could not be written for want of room (a log, a
+    result, a worker's settings), are Livy-shaped 507s, never a 500 with a traceback."""
+    import errno
+    import logging
+
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from studio.errors import StorageFullError
+    from studio.web import error_handlers
+
+    async def store_full(request):
+        raise StorageFullError("The state disk is full (database or disk is full): this request could not be recorded.")
+
+    async def file_full(request):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def other(request):
+        raise OSError(errno.EIO, "Input/output error")
+
+    routes = [Route("/store", store_full, methods=["POST"]), Route("/file", file_full, methods=["POST"]), Route("/other", other, methods=["POST"])]
+    app = Starlette(routes=routes, exception_handlers=error_handlers(logging.getLogger("test")))
+    with TestClient(app) as client:  # raises what reached the server as unhandled: none of these
+        for path in ("/store", "/file"):
+            response = client.post(path)
+            assert response.status_code == 507
+            assert set(response.json()) == {"msg"} and "disk is full" in response.json()["msg"]
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.post("/other")  # any other OSError stays what it was: a 500, logged with its traceback
+        assert response.status_code == 500 and response.json() == {"msg": "Unhandled error: OSError: [Errno 5] Input/output error"}

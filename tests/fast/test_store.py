@@ -225,3 +225,40 @@ def test_the_servers_refuse_a_newer_database_in_one_line_before_anything_starts(
             args.func(args)
         assert str(caught.value).startswith(f"studio: The database {path} has schema version {SCHEMA_VERSION + 1}")
     assert version_of(path) == SCHEMA_VERSION + 1
+
+
+def test_a_full_disk_refuses_what_must_be_on_record_and_holds_back_the_rest_in_order(tmp_path):
+    """SQLite's own limit on the file's pages stands in for a full disk: a write beyond it fails with
+    SQLITE_FULL ("database or disk is full"), as on a disk without room (tests/test_load.py fills a
+    real one under a running service)."""
+    from studio.errors import StorageFullError
+
+    store = Store(tmp_path / "studio.db")
+    store.insert("sessions", {"id": 1, "name": None, "kind": "pyspark", "owner": "admin", "state": "idle"})
+    store.add_statement(1, 0, code="0", kind="pyspark", state="waiting")
+    (pages,) = store._db.execute("PRAGMA page_count").fetchone()
+    store._db.execute(f"PRAGMA max_page_count = {pages}")  # the store's own connection: no room from here
+    with pytest.raises(StorageFullError) as refused:
+        for statement_id in range(1, 100):
+            store.add_statement(1, statement_id, code="x" * 4000, kind="pyspark", state="waiting")
+    assert refused.value.status_code == 507 and "disk is full" in refused.value.msg
+    accepted = [row["id"] for row in store.statements(1)]
+    # Work under way is held back, in order, and a write that must be on record is refused meanwhile.
+    assert store.update_statement(1, 0, defer=True, state="available", output="x" * 8000) is False
+    assert store.update_statement(1, 0, defer=True, state="cancelled") is False
+    assert store.update("sessions", 1, defer=True, state="dead", reason="r" * 8000) is False
+    assert store.holding == 3
+    with pytest.raises(StorageFullError):
+        store.update("sessions", 1, state="idle")
+    with pytest.raises(StorageFullError):
+        store.next_id("session")
+    assert store.flush() is False and store.statements(1)[0]["state"] == "waiting"
+    # Room again: the held writes land in the order they were made, then the rest goes on as usual.
+    store._db.execute("PRAGMA max_page_count = 1000000")
+    assert store.flush() is True and store.holding == 0
+    assert store.statements(1)[0]["state"] == "cancelled" and store.statements(1)[0]["output"] == "x" * 8000
+    assert store.get("sessions", 1)["state"] == "dead"
+    store.add_statement(1, 100, code="1", kind="pyspark", state="waiting")
+    assert [row["id"] for row in store.statements(1)] == [*accepted, 100]
+    assert store._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    store.close()

@@ -3,8 +3,10 @@
 Its lifespan builds the parts in dependency order and tears them down in reverse: the store, the
 PySpark kernelspec for the JupyterLabs, the compute ``local`` (the embedded session service it
 starts, or ``settings.livy_url``), then the workspace manager, which finds the JupyterLabs of a
-previous run again, then the execution manager (notebook runs). Stopping the server stops every
-notebook run, every JupyterLab and the session service it started. One error handler turns ``studio.errors`` into ``{"msg": ...}``.
+previous run again, then the execution manager (notebook runs). Stopping the server stops the
+session service it started and leaves the rest running for the next start on the same state
+directory: notebook runs, JupyterLabs with their kernels, and the service's Spark sessions (with
+``stop_sessions_on_exit`` it stops all of them). One error handler turns ``studio.errors`` into ``{"msg": ...}``.
 The gate (``studio.auth.gate``) stands in front of every route.
 """
 

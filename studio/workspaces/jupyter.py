@@ -12,7 +12,10 @@ JupyterLab too, so no kernel survives its workspace.
 
 The process outlives the workspace server on purpose: after a restart, crash or SIGKILL of
 ``studio serve`` the next one finds it again by pid, create time and token (``adopt``), the way
-jupyterhub's ``Spawner.poll`` relies on a stored pid.
+jupyterhub's ``Spawner.poll`` relies on a stored pid. So that none runs forever when no server
+comes back, each JupyterLab applies its workspace's idle timeout itself (``idle_limits``, with
+jupyter_server's own settings): it culls kernels that stay idle that long and then shuts itself
+down; the margin over the idle timeout lets a running server's culler always act first.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import asyncio
 import datetime
 import json
 import logging
+import math
 import os
+import re
 import secrets
 import socket
 import time
@@ -56,6 +61,53 @@ def write_lab_defaults(config_dir: Path) -> Path:
     return path
 
 
+def idle_limits(idle_timeout: float, cull_interval: float) -> list[str]:
+    """JupyterLab's own idle settings for a workspace whose idle timeout is ``idle_timeout`` seconds
+    (0: never stopped for idleness, so none).
+
+    They matter when no ``studio serve`` watches the JupyterLab (one stopped without
+    ``--stop-sessions-on-exit``, or crashed, and not started again): the JupyterLab culls each kernel
+    that has been idle (not busy) that long and that no browser is connected to
+    (``MappingKernelManager.cull_idle_timeout``; ``cull_connected`` and ``cull_busy`` stay off, as
+    in Jupyter, so an open notebook's kernel is never taken from someone editing it), and once it has
+    no kernel and no activity for that long it shuts itself down
+    (``ServerApp.shutdown_no_activity_timeout``, checked by jupyter_server once a minute). The
+    limit is the idle timeout plus two of the Studio's cull intervals: a server that watches
+    stops the workspace after the idle timeout, within one interval, before the JupyterLab's own
+    limit is reached, so the reason it records is its own."""
+    if idle_timeout <= 0:
+        return []
+    limit = math.ceil(idle_timeout + 2 * cull_interval)
+    interval = max(1, min(300, math.ceil(cull_interval)))  # jupyter_server's default is 300
+    return [
+        f"--ServerApp.shutdown_no_activity_timeout={limit}",
+        f"--MappingKernelManager.cull_idle_timeout={limit}",
+        f"--MappingKernelManager.cull_interval={interval}",
+        "--MappingKernelManager.cull_connected=False",
+        "--MappingKernelManager.cull_busy=False",
+    ]
+
+
+# jupyter_server's line when shutdown_no_activity_timeout ends it, and ours before each start.
+_SELF_SHUTDOWN = re.compile(r"No kernels for (\d+) seconds; shutting down\.")
+_START_MARK = "starting JupyterLab on port"
+
+
+def self_shutdown(log_path: Path) -> int | None:
+    """Seconds without activity after which the JupyterLab last started with this log shut itself
+    down (its idle limit, ``idle_limits``), or None if its log does not say so."""
+    try:
+        with open(log_path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 256 * 1024))
+            text = handle.read().decode(errors="replace")
+    except OSError:
+        return None
+    since_start = text.rsplit(_START_MARK, 1)[-1]
+    found = _SELF_SHUTDOWN.findall(since_start)
+    return int(found[-1]) if found else None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nobody listens on right now (JupyterLab binds it a moment later, port_retries=0)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -67,13 +119,20 @@ class JupyterLabProcess:
     """One ``jupyter lab`` child serving one workspace folder."""
 
     def __init__(
-        self, settings: Settings, folder: Path, log_path: Path, layout_dir: Path, env: dict[str, str]
+        self,
+        settings: Settings,
+        folder: Path,
+        log_path: Path,
+        layout_dir: Path,
+        env: dict[str, str],
+        idle_timeout: float = 0.0,
     ) -> None:
         self.settings = settings
         self.folder = folder
         self.log_path = log_path
         self.layout_dir = layout_dir  # JupyterLab's saved layout (open tabs) for this workspace only
         self.env = env
+        self.idle_timeout = idle_timeout  # the workspace's, at start: JupyterLab applies it itself (idle_limits)
         self.port = 0
         self.token = ""
         self.started_at = 0.0  # wall-clock time of the spawn
@@ -129,11 +188,13 @@ class JupyterLabProcess:
             await lab.close()
             return None
         try:
-            await lab.status()
+            status = await lab.status()
         except JupyterLabError:
             await lab.close()
             return None
-        lab.ready_at = time.time()
+        # Its idle time goes on from where it was: JupyterLab kept counting while no server watched
+        # (and applies its idle limit itself), so a restart neither resets nor shortens it.
+        lab.ready_at = parse_time(status.get("started")) or time.time()
         return lab
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -151,6 +212,8 @@ class JupyterLabProcess:
             # Nothing may be fetched from the internet at run time: no news feed, no update check.
             "--LabApp.news_url=None",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            # Without a studio serve that watches it, it stops itself after the workspace's idle timeout.
+            *idle_limits(self.idle_timeout, self.settings.workspace_cull_interval),
             # Jupyter refuses to run as root without it; containers often run as root.
             *(["--allow-root"] if os.geteuid() == 0 else []),
         ]
@@ -168,7 +231,7 @@ class JupyterLabProcess:
         env = {**without_secrets(dict(os.environ)), **self.env, "JUPYTER_TOKEN": self.token}
         env.pop("JUPYTER_TOKEN_FILE", None)
         with open(self.log_path, "ab") as log_handle:
-            log_handle.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting JupyterLab on port {self.port}\n".encode())
+            log_handle.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {_START_MARK} {self.port}\n".encode())
         self._process = ChildProcess(
             self.command(),
             name=f"JupyterLab of {self.folder.name}",

@@ -17,6 +17,12 @@ working across a restart of the server).
 Starting and stopping run as background tasks (the API answers ``Starting``/``Stopping`` at
 once); attaching is a health check, so it runs within the request. The manager
 raises only ``studio.errors``.
+
+Running workspaces outlive the server: when ``studio serve`` stops (SIGTERM, Ctrl-C: an upgrade)
+it leaves their JupyterLabs and kernels running, as a crash does, and the next server on the same
+state directory finds them again (``recover``) with their state; their kernels keep their Spark
+sessions. ``stop_sessions_on_exit`` stops them instead. A JupyterLab that no server comes back for
+stops itself after its workspace's idle timeout (``jupyter.idle_limits``).
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from studio.process import describe_exit
 from studio.store import Store
 from studio.workspaces import folders, git
 from studio.workspaces.computes import Compute, ComputeManager
-from studio.workspaces.jupyter import JupyterLabProcess
+from studio.workspaces.jupyter import JupyterLabProcess, self_shutdown
 from studio.workspaces.models import (
     OPEN_STATES,
     RUNNING_STATES,
@@ -93,8 +99,12 @@ class Workspace:
     def folder(self) -> Path:
         return self.root / self.name
 
+    def effective_idle_timeout(self, settings: Settings) -> float:
+        """Its own idle timeout, else the server's (STUDIO_WORKSPACE_IDLE_TIMEOUT); 0: never."""
+        return settings.workspace_idle_timeout if self.idle_timeout is None else self.idle_timeout
+
     def to_json(self, settings: Settings) -> dict[str, Any]:
-        idle_timeout = settings.workspace_idle_timeout if self.idle_timeout is None else self.idle_timeout
+        idle_timeout = self.effective_idle_timeout(settings)
         lab = self.lab if self.state in OPEN_STATES else None
         return {
             "id": self.id,
@@ -172,13 +182,16 @@ class WorkspaceManager:
         if lab is None or state is WorkspaceState.STOPPING:
             if lab is not None:
                 await lab.stop()
-            self._restore(
-                workspace,
-                WorkspaceState.IDLE,
-                "JupyterLab was no longer running when studio serve restarted."
-                if state is not WorkspaceState.STOPPING
-                else "Stopped: it was stopping when studio serve restarted.",
-            )
+                reason = "Stopped: it was stopping when studio serve restarted."
+            else:
+                reason = "JupyterLab was no longer running when studio serve restarted."
+                idle_for = self_shutdown(self._log_path(workspace))
+                if idle_for is not None:
+                    reason = (
+                        f"JupyterLab stopped itself after {idle_for} s without activity while studio serve was not "
+                        "running (the workspace's idle timeout)."
+                    )
+            self._restore(workspace, WorkspaceState.IDLE, reason)
             self._forget_missing_compute(workspace)
             return
         workspace.lab = lab
@@ -198,16 +211,43 @@ class WorkspaceManager:
         self._save(workspace, state=state.value, reason=reason, state_changed_at=workspace.state_changed_at, process=workspace.process_state)
 
     async def shutdown(self) -> None:
-        """Stop every running workspace (studio serve is stopping), recording why."""
+        """studio serve is stopping. Running workspaces keep running (JupyterLab, kernels, the kernels'
+        Spark sessions) for the next start, which finds them again; a start under way is stopped (it
+        has no kernels yet) and a stop under way finishes. With ``stop_sessions_on_exit`` every
+        running workspace is stopped, recording why."""
         if self._culler is not None:
             self._culler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._culler
-        running = [w for w in self._workspaces.values() if w.state.is_running or w.state is WorkspaceState.STOPPING]
+        if self.settings.stop_sessions_on_exit:
+            ending = [w for w in self._workspaces.values() if w.state.is_running or w.state is WorkspaceState.STOPPING]
+        else:
+            ending = [w for w in self._workspaces.values() if w.state in (WorkspaceState.STARTING, WorkspaceState.STOPPING)]
         await asyncio.gather(
-            *(self._stop_now_or_wait(w, "Stopped because studio serve stopped.") for w in running),
+            *(self._stop_now_or_wait(w, self._shutdown_reason(w)) for w in ending),
             return_exceptions=True,
         )
+        for workspace in self._workspaces.values():
+            if workspace.state.is_running and workspace.lab is not None:
+                await self._leave_running(workspace, workspace.lab)
+
+    @staticmethod
+    def _shutdown_reason(workspace: Workspace) -> str:
+        if workspace.state is WorkspaceState.STARTING:
+            return "Stopped because studio serve stopped while it was starting."
+        return "Stopped because studio serve stopped."
+
+    async def _leave_running(self, workspace: Workspace, lab: JupyterLabProcess) -> None:
+        """Let go of a running workspace without stopping anything: its record keeps its state and
+        its JupyterLab's process record, so the next server adopts it (an attach under way ends
+        as it would after a crash: the workspace is found Attached to its compute)."""
+        tasks = [task for task in (workspace.watcher, workspace.task) if task is not None and not task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        workspace.watcher = workspace.task = None
+        await lab.close()
+        log.info("workspace %s: left running (JupyterLab pid %s) for the next start of studio serve", workspace.name, lab.pid)
 
     async def _stop_now_or_wait(self, workspace: Workspace, reason: str) -> None:
         if workspace.state is WorkspaceState.STOPPING and workspace.task is not None:
@@ -380,6 +420,7 @@ class WorkspaceManager:
             self._log_path(workspace),
             self._layout_dir(workspace),
             self._lab_env(workspace, kernel_token),
+            idle_timeout=workspace.effective_idle_timeout(self.settings),
         )
         workspace.task = asyncio.create_task(self._run_start(workspace, workspace.lab), name=f"start-{workspace.name}")
         return workspace
@@ -473,6 +514,12 @@ class WorkspaceManager:
                 workspace.process_state = None
                 self._save(workspace, process=None)
                 await lab.stop(now=True)  # its kernels, if any survived it
+                idle_for = self_shutdown(lab.log_path) if code == 0 else None
+                if idle_for is not None:  # its own idle limit, set when it started (a later change of the timeout)
+                    reason = f"JupyterLab stopped itself after {idle_for} s without activity (its idle timeout when it started)."
+                    self._transition(workspace, WorkspaceState.STOPPING, reason)
+                    self._transition(workspace, WorkspaceState.IDLE, reason)
+                    return
                 self._transition(
                     workspace,
                     WorkspaceState.FAILED,
@@ -594,7 +641,7 @@ class WorkspaceManager:
         if last_activity != workspace.last_activity:
             workspace.last_activity = last_activity
             self._save(workspace, last_activity=last_activity)
-        timeout = self.settings.workspace_idle_timeout if workspace.idle_timeout is None else workspace.idle_timeout
+        timeout = workspace.effective_idle_timeout(self.settings)
         idle_for = time.time() - last_activity
         is_enabled, is_idle_long_enough = timeout > 0, idle_for > timeout
         if is_enabled and is_idle_long_enough and workspace.state in OPEN_STATES:

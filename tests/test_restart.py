@@ -1,7 +1,8 @@
 """Sessions survive a restart of the session service (issue 11): workers outlive `studio livy`,
 and the next start finds every live one again, with its variables, cached data, statements and
 Spark application; a worker whose service never comes back stops itself; a service told to stop
-everything does.
+everything does. A workspace's PySpark kernel, in its JupyterLab, keeps its session across a clean
+restart and a crash of `studio serve`.
 
 Real services, real workers, real Spark. The services here keep their sessions when they stop
 (STUDIO_STOP_SESSIONS_ON_EXIT=false; the test helpers' default is to stop everything).
@@ -9,6 +10,7 @@ Real services, real workers, real Spark. The services here keep their sessions w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -27,7 +29,7 @@ from jupyter_core.utils import ensure_event_loop
 from conftest import start_service
 from helpers import LivyClient, ServiceProcess
 from kernelhelpers import Kernel
-from workspace_helpers import StudioProcess
+from workspace_helpers import LabKernel, StudioProcess, alive, wait_gone
 
 KEEP = {
     "STUDIO_STOP_SESSIONS_ON_EXIT": "false",
@@ -218,7 +220,7 @@ def test_a_session_whose_worker_died_meanwhile_is_dead_with_the_reason(service, 
         assert http.post(f"/sessions/{victim['id']}/statements", json={"code": "1"}).status_code == 400
 
 
-def _session_id(kernel: Kernel) -> int:
+def _session_id(kernel: Kernel | LabKernel) -> int:
     text = kernel.ok("%%info").text()
     match = re.search(r"Session (\d+) (has been idle|is busy|is never)", text)
     assert match, text
@@ -289,35 +291,68 @@ def test_a_worker_whose_service_never_returns_stops_itself(test_root):
 
 
 
-def test_a_studio_serve_crash_keeps_a_workspace_kernels_session(test_root, tmp_path):
-    """`studio serve` dies (SIGKILL): its session service is told to stop and keeps its sessions, the
-    workspace's JupyterLab (and kernel) run on; the next `studio serve` starts a session service on
-    the same state folder (here on another port), which adopts the worker, and the kernel finds it
-    there through the Studio and carries on with its session."""
+def _leave_nothing(studio: StudioProcess) -> list[tuple[int, str]]:
+    """What a failed test left running under the studio's folder, killed (not for the next tests to
+    trip on); returned, so that the test can fail on it."""
+    left = studio.leftovers()
+    for pid, _ in left:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
+    return left
+
+
+def test_restarts_of_studio_serve_keep_a_workspace_kernels_session(test_root):
+    """A PySpark kernel in a workspace's real JupyterLab, driven through JupyterLab's API as the
+    browser drives it, keeps its Spark session and variables when `studio serve` stops cleanly
+    (SIGTERM, as an upgrade stops it) and starts again, and when it crashes (SIGKILL): JupyterLab
+    and the kernel run on, the embedded session service lets go of the session's worker and the
+    next one (here on another port) adopts it, the next `studio serve` finds the workspace again,
+    and the kernel finds its compute through the Studio. A `studio serve --stop-sessions-on-exit`
+    stops all of it when it stops."""
     folder = test_root / "serve-restart"
     env = {"STUDIO_STOP_SESSIONS_ON_EXIT": "false", "STUDIO_JUPYTERLAB_STOP_TIMEOUT": "5"}
     studio = StudioProcess(folder, env=env, pool=0).start()
-    kernel = None
     try:
         with studio.client() as api:
             workspace = api.create(name="keeps", compute="local", start=True)
             attached = api.wait_state(workspace["id"], ("Attached",), timeout=180)
-        lab = psutil.Process(attached["jupyterlab"]["pid"]).environ()
-        # A kernel of that workspace, as JupyterLab starts it: it finds its compute through the Studio.
-        names = ("STUDIO_SERVER_URL", "STUDIO_SERVER_FILE", "STUDIO_WORKSPACE_ID", "STUDIO_KERNEL_TOKEN")
-        kernel = Kernel(tmp_path, {name: lab[name] for name in names})
+        lab_pid = attached["jupyterlab"]["pid"]
+        kernel = LabKernel(attached)
         kernel.ok("kept = 7")
+        kernel_pid = kernel.pid(lab_pid)
         session_id = _session_id(kernel)
-        livy_before = studio.get("/api/status").json()["embeddedSessionService"]
-        studio.crash()
-        studio = StudioProcess(folder, env=env, pool=0).start()
-        assert studio.get("/api/status").json()["embeddedSessionService"] != livy_before  # it moved (--livy-port 0)
-        result = kernel.ok("kept * 6")
-        assert result.stdout.strip().endswith("42")
-        assert "moved to" in _stderr(result), _stderr(result)
-        assert _session_id(kernel) == session_id
-    finally:
-        if kernel is not None:
-            kernel.shutdown()  # deletes its session
+        for how in ("SIGTERM", "SIGKILL"):
+            livy_before = studio.get("/api/status").json()["embeddedSessionService"]
+            if how == "SIGTERM":
+                assert studio.stop() == 0, studio.log_tail()
+            else:
+                studio.crash()
+            assert alive(lab_pid) and alive(kernel_pid), how
+            studio = StudioProcess(folder, env=env, pool=0).start()
+            with studio.client() as api:
+                found = api.workspace(workspace["id"])
+            assert found["state"] == "Attached", (how, found)
+            assert found["reason"] == f"Found running again (JupyterLab pid {lab_pid}) after studio serve restarted.", how
+            assert found["lab_url"] == attached["lab_url"], how
+            assert studio.get("/api/status").json()["embeddedSessionService"] != livy_before  # it moved (--livy-port 0)
+            result = kernel.ok("kept * 6")
+            assert result.stdout.strip().endswith("42"), (how, result.text())
+            assert "moved to" in _stderr(result), (how, _stderr(result))
+            assert _session_id(kernel) == session_id, how
+
+        # A server that stops everything when it stops: it adopts all of it, then ends it.
         assert studio.stop() == 0, studio.log_tail()
-    assert not studio.leftovers()
+        studio = StudioProcess(folder, env=env, pool=0, args=["--stop-sessions-on-exit"]).start()
+        with studio.client() as api:
+            assert api.workspace(workspace["id"])["state"] == "Attached"
+        assert studio.stop() == 0, studio.log_tail()
+        assert wait_gone(lab_pid) and wait_gone(kernel_pid)
+        assert not studio.leftovers()  # JupyterLab, the kernel, the session service and the session's worker
+        with contextlib.closing(sqlite3.connect(studio.state_dir / "studio.db")) as db:
+            state, reason = db.execute("SELECT state, reason FROM workspaces WHERE id = ?", (workspace["id"],)).fetchone()
+        assert (state, reason) == ("Idle", "Stopped because studio serve stopped.")
+    finally:
+        if studio.process is not None and studio.process.poll() is None:
+            studio.stop()
+        left = _leave_nothing(studio)
+    assert not left, f"processes left behind: {left}"

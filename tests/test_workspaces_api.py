@@ -1,7 +1,9 @@
 """The workspace API against a real `studio serve`, real JupyterLab servers and real session
 services (with no warm pool, so no Spark starts): the lifecycle with EMR Studio's states, bad
 input, idle stops, computes with their sessions, attaching to a second compute, git clones, and
-restarts of the server, clean and by SIGKILL.
+restarts of the server: clean ones that keep running workspaces (the default) or stop them
+(--stop-sessions-on-exit), by SIGKILL, and a JupyterLab whose server never comes back stopping
+itself.
 
 One server serves the whole module; the restart tests come last because they restart it.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +24,7 @@ import pytest
 
 from conftest import start_service
 from helpers import REPO, processes_under
-from workspace_helpers import StudioProcess, alive, lab_get, lab_post, wait_gone
+from workspace_helpers import LabKernel, StudioProcess, alive, lab_get, lab_post, wait_gone
 
 # A session worker that never gets ready: the second compute can list a session without a JVM.
 NEVER_READY = {
@@ -31,6 +34,9 @@ NEVER_READY = {
     "STUDIO_WORKER_START_TIMEOUT": "600",
     "STUDIO_STOP_TIMEOUT": "1",
 }
+# A studio serve that leaves its running workspaces running when it stops (the default outside the
+# tests, whose helpers stop everything).
+KEEP = {"STUDIO_STOP_SESSIONS_ON_EXIT": "false"}
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +60,25 @@ class Server:
         self.process.start()
         self.api = self.process.client()
 
-    def _new(self) -> StudioProcess:
+    def _new(self, env: dict[str, str] | None = None, args: list[str] | None = None) -> StudioProcess:
         return StudioProcess(
             self.folder,
             # Local repositories are refused by default (test_hardening.py); the clone test here uses them.
-            env={"STUDIO_WORKSPACE_CULL_INTERVAL": "0.5", "STUDIO_JUPYTERLAB_STOP_TIMEOUT": "5", "STUDIO_GIT_ALLOW_LOCAL": "true"},
+            env={
+                "STUDIO_WORKSPACE_CULL_INTERVAL": "0.5",
+                "STUDIO_JUPYTERLAB_STOP_TIMEOUT": "5",
+                "STUDIO_GIT_ALLOW_LOCAL": "true",
+                **(env or {}),
+            },
             pool=0,
+            args=args,
         )
 
-    def restart(self) -> int:
-        """SIGTERM, then a new server on the same folders; the old one's exit code."""
+    def restart(self, env: dict[str, str] | None = None, args: list[str] | None = None) -> int:
+        """SIGTERM, then a new server on the same folders (with these settings); the old one's exit code."""
         self.api.close()
         code = self.process.stop()
-        self.start()
+        self.start(env, args)
         return code
 
     def crash(self) -> None:
@@ -74,8 +86,8 @@ class Server:
         self.api.close()
         self.process.crash()
 
-    def start(self) -> None:
-        self.process = self._new()
+    def start(self, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+        self.process = self._new(env, args)
         self.process.start()
         self.api = self.process.client()
 
@@ -473,10 +485,45 @@ def test_livy_url_mode_starts_no_session_service_and_reports_a_failed_start(fold
 # -- restarts (last: they restart the module's server) ----------------------------------------
 
 
-def test_a_clean_restart_stops_workspaces_and_keeps_every_record(server):
+def test_a_clean_restart_keeps_running_workspaces_and_their_kernels(server):
+    """SIGTERM (an upgrade) leaves a running workspace running: the next server shows it as it was,
+    with the reason, opens it, gives its kernels their compute and culls it when it idles."""
+    assert server.restart(env=KEEP) == 0  # from here on, a stop leaves running workspaces running
     api = server.api
     workspace = api.create(name="delta", description="survives restarts", compute="local")
     running = api.started(workspace["id"])
+    kernel = LabKernel(running, "python3")  # plain Python: cheap; test_restart.py has the PySpark kernel
+    kernel.ok("kept = 6 * 7")
+    kernel_pid = kernel.pid(lab_pid(running))
+
+    stopped_at = time.time()
+    assert server.restart(env=KEEP) == 0
+    api = server.api
+    time.sleep(1)  # the new server's culler reads JupyterLab's activity every 0.5 s
+    found = api.workspace(workspace["id"])
+    reason = f"Found running again (JupyterLab pid {lab_pid(running)}) after studio serve restarted."
+    assert found["state"] == "Attached" and found["reason"] == reason, found
+    assert found["jupyterlab"] == running["jupyterlab"] and found["lab_url"] == running["lab_url"]
+    assert found["description"] == "survives restarts"
+    assert found["last_activity"] < stopped_at  # JupyterLab's own: the restart did not reset its idle time
+    assert alive(kernel_pid) and kernel.ok("print(kept)").stdout == "42\n"  # the same kernel, with its variables
+    assert kernel_connection(server, found).json()["livy_url"] == api.compute("local")["url"]
+    page = api.http.get("/").text
+    assert reason in page and f"/api/workspaces/{found['id']}/open" in page  # the Studio shows it open, and why
+
+    # The culler watches it like any other.
+    idle_timeout = 3
+    assert api.http.patch(f"/api/workspaces/{found['id']}", json={"idle_timeout": idle_timeout}).status_code == 200
+    idle = api.wait_state(found["id"], ("Idle",), timeout=30)
+    assert idle["reason"] == f"Stopped after {idle_timeout} s without activity (idle timeout)."
+    assert wait_gone(lab_pid(running)) and wait_gone(kernel_pid)
+    assert api.http.patch(f"/api/workspaces/{found['id']}", json={"idle_timeout": None}).json()["idle_timeout"] == 3600
+
+
+def test_a_restart_with_stop_sessions_on_exit_stops_workspaces_and_keeps_every_record(server):
+    assert server.restart(env=KEEP, args=["--stop-sessions-on-exit"]) == 0  # the flag wins over the variable
+    api = server.api
+    running = api.started(api.by_name("delta")["id"])
     before = {w["name"]: w for w in api.workspaces()}
 
     assert server.restart() == 0
@@ -531,3 +578,45 @@ def test_after_a_crash_running_workspaces_are_found_again_or_marked_idle(server)
     failed = api.wait_state(api.by_name("gamma")["id"], ("Failed",), timeout=30)
     assert "unexpectedly" in failed["reason"] and "Start it again" in failed["reason"]
     assert api.action(failed["id"], "stop")["state"] == "Idle"
+
+
+def test_a_jupyterlab_whose_server_never_comes_back_stops_itself(folder):
+    """A workspace left running by a server that does not come back applies its idle timeout itself,
+    with JupyterLab's own settings: its idle kernels are culled, then it shuts itself down, and the
+    next server says why. jupyter_server checks for that once a minute, so this takes a minute."""
+    idle_timeout = 5
+    env = {**KEEP, "STUDIO_WORKSPACE_CULL_INTERVAL": "0.5"}
+    studio = StudioProcess(folder / "orphan", env=env, pool=0).start()
+    try:
+        with studio.client() as api:
+            workspace = api.create(name="left", idle_timeout=idle_timeout)
+            running = api.started(workspace["id"])
+        kernel = LabKernel(running, "python3")
+        # Busy, so the Studio's culler leaves it alone until the Studio is gone; then it idles with no client.
+        kernel.run("import time\ntime.sleep(10)", until_busy=True)
+        kernel_pid = kernel.pid(lab_pid(running))
+        assert studio.stop() == 0, studio.log_tail()
+        assert alive(lab_pid(running)) and alive(kernel_pid)
+
+        assert wait_gone(lab_pid(running), timeout=150), "JupyterLab ran on without its server"
+        assert wait_gone(kernel_pid)
+        log = (studio.state_dir / "workspaces" / str(workspace["id"]) / "jupyterlab.log").read_text()
+        assert "Culling 'idle' kernel 'python3'" in log and "; shutting down." in log, log[-3000:]
+
+        studio = StudioProcess(folder / "orphan", env=env, pool=0).start()
+        with studio.client() as api:
+            left = api.workspace(workspace["id"])
+            assert left["state"] == "Idle" and left["url"] is None
+            assert re.fullmatch(
+                r"JupyterLab stopped itself after \d+ s without activity while studio serve was not running "
+                r"\(the workspace's idle timeout\)\.",
+                left["reason"],
+            ), left["reason"]
+            assert left["reason"] in api.http.get("/").text.replace("&#39;", "'")
+    finally:
+        if studio.process is not None and studio.process.poll() is None:
+            studio.stop()
+        left_behind = studio.leftovers()
+        for pid, _ in left_behind:
+            os.kill(pid, signal.SIGKILL)
+    assert not left_behind, f"processes left behind: {left_behind}"

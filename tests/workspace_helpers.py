@@ -3,9 +3,11 @@ small client for its API, speaking plain HTTP like the Studio's own page does.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import httpx
 import psutil
 
 from helpers import REPO, auth_headers, processes_under
+from kernelhelpers import Result
 from studio.errors import ServiceStartError
 from studio.launcher import ServiceLauncher
 from studio.process import ChildProcess
@@ -211,6 +214,77 @@ def lab_get(workspace: dict[str, Any], path: str, token: bool = True) -> httpx.R
 def lab_post(workspace: dict[str, Any], path: str, body: dict[str, Any]) -> httpx.Response:
     base, _, secret = workspace["lab_url"].partition("/lab?token=")
     return httpx.post(base + path, json=body, headers={"Authorization": f"token {secret}"}, timeout=30, trust_env=False)
+
+
+class LabKernel:
+    """A kernel started in a workspace's JupyterLab and driven through JupyterLab's own API, as the
+    browser drives it: REST to start and delete it, its websocket (a new connection for each cell) for
+    the messages. It is JupyterLab's kernel: it lives as long as JupyterLab keeps it."""
+
+    def __init__(self, workspace: dict[str, Any], name: str = "pyspark") -> None:
+        self.base, _, self.secret = workspace["lab_url"].partition("/lab?token=")
+        response = httpx.post(
+            f"{self.base}/api/kernels", json={"name": name}, headers=self._auth(), timeout=60, trust_env=False
+        )
+        assert response.status_code == 201, response.text
+        self.id: str = response.json()["id"]
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"token {self.secret}"}
+
+    def run(self, code: str, timeout: float = 300.0, until_busy: bool = False) -> Result:
+        """Send ``code`` and collect its iopub messages until the kernel is idle again and its reply has
+        come (with ``until_busy``, only until it starts running: the cell goes on without a client)."""
+        from websockets.sync.client import connect
+
+        url = self.base.replace("http://", "ws://", 1) + f"/api/kernels/{self.id}/channels"
+        msg_id = uuid.uuid4().hex
+        header = {"msg_id": msg_id, "msg_type": "execute_request", "session": uuid.uuid4().hex, "username": "test", "version": "5.3"}
+        content = {"code": code, "silent": False, "store_history": True, "user_expressions": {}, "allow_stdin": False}
+        request = {"header": header, "parent_header": {}, "metadata": {}, "content": content, "channel": "shell", "buffers": []}
+        started = time.monotonic()
+        outputs: list[dict[str, Any]] = []
+        reply: dict[str, Any] | None = None
+        idle = False
+        with connect(url, additional_headers=self._auth(), open_timeout=30) as socket_:
+            socket_.send(json.dumps(request))
+            while reply is None or not idle:
+                left = timeout - (time.monotonic() - started)
+                if left <= 0:
+                    raise TimeoutError(f"cell did not finish in {timeout}s: {code[:80]!r}")
+                message = json.loads(socket_.recv(timeout=left))
+                if message["parent_header"].get("msg_id") != msg_id:
+                    continue
+                kind = message["msg_type"]
+                if kind == "execute_reply":
+                    reply = message["content"]
+                elif kind == "status":
+                    state = message["content"]["execution_state"]
+                    if until_busy and state == "busy":
+                        return Result({"status": "busy"}, outputs, time.monotonic() - started)
+                    idle = state == "idle"
+                elif message["channel"] == "iopub":
+                    outputs.append({"msg_type": kind, "content": message["content"], "at": time.monotonic() - started})
+        return Result(reply, outputs, time.monotonic() - started)
+
+    def ok(self, code: str, **kwargs: Any) -> Result:
+        result = self.run(code, **kwargs)
+        assert result.status == "ok", result.text()
+        return result
+
+    def pid(self, lab_pid: int, timeout: float = 30.0) -> int:
+        """The kernel's process: JupyterLab's child (in a session of its own)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            children = psutil.Process(lab_pid).children()
+            if children:
+                return children[0].pid
+            assert time.monotonic() < deadline, f"no kernel process under JupyterLab {lab_pid}"
+            time.sleep(0.2)
+
+    def shutdown(self) -> None:
+        """DELETE it through JupyterLab (a PySpark kernel deletes its Spark session as it ends)."""
+        httpx.delete(f"{self.base}/api/kernels/{self.id}", headers=self._auth(), timeout=60, trust_env=False)
 
 
 def alive(pid: int) -> bool:

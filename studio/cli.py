@@ -347,8 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop-sessions-on-exit",
         action="store_true",
         default=None,
-        help="stop the sessions of the session service it started when it stops (default: they keep running for "
-        "the next start)",
+        help="stop everything when it stops: running workspaces (JupyterLabs, kernels), notebook runs, and the "
+        "sessions of the session service it started (default: they keep running, and the next start on the same "
+        "state directory finds them again)",
     )
     serve.add_argument(
         "--ready-file",

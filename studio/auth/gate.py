@@ -75,10 +75,15 @@ class Principal(BaseUser):
     name: str
     kind: str = "token"
     routes: frozenset[tuple[str, str]] | None = None
+    role: str = "admin"  # "admin" (every object, users, computes) or "user" (its own and what is shared with it)
 
     @property
     def is_authenticated(self) -> bool:
         return True
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
 
     @property
     def display_name(self) -> str:

@@ -50,7 +50,7 @@ def create_app(settings: Settings, url: str = "") -> ASGIApp:
         if workspace_id is None:
             return None
         path = f"/api/workspaces/{workspace_id}/connection"
-        return Principal(f"workspace-{workspace_id}-kernels", kind="kernel", routes=frozenset({("GET", path)}))
+        return Principal(f"workspace-{workspace_id}-kernels", kind="kernel", routes=frozenset({("GET", path)}), role="user")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

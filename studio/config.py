@@ -206,6 +206,22 @@ class Settings(BaseSettings):
         "hold the server's slots.",
     )
 
+    # --- quotas per user (studio.auth.quotas): defaults per role, a user's own override in the users' directory ---
+    user_max_sessions: int | None = Field(
+        5, ge=0, description="Live Spark sessions (and batches) a user with the role `user` may have at once; empty: no limit."
+    )
+    user_max_running_workspaces: int | None = Field(
+        2, ge=0, description="Workspaces a user with the role `user` may have running at once; empty: no limit."
+    )
+    user_max_executions: int | None = Field(
+        4, ge=0, description="Notebook executions a user with the role `user` may have queued or running; empty: no limit."
+    )
+    admin_max_sessions: int | None = Field(None, ge=0, description="As user_max_sessions, for admins (default: no limit).")
+    admin_max_running_workspaces: int | None = Field(
+        None, ge=0, description="As user_max_running_workspaces, for admins (default: no limit)."
+    )
+    admin_max_executions: int | None = Field(None, ge=0, description="As user_max_executions, for admins (default: no limit).")
+
     # --- storage -------------------------------------------------------------------------
     state_dir: Path = Field(
         default_factory=default_state_dir,

@@ -7,6 +7,7 @@ Managers raise only these; the web layer turns any of them into Livy's error sha
     ├── InvalidRequestError (400)          bad JSON, wrong field types, unknown fields
     │   ├── SessionNotActiveError (400)    statement to a finished session
     │   └── TooManySessionsError (400)     the configured cap of live sessions is reached
+    ├── ForbiddenError (403)               authenticated, but this user may not see or change that object
     ├── NotFoundError (404)                unknown session, statement, batch, workspace or compute
     ├── NotAcceptableError (406)           an Accept header asking for an unknown API version
     ├── ConflictError (409)                right request, wrong moment (a session still starting,
@@ -14,6 +15,9 @@ Managers raise only these; the web layer turns any of them into Livy's error sha
     ├── PayloadTooLargeError (413)         code or request body over the configured limit
     ├── ComputeUnreachableError (502)      a compute (a Livy URL) did not answer or answered nonsense
     ├── CapacityError (503)                not enough free memory to start another worker
+    ├── LimitReachedError (429)            a budget is used up (running workspaces, ...)
+    │   └── QuotaExceededError             a user's own quota (live sessions, running workspaces,
+    │                                      concurrent executions): says what is in use and the limit
     ├── StorageFullError (507)             the state disk is full: the request could not be recorded,
     │                                      so it was not accepted (nothing changed)
     ├── WorkerError (500)                  a worker failed in a way its session cannot recover from
@@ -53,6 +57,12 @@ class TooManySessionsError(InvalidRequestError):
     pass
 
 
+class ForbiddenError(StudioError):
+    """The request is authenticated but its user may not see or change the object (Livy: 403)."""
+
+    status_code = 403
+
+
 class NotFoundError(StudioError):
     status_code = 404
 
@@ -84,6 +94,10 @@ class LimitReachedError(StudioError):
     """A configured budget is used up (running workspaces, ...); the message names the setting."""
 
     status_code = 429
+
+
+class QuotaExceededError(LimitReachedError):
+    """A user's quota is used up; the message says what is in use and the limit."""
 
 
 class WorkerError(StudioError):

@@ -360,6 +360,14 @@ def main(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"master": settings.master, "machine": {"cpus": os.cpu_count()}}
     results["cds"] = ensure_cds(settings)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    if args.load:
+        results["load"] = load_figures(args, state_root, log)
+        print_load_table(results["load"])
+        text = json.dumps(results, indent=2)
+        print(text)
+        if args.json:
+            Path(args.json).write_text(text + "\n")
+        return 1 if results["load"]["problems"] or results["load"]["sessions_not_idle_after"] else 0
 
     # -- warm pool: first results, the service's share, round trips, memory --------------------
     # The output limit is raised only so sparkmagic's JSON-lines path (~100 MB of text for 1M rows)
@@ -472,3 +480,168 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"{'measure'.ljust(width)}  {'value':>20}  target")
     for name, value, target in rows:
         print(f"{name.ljust(width)}  {value:>20}  {target}")
+
+
+# -- --load: many notebooks at once ---------------------------------------------------------------
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    return {"p50": percentile(values, 50), "p95": percentile(values, 95), "p99": percentile(values, 99), "n": len(values)}
+
+
+def _wait_all_idle(client: LivyClient, session_ids: list[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    waiting = set(session_ids)
+    while waiting:
+        for session_id in sorted(waiting):
+            state = client.get_session(session_id)["state"]
+            if state == "idle":
+                waiting.discard(session_id)
+            elif state in FINAL_SESSION_STATES:
+                raise RuntimeError(f"session {session_id} is {state}: {client.log(session_id, 50)}")
+        if waiting and time.monotonic() > deadline:
+            raise RuntimeError(f"sessions {sorted(waiting)} did not become idle in {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+def _http(service: BenchService, timeout: float = 300.0) -> Any:
+    import httpx
+
+    return httpx.Client(base_url=service.url, timeout=timeout, headers={"Authorization": f"Bearer {service.token}"}, trust_env=False)
+
+
+def _round_trips(statements: list[Any]) -> dict[str, Any]:
+    """Round-trip percentiles of the statements that came back, over all and per kind (seconds)."""
+    done = [s for s in statements if s.seconds is not None]
+    figures: dict[str, Any] = {"all": percentiles([s.seconds for s in done])}
+    for kind in ("trivial", "spark", "failing"):
+        figures[kind] = percentiles([s.seconds for s in done if s.kind == kind])
+    return figures
+
+
+def load_figures(args: argparse.Namespace, state_root: Path, log: Any) -> dict[str, Any]:
+    """``args.load_sessions`` sessions each sent ``args.load_statements`` statements by a client of
+    its own, and ``args.load_kernels`` PySpark kernels running a notebook again and again, all at
+    once; beside it, in the same run, one client alone on one of those sessions with the same mix.
+    Cold sessions (``--pool 0``, started side by side): a pool of 10 would take minutes of JVM starts
+    on its own and measure the same statements."""
+    import threading
+
+    from studio.kernel.install import write_kernelspec
+    from studio.load import KernelNotebook, SessionLoad, in_thread, ledger, statements_for, tally
+
+    sessions, count, kernels = args.load_sessions, args.load_statements, args.load_kernels
+    env = {
+        "STUDIO_RETAINED_STATEMENTS": str(10 * count + 100),  # the books read every statement back
+        "STUDIO_WORKER_START_TIMEOUT": "900",  # sessions + kernels' JVMs start side by side on few cores
+        "STUDIO_MAX_SESSIONS": str(sessions + kernels + 2),
+    }
+    jupyter_path = state_root / "jupyter"
+    write_kernelspec(jupyter_path)
+    results: dict[str, Any] = {"sessions": sessions, "statements_per_session": count, "kernels": kernels, "pool": 0}
+    with BenchService(state_root / "load", pool=0, env=env) as service:
+        started = time.monotonic()
+        ids = [int(service.create_session(kind="pyspark")["id"]) for _ in range(sessions)]
+        notebooks: list[KernelNotebook] = []
+        bench_kernels: list[BenchKernel] = []
+        try:
+            for number in range(kernels):
+                kernel = BenchKernel(jupyter_path, service.url, service.token)
+                kernel.client.wait_for_ready(timeout=300)
+                bench_kernels.append(kernel)
+            # The kernels' first notebook run starts their sessions, beside the REST ones.
+            first_runs = [KernelNotebook(k.client, n) for n, k in enumerate(bench_kernels)]
+            threads = [threading.Thread(target=in_thread(nb.run)) for nb in first_runs]
+            for thread in threads:
+                thread.start()
+            _wait_all_idle(service.client, ids, timeout=1200)
+            for thread in threads:
+                thread.join()
+            results["start_seconds"] = round(time.monotonic() - started, 1)
+            log(f"load: {sessions} sessions and {kernels} kernels up in {results['start_seconds']} s")
+            with _http(service) as http:
+                # Warm-up (not timed): every session's first jobs, side by side.
+                warm = [SessionLoad(http, sid, statements_for(sid, 10)) for sid in ids]
+                threads = [threading.Thread(target=w.run) for w in warm]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                time.sleep(3)
+                # One client alone, the same mix, on the first session.
+                single = SessionLoad(http, ids[0], statements_for(ids[0], count, first=300))
+                single.run()
+                log(f"load: single client {tally(single.statements)}")
+                # Everything at once.
+                loads = [SessionLoad(http, sid, statements_for(sid, count, first=600)) for sid in ids]
+                running = threading.Event()
+                running.set()
+                notebooks = [KernelNotebook(k.client, n, runs=1, until=lambda: not running.is_set()) for n, k in enumerate(bench_kernels)]
+                load_threads = [threading.Thread(target=w.run) for w in loads]
+                kernel_threads = [threading.Thread(target=in_thread(nb.run)) for nb in notebooks]
+                load_started = time.monotonic()
+                for thread in load_threads + kernel_threads:
+                    thread.start()
+                for thread in load_threads:
+                    thread.join()
+                load_seconds = time.monotonic() - load_started
+                running.clear()
+                for thread in kernel_threads:
+                    thread.join()
+                everything = [s for w in loads for s in w.statements]
+                problems = [s.describe() for s in everything + single.statements + [s for w in warm for s in w.statements] if s.outcome != "ok"]
+                for w in [single, *loads, *warm]:
+                    if w.error is not None:
+                        problems.append(f"session {w.session_id}'s client stopped: {w.error!r}")
+                for sid, w, first in zip(ids, loads, warm):
+                    mine = [*first.statements, *w.statements, *(single.statements if sid == ids[0] else [])]
+                    problems += ledger(http, sid, mine)
+                states = {s["id"]: s["state"] for s in service.client.list_sessions()}
+                dead = sorted(sid for sid, state in states.items() if state != "idle")
+                problems += [nb_problem for nb in first_runs + notebooks for nb_problem in nb.problems()]
+        finally:
+            for kernel in bench_kernels:
+                kernel.close()
+    cells = [r for nb in notebooks for r in nb.results]
+    alone, loaded = _round_trips(single.statements), _round_trips(everything)
+    results.update(
+        {
+            "single_client_round_trip_seconds": alone,
+            "load_round_trip_seconds": loaded,
+            "load_seconds": round(load_seconds, 1),
+            "load_statements_per_second": round(len(everything) / load_seconds, 1),
+            "load_over_single": {q: loaded["all"][q] / alone["all"][q] for q in ("p50", "p95", "p99")},
+            "statements": {"sent": len(everything), **tally(everything)},
+            "kernel_cells": {"run": len(cells), "correct": sum(1 for r in cells if r.correct)},
+            "kernel_cell_seconds": percentiles([r.seconds for r in cells]),
+            "sessions_not_idle_after": dead,
+            "problems": problems[:50],
+        }
+    )
+    return results
+
+
+def print_load_table(r: dict[str, Any]) -> None:
+    ms = lambda s: f"{s * 1000:.0f} ms" if s < 10 else f"{s:.1f} s"  # noqa: E731
+    single, load = r["single_client_round_trip_seconds"], r["load_round_trip_seconds"]
+    print(
+        f"load: {r['sessions']} sessions x {r['statements_per_session']} statements over REST + {r['kernels']} kernels "
+        f"running a notebook, at once (cold sessions, --pool 0; {r['load_seconds']} s, {r['load_statements_per_second']} statements/s)"
+    )
+    print(f"{'statement round trip (POST ?wait= .. final)':<46} {'p50':>9} {'p95':>9} {'p99':>9} {'n':>6}")
+    rows = [("one client alone, same mix", single["all"]), ("under the load", load["all"])]
+    for kind in ("trivial", "spark", "failing"):
+        rows += [(f"  {kind}: alone", single[kind]), (f"  {kind}: under the load", load[kind])]
+    rows.append(("kernel cell under the load", r["kernel_cell_seconds"]))
+    for name, figures in rows:
+        print(f"{name:<46} {ms(figures['p50']):>9} {ms(figures['p95']):>9} {ms(figures['p99']):>9} {figures['n']:>6}")
+    ratio = r["load_over_single"]
+    print(f"{'under the load / alone':<46} {ratio['p50']:>8.1f}x {ratio['p95']:>8.1f}x {ratio['p99']:>8.1f}x")
+    s = r["statements"]
+    print(
+        f"statements: {s['sent']} sent, {s['ok']} correct, {s['failed']} failed by the service, {s['refused']} refused, "
+        f"{s['wrong']} wrong, {s['missing']} lost; kernel cells: {r['kernel_cells']['correct']} of {r['kernel_cells']['run']} correct; "
+        f"sessions not idle after: {r['sessions_not_idle_after'] or 'none'}"
+    )
+    for problem in r["problems"]:
+        print(f"  problem: {problem}")

@@ -323,6 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--idle-seconds", type=float, default=75.0, help="idle time before measuring worker memory (default 75)")
     bench.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     bench.add_argument("--state-dir", type=Path, help="state directory of the services the bench starts")
+    bench.add_argument(
+        "--load",
+        action="store_true",
+        help="instead: many notebooks at once (sessions x statements over REST, plus kernels); round trips beside one client alone, and the books",
+    )
+    bench.add_argument("--load-sessions", type=int, default=10, help="sessions of --load, each with a client of its own (default 10)")
+    bench.add_argument("--load-statements", type=int, default=100, help="statements each --load client sends (default 100)")
+    bench.add_argument("--load-kernels", type=int, default=4, help="PySpark kernels running a notebook during --load (default 4)")
     bench.set_defaults(func=cmd_bench)
 
     serve = sub.add_parser("serve", help="run the workspace server and Studio web UI (and a session service)")

@@ -92,11 +92,11 @@ class Service:
 
     def _record_worker(self, worker: WorkerProcess) -> None:
         """A worker was spawned: its record, so that a later start finds it (see ``restore``)."""
-        self.store.insert("workers", {"id": worker.id, "session_id": worker.session_id, "process": worker.record()})
+        self.store.insert("workers", {"id": worker.id, "session_id": worker.session_id, "process": worker.record()}, defer=True)
         self._watch_worker(worker)
 
     def _watch_worker(self, worker: WorkerProcess) -> None:
-        worker.exited.add_done_callback(lambda _: self.store.update("workers", worker.id, ended_at=time.time()))
+        worker.exited.add_done_callback(lambda _: self.store.update("workers", worker.id, defer=True, ended_at=time.time()))
 
     async def restore(self) -> None:
         """Find the workers an earlier run of the service left running and carry on with their

@@ -207,7 +207,6 @@ class BatchManager:
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
         batch = Batch(batch_id, body, LogFile(self.settings.log_dir / f"batch-{batch_id}.log"), event_dir)
         batch.owner = owner
-        self.batches[batch_id] = batch
         self.store.insert(
             "batches",
             {
@@ -219,6 +218,7 @@ class BatchManager:
                 "request": body.model_dump(),
             },
         )
+        self.batches[batch_id] = batch  # once on record (a full disk refuses it before: 507)
         batch.log.append("spark-submit " + " ".join(redact.command(command[1:])), source="StudioBatch")
         shown = redact.conf(conf) or {}
         batch.log.append("with conf " + " ".join(f"{key}={value}" for key, value in shown.items()), source="StudioBatch")
@@ -251,7 +251,7 @@ class BatchManager:
             final = SessionState.SUCCESS if code == 0 else SessionState.DEAD
         batch.log.append(f"spark-submit {describe_exit(code)}; batch {batch.id} is {final.value}", source="StudioBatch")
         batch.set_state(final)
-        self.store.update("batches", batch.id, state=final.value, ended_at=time.time(), app_id=batch.app_id)
+        self.store.update("batches", batch.id, defer=True, state=final.value, ended_at=time.time(), app_id=batch.app_id)
 
     def _observe(self, batch: Batch) -> None:
         if batch.app_id is None:
@@ -264,7 +264,7 @@ class BatchManager:
                 batch.app_id = re.sub(r"^eventlog_v2_|(\.inprogress|\.lz4|\.snappy|\.zstd)+$", "", name)
                 if batch.state is SessionState.STARTING:
                     batch.set_state(SessionState.RUNNING)
-                self.store.update("batches", batch.id, state=batch.state.value, app_id=batch.app_id)
+                self.store.update("batches", batch.id, defer=True, state=batch.state.value, app_id=batch.app_id)
         if batch.app_id is not None and batch.spark_ui_url is None:
             for line in batch.log.tail(400):
                 match = _UI_LINE.search(line)

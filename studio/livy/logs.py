@@ -7,9 +7,12 @@ growing log (``/log?from=N&size=M``) reads only the lines asked for.
 
 from __future__ import annotations
 
+import logging
 import time
 from array import array
 from pathlib import Path
+
+log = logging.getLogger("studio.livy.logs")
 
 
 class LogFile:
@@ -20,10 +23,15 @@ class LogFile:
         self._pending_start: int | None = None  # start of a line that has no newline yet
 
     def append(self, text: str, source: str = "StudioService") -> None:
-        """Add a line in Spark's log format (the service's own notes: why a session ended)."""
+        """Add a line in Spark's log format (the service's own notes: why a session ended). A note
+        that cannot be written (a full disk) goes to the service's own log instead: it must never
+        stop what it describes from happening."""
         stamp = time.strftime("%y/%m/%d %H:%M:%S")
-        with open(self.path, "ab") as handle:
-            handle.write(f"{stamp} INFO {source}: {text}\n".encode("utf-8", "backslashreplace"))
+        try:
+            with open(self.path, "ab") as handle:
+                handle.write(f"{stamp} INFO {source}: {text}\n".encode("utf-8", "backslashreplace"))
+        except OSError as exc:
+            log.warning("could not write to %s (%s): %s", self.path.name, exc.strerror, text)
 
     def _index(self) -> None:
         try:

@@ -40,6 +40,7 @@ from studio.errors import (
     NotFoundError,
     PayloadTooLargeError,
     SessionNotActiveError,
+    StorageFullError,
     StudioError,
     TooManySessionsError,
     WorkerError,
@@ -175,6 +176,7 @@ class Session:
         self.reason = ""
         self.sql_num_rows: int | None = None
         self.resumed: set[int] = set()  # statements an earlier run of the service sent to the worker
+        self.unacked: set[int] = set()  # finished statements whose record a full disk holds back (the worker keeps them)
 
     @property
     def active(self) -> bool:
@@ -368,18 +370,23 @@ class SessionManager:
                     f"Not enough memory to start another Spark session: {free} MB available, "
                     f"{self.settings.min_available_memory_mb} MB needed (STUDIO_MIN_AVAILABLE_MEMORY_MB)."
                 )
+        try:
+            self.store.insert(
+                "sessions",
+                {
+                    "id": session_id,
+                    "name": body.name,
+                    "kind": kind.value,
+                    "owner": owner,
+                    "state": session.state.value,
+                    "request": body.model_dump(),
+                },
+            )
+        except StorageFullError:
+            if worker is not None:
+                self.pool.discard(worker)  # activated for this session: it cannot go back to the pool
+            raise
         self.sessions[session_id] = session
-        self.store.insert(
-            "sessions",
-            {
-                "id": session_id,
-                "name": body.name,
-                "kind": kind.value,
-                "owner": owner,
-                "state": session.state.value,
-                "request": body.model_dump(),
-            },
-        )
         if worker is not None:
             self.pool.commit(worker)
             session.warm = True
@@ -414,8 +421,8 @@ class SessionManager:
         worker.on_progress = lambda message: self._on_progress(session, message)
         worker.on_output = lambda message: self._on_output(session, message)
         worker.exited.add_done_callback(lambda fut: self._on_worker_exit(session, worker, fut.result()))
-        self.store.update("sessions", session.id, log_path=str(worker.log.path))
-        self.store.update("workers", worker.id, session_id=session.id)  # a warm one's row exists already
+        self.store.update("sessions", session.id, defer=True, log_path=str(worker.log.path))
+        self.store.update("workers", worker.id, defer=True, session_id=session.id)  # a warm one's row exists already
 
     async def _start_cold(self, session: Session, worker: WorkerProcess) -> None:
         await self._await_ready(session, worker, start=True)
@@ -441,7 +448,7 @@ class SessionManager:
         session.spark_ui_url = session.worker.info.get("spark_ui_url")
         session.set_state(SessionState.IDLE)
         session.touch()
-        self.store.update("sessions", session.id, state=session.state.value, app_id=session.app_id)
+        self.store.update("sessions", session.id, defer=True, state=session.state.value, app_id=session.app_id)
 
     # -- statements -----------------------------------------------------------------------
 
@@ -471,12 +478,13 @@ class SessionManager:
             SessionKind.SQL if session.kind is SessionKind.SQL else SessionKind.PYSPARK
         )
         statement = Statement(session.next_statement_id, body.code, kind, request_key=request_key or None)
-        session.next_statement_id += 1
-        session.statements[statement.id] = statement
-        # Recorded before the client hears of it: accepted means it survives a restart of the service.
+        # Recorded before anything else knows of it: accepted means it survives a restart of the
+        # service, and one that cannot be recorded (a full disk: 507) was never there at all.
         self.store.add_statement(
             session.id, statement.id, code=statement.code, kind=kind.value, state=statement.state.value, request_key=statement.request_key
         )
+        session.next_statement_id += 1
+        session.statements[statement.id] = statement
         self._evict(session)
         session.touch()
         if session.state is SessionState.IDLE:
@@ -496,7 +504,7 @@ class SessionManager:
             statement = session.statements[sid]
             if statement.state.is_final and sid != keep:
                 del session.statements[sid]
-                self.store.forget_statements(session.id, sid)
+                self.store.forget_statements(session.id, sid, defer=True)
                 if session.worker is not None:
                     session.worker.result_file(sid).unlink(missing_ok=True)
                 excess -= 1
@@ -561,6 +569,7 @@ class SessionManager:
                     )
             except WorkerError as exc:
                 output = {"status": "error", "ename": "SessionWorkerDied", "evalue": exc.msg, "traceback": []}
+            recorded = True
             if not statement.state.is_final:
                 statement.output = {"status": output.get("status", "error"), "execution_count": statement.id, **output}
                 statement.set_state(
@@ -568,13 +577,19 @@ class SessionManager:
                     if statement.state is StatementState.CANCELLING
                     else StatementState.AVAILABLE
                 )
-                self._record(session, statement)
+                recorded = self._record(session, statement)
                 self._evict(session, keep=statement.id)
-            worker.ack(statement.id)  # recorded: the worker may forget it
+            if recorded:
+                worker.ack(statement.id)  # recorded: the worker may forget it
+            else:
+                # A full disk holds its record back: the worker keeps the result (a restart meanwhile
+                # gets it from there) until the record is written (``acknowledge_recorded``).
+                session.unacked.add(statement.id)
             self._maybe_idle(session)
 
-    def _record(self, session: Session, statement: Statement) -> None:
-        """Write a statement's state (and, once final, its output and what it printed) to the store."""
+    def _record(self, session: Session, statement: Statement) -> bool:
+        """Write a statement's state (and, once final, its output and what it printed) to the store;
+        False when a full disk holds the write back (it is written once there is room)."""
         fields: dict[str, Any] = {"state": statement.state.value, "started": statement.started}
         if statement.state.is_final:
             text = json.dumps(statement.output, ensure_ascii=False, default=str) if statement.output is not None else None
@@ -586,7 +601,17 @@ class SessionManager:
                 stream="".join(statement.stream) if statement.stream else None,
                 unstreamed=statement.unstreamed,
             )
-        self.store.update_statement(session.id, statement.id, **fields)
+        return self.store.update_statement(session.id, statement.id, defer=True, **fields)
+
+    def acknowledge_recorded(self) -> None:
+        """Once what a full disk held back is written: the workers may forget those results."""
+        if not self.store.flush():
+            return
+        for session in self.sessions.values():
+            if session.unacked and session.worker is not None:
+                for statement_id in sorted(session.unacked):
+                    session.worker.ack(statement_id)
+            session.unacked.clear()
 
     def _maybe_idle(self, session: Session) -> None:
         """busy -> idle once nothing runs or waits (Livy: idle only after the last statement)."""
@@ -677,7 +702,7 @@ class SessionManager:
             if session.log is not None:
                 self.retained_logs.keep(session.id, session.log)
             session.statements.clear()  # outputs can be large, and no route reaches them any more
-            self.store.forget_statements(session.id)
+            self.store.forget_statements(session.id, defer=True)
 
     def driver_log(self, key: str) -> LogFile | None:
         """The log behind ``appInfo.driverLogUrl``: of a listed session, or of one DELETEd within
@@ -739,7 +764,7 @@ class SessionManager:
             session.runner.cancel()
         if session.worker is not None:  # Arrow results go with the session; the user's files stay
             shutil.rmtree(session.worker.results_dir, ignore_errors=True)
-        self.store.update("sessions", session.id, state=final.value, ended_at=time.time(), reason=reason)
+        self.store.update("sessions", session.id, defer=True, state=final.value, ended_at=time.time(), reason=reason)
 
     def _on_worker_exit(self, session: Session, worker: WorkerProcess, code: int) -> None:
         if session.worker is not worker or not session.live:
@@ -852,7 +877,7 @@ class SessionManager:
             session.spark_ui_url = worker.info.get("spark_ui_url")
             busy = any(not s.state.is_final for s in session.statements.values())
             session.state = SessionState.BUSY if busy else SessionState.IDLE
-            self.store.update("sessions", session.id, state=session.state.value, app_id=session.app_id)
+            self.store.update("sessions", session.id, defer=True, state=session.state.value, app_id=session.app_id)
         elif not worker.ready.done():  # a cold worker that was still starting: wait on
             self._spawn(self._await_ready(session, worker, start=False))
         worker.log.append(f"session {session.id} carried on by a restarted service (pid {os.getpid()})")
@@ -979,6 +1004,8 @@ class SessionManager:
         return None
 
     async def cull(self) -> None:
+        if self.store.holding or any(s.unacked for s in self.sessions.values()):
+            self.acknowledge_recorded()
         now = time.monotonic()
         for session in list(self.sessions.values()):
             try:
@@ -991,7 +1018,7 @@ class SessionManager:
                         self._spawn(self._complete_stop(session, SessionState.DEAD, reason))
                 elif session.ended is not None and now - session.ended > self.settings.session_state_retain:
                     self.sessions.pop(session.id, None)
-                    self.store.forget_statements(session.id)
+                    self.store.forget_statements(session.id, defer=True)
             except Exception:  # noqa: BLE001 - one session's failure must not stop the culler
                 log.exception("culling session %d failed", session.id)
         self.retained_logs.cull(self.settings.session_state_retain)

@@ -342,7 +342,11 @@ class WorkerProcess:
         self._pending[(reply_op, key)] = future
         try:
             if message is not None:
-                self._send(message)
+                try:
+                    self._send(message)
+                except (ConnectionError, OSError) as exc:
+                    # Hung up: it is exiting (its exit is noticed a moment later) or unreachable.
+                    raise WorkerDiedError(f"The session's worker cannot be reached ({exc}); see the session log.") from None
             return await future
         finally:
             self._pending.pop((reply_op, key), None)

@@ -39,11 +39,16 @@ from studio.worker.streaming import OutputStream
 
 
 def log(message: str) -> None:
-    """A log line in Spark's own format, so the session log reads as one."""
+    """A log line in Spark's own format, so the session log reads as one. A line that cannot be
+    written (the state disk is full) is lost, never the thread that wrote it: the connection's
+    reader logs too, and without it the worker would no longer hear its service."""
     stamp = time.strftime("%y/%m/%d %H:%M:%S")
     stream = own_stderr()
-    stream.write(f"{stamp} INFO StudioWorker: {message}\n")
-    stream.flush()
+    try:
+        stream.write(f"{stamp} INFO StudioWorker: {message}\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def own_stderr() -> TextIO:
@@ -509,12 +514,14 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        own_stderr().write(text)
+        try:
+            own_stderr().write(text)
+        except (OSError, ValueError):
+            pass  # its log cannot be written (a full disk): the service hears why below
         log(f"the SparkSession could not be created: {type(exc).__name__}: {exc}")
         with worker.lock:
             worker.failed_message = f"{type(exc).__name__}: {exc}"
             worker.send({"op": "failed", "message": worker.failed_message})
-        own_stderr().flush()
         os._exit(2)
     worker.serve()
     return 0

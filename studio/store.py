@@ -122,6 +122,18 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE executions ADD COLUMN process TEXT",
         ),
     ),
+    Migration(
+        4,
+        "per-user access: a workspace's collaborators and who its running JupyterLab acts for; who may use a compute",
+        (
+            # JSON lists of user names. A workspace is seen, opened, started and run by its owner, its
+            # collaborators and admins; ``started_by`` is the user its running kernels act for (NULL
+            # while it is stopped). A compute with an empty (or NULL) ``allowed_users`` is everyone's.
+            "ALTER TABLE workspaces ADD COLUMN collaborators TEXT",
+            "ALTER TABLE workspaces ADD COLUMN started_by TEXT",
+            "ALTER TABLE computes ADD COLUMN allowed_users TEXT",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -191,8 +203,8 @@ def migrate(db: sqlite3.Connection, path: Path, migrations: tuple[Migration, ...
 _JSON_COLUMNS: dict[str, tuple[str, ...]] = {
     "sessions": ("request",),
     "batches": ("request",),
-    "workspaces": ("process",),
-    "computes": ("auth",),
+    "workspaces": ("process", "collaborators"),
+    "computes": ("auth", "allowed_users"),
     "executions": ("parameters", "warnings", "process"),
     "workers": ("process",),
 }

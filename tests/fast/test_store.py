@@ -262,3 +262,28 @@ def test_a_full_disk_refuses_what_must_be_on_record_and_holds_back_the_rest_in_o
     assert [row["id"] for row in store.statements(1)] == [*accepted, 100]
     assert store._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     store.close()
+
+
+def test_migration_4_adds_collaborators_starters_and_allowed_users_to_existing_rows(tmp_path):
+    path = tmp_path / "studio.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        migrate(db, path, MIGRATIONS[:3])  # a database of the version before per-user access
+        db.execute("INSERT INTO workspaces (id, name, owner, state, created_at) VALUES (1, 'sales', 'admin', 'Idle', 1.0)")
+        db.execute("INSERT INTO computes (id, name, url, created_at) VALUES (1, 'local', 'http://127.0.0.1:8998', 1.0)")
+    finally:
+        db.close()
+    assert version_of(path) == 3
+    store = Store(path)
+    try:
+        workspace, compute = store.get("workspaces", 1), store.get("computes", 1)
+        assert (workspace["owner"], workspace["collaborators"], workspace["started_by"]) == ("admin", None, None)
+        assert compute["allowed_users"] is None  # everyone may use it, as before
+        store.update("workspaces", 1, collaborators=["ana", "bo"], started_by="ana")
+        store.update("computes", 1, allowed_users=["ana"])
+        assert store.get("workspaces", 1)["collaborators"] == ["ana", "bo"]
+        assert store.get("workspaces", 1)["started_by"] == "ana"
+        assert store.get("computes", 1)["allowed_users"] == ["ana"]
+    finally:
+        store.close()
+    assert version_of(path) >= 4

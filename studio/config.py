@@ -12,12 +12,16 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from studio.paths import default_cache_dir, default_root, default_state_dir, is_loopback
 
 __all__ = ["Settings", "is_loopback"]
+
+
+# Stands for "the state directory" until the settings are complete (no real path holds a NUL byte).
+_DEFAULT_IDENTITY_DIR = Path("\0state_dir")
 
 
 def _default_max_sessions() -> int:
@@ -229,6 +233,13 @@ class Settings(BaseSettings):
         "start it is made 0700 and everything in it private to this user (group and other bits removed).",
     )
 
+    identity_dir: Path = Field(
+        default_factory=lambda: _DEFAULT_IDENTITY_DIR,
+        description="Where the users' directory (users.db: users, roles, hashed passwords and tokens) and the audit "
+        "trail live (default: state_dir). `studio serve` gives its own to the session service it starts, so both "
+        "servers and the `studio users` and `studio tokens` commands share one set of users.",
+    )
+
     # --- workspace server (studio serve) ----------------------------------------------------
     serve_host: str = Field("127.0.0.1", description="Address the workspace server and its Studio UI bind to.")
     serve_port: int = Field(8890, description="Port of the workspace server and Studio UI; 0 picks a free port.")
@@ -324,6 +335,13 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _identity_dir(self) -> "Settings":
+        # default: the state directory (STUDIO_IDENTITY_DIR or the argument wins)
+        chosen = self.state_dir if self.identity_dir == _DEFAULT_IDENTITY_DIR else self.identity_dir
+        self.identity_dir = chosen.expanduser().resolve()
+        return self
 
     @property
     def log_dir(self) -> Path:

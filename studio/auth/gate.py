@@ -76,6 +76,7 @@ class Principal(BaseUser):
     kind: str = "token"
     routes: frozenset[tuple[str, str]] | None = None
     role: str = "admin"  # "admin" (every object, users, computes) or "user" (its own and what is shared with it)
+    scope: str | None = None  # a kernel or execution token's scope ("workspace:7", "execution:3")
 
     @property
     def is_authenticated(self) -> bool:

@@ -68,6 +68,47 @@ class Settings(BaseSettings):
         7.0, gt=0, description="Days a browser stays signed in after it logged in with the token."
     )
 
+    # --- single sign-on: OpenID Connect for the Studio's browsers (studio.auth.oidc) -------
+    oidc_issuer: str = Field(
+        "",
+        description="Issuer URL of an OpenID Connect provider (its discovery document is <issuer>/.well-known/"
+        "openid-configuration): https, or http only on a loopback address. Empty: no single sign-on.",
+    )
+    oidc_client_id: str = Field("", description="The Studio's client id at the provider.")
+    oidc_client_secret: SecretStr | None = Field(
+        None, description="The Studio's client secret at the provider (never logged, never in an API answer)."
+    )
+    oidc_scopes: str = Field("openid email profile", description="Scopes asked for (space-separated; openid is always asked).")
+    oidc_allowed_domains: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="E-mail domains whose users may sign in (comma-separated or JSON), e.g. example.com.",
+    )
+    oidc_allowed_groups: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Groups (in the groups claim) whose members may sign in (comma-separated or JSON).",
+    )
+    oidc_admin_group: str = Field(
+        "", description="Members of this group sign in with the role admin (and may sign in whatever the other rules say)."
+    )
+    oidc_allow_any_user: bool = Field(
+        False,
+        description="Let in every user the provider signs in. Without it, and without allowed domains or groups, "
+        "`studio serve` refuses to start.",
+    )
+    oidc_groups_claim: str = Field("groups", description="Claim of the ID token (or userinfo) that lists the user's groups.")
+    oidc_username_claim: str = Field(
+        "preferred_username",
+        description="Claim that gives the user's name in the Studio (falling back to the e-mail's local part).",
+    )
+    oidc_provider_name: str = Field(
+        "", description="Name on the sign-in button (\"Sign in with <name>\"); default: the issuer's host."
+    )
+    oidc_redirect_url: str = Field(
+        "",
+        description="The callback URL registered at the provider, <studio url>/oauth/callback; default: built from "
+        "the address the browser used (set it behind a reverse proxy).",
+    )
+
     # --- Spark ---------------------------------------------------------------------------
     master: str = Field("local[*]", description="spark.master for every session worker and batch.")
     spark_conf: dict[str, str] = Field(
@@ -324,6 +365,16 @@ class Settings(BaseSettings):
     @field_validator("allowed_hosts", mode="before")
     @classmethod
     def _host_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("oidc_allowed_domains", "oidc_allowed_groups", mode="before")
+    @classmethod
+    def _oidc_list(cls, value: object) -> object:
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):

@@ -21,11 +21,13 @@ from starlette.types import ASGIApp
 
 from studio import files
 from studio.auth.gate import ADMIN, Principal, gate, settings_token
+from studio.auth.users import Directory
 from studio.config import Settings
 from studio.kernel.install import write_kernelspec
 from studio.store import Store
 from studio.web import error_handlers
 from studio.workspaces import routes, ui
+from studio.workspaces.access import DirectoryIdentity
 from studio.workspaces.computes import LOCAL, ComputeManager
 from studio.workspaces.executions import ExecutionManager
 from studio.workspaces.jupyter import write_lab_defaults
@@ -41,6 +43,8 @@ def create_app(settings: Settings, url: str = "") -> ASGIApp:
     local_credential = (
         settings.livy_token.get_secret_value() if settings.livy_url and settings.livy_token is not None else token
     )
+    # Then kernels and runs on `local` send a token of the person they act for, never the studio's.
+    local_is_studio_token = local_credential == token
     parts: dict[str, WorkspaceManager] = {}
 
     def kernel_principal(secret: str) -> Principal | None:
@@ -57,11 +61,15 @@ def create_app(settings: Settings, url: str = "") -> ASGIApp:
         files.secure_state_dir(settings.state_dir, log)  # 0700, loose modes left by anyone fixed and logged
         settings.root.mkdir(parents=True, exist_ok=True)
         store = Store(settings.database_path)
+        # Users and their tokens (shared with the embedded session service): a running workspace's
+        # kernels and a notebook run act for a person with a token of theirs, revoked when they end.
+        directory = Directory.for_settings(settings)
+        identity = DirectoryIdentity(directory)
         jupyter_dir = settings.state_dir / "jupyter"
         write_kernelspec(jupyter_dir)
         jupyter_config_dir = settings.state_dir / "jupyter-config"
         write_lab_defaults(jupyter_config_dir)
-        computes = ComputeManager(settings, store, local_credential)
+        computes = ComputeManager(settings, store, local_credential, local_is_studio_token)
         session_service: EmbeddedSessionService | None = None
         manager: WorkspaceManager | None = None
         executions: ExecutionManager | None = None
@@ -73,10 +81,12 @@ def create_app(settings: Settings, url: str = "") -> ASGIApp:
                     settings, settings.state_dir / "livy", port=settings.port, pool_size=settings.pool_size, token=token
                 )
                 computes.register_managed(LOCAL, await session_service.start(), ADMIN)
-            manager = WorkspaceManager(settings, store, computes, jupyter_dir, jupyter_config_dir, server_url=url)
+            manager = WorkspaceManager(
+                settings, store, computes, jupyter_dir, jupyter_config_dir, server_url=url, identity=identity
+            )
             await manager.recover()
             parts["workspaces"] = manager
-            executions = ExecutionManager(settings, store, manager, computes)
+            executions = ExecutionManager(settings, store, manager, computes, identity)
             await executions.recover()
             app.state.settings = settings
             app.state.store = store
@@ -84,6 +94,7 @@ def create_app(settings: Settings, url: str = "") -> ASGIApp:
             app.state.workspaces = manager
             app.state.session_service = session_service
             app.state.executions = executions
+            app.state.identity = identity
             yield
         finally:
             parts.clear()
@@ -95,6 +106,7 @@ def create_app(settings: Settings, url: str = "") -> ASGIApp:
                 await session_service.stop()
             await computes.close()
             store.close()
+            directory.close()
 
     app = Starlette(
         routes=[*routes.ROUTES, *ui.ROUTES],

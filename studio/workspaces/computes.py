@@ -9,7 +9,13 @@ Credentials (a token, or a user name and password for HTTP Basic) are kept in th
 only to that compute, given only to the kernels of workspaces attached to it (through the
 server, never through a file), and never shown: listings say only which kind they are. A URL with
 ``user:password@`` in it is split into the URL and credentials. The built-in compute ``local``
-uses the studio's own token (or ``STUDIO_LIVY_TOKEN`` for a ``--livy-url`` of another studio).
+is asked by the server with the studio's own token (or ``STUDIO_LIVY_TOKEN`` for a ``--livy-url``
+of another studio), but the studio's token never leaves the server: kernels and executions send a
+token of the person they act for instead (``sends_own_token``).
+
+Only admins register, change and remove computes. Each compute has ``allowed_users``: the users who
+may see it, attach workspaces to it and run on it (empty: everyone); admins may use every compute.
+Anyone else is told 403, and listings leave it out.
 """
 
 from __future__ import annotations
@@ -18,16 +24,18 @@ import asyncio
 import builtins
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
 
 from studio.auth.credentials import authorization
+from studio.auth.gate import Principal
 from studio.config import Settings
-from studio.errors import ComputeUnreachableError, ConflictError, NotFoundError
+from studio.errors import ComputeUnreachableError, ConflictError, ForbiddenError, NotFoundError
 from studio.store import Store
+from studio.workspaces.access import may_use_compute
 from studio.workspaces.models import check_livy_url, check_name
 
 log = logging.getLogger("studio.workspaces.computes")
@@ -44,11 +52,19 @@ class Compute:
     managed: bool  # registered by `studio serve` at every start; not removable through the API
     created_at: float
     auth: dict[str, str | None] | None = None  # {"user", "token"}; never leaves the server except to kernels
+    allowed_users: list[str] = field(default_factory=list)  # who may use it besides admins; empty: everyone
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "Compute":
         return cls(
-            row["id"], row["name"], row["url"], row["owner"], bool(row["managed"]), row["created_at"], row.get("auth")
+            row["id"],
+            row["name"],
+            row["url"],
+            row["owner"],
+            bool(row["managed"]),
+            row["created_at"],
+            row.get("auth"),
+            list(row.get("allowed_users") or []),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -61,6 +77,7 @@ class Compute:
             "managed": self.managed,
             "created_at": self.created_at,
             "auth": ("basic" if auth.get("user") else "bearer") if auth.get("token") else None,
+            "allowed_users": list(self.allowed_users),
         }
 
 
@@ -81,10 +98,14 @@ def split_credentials(url: str) -> tuple[str, str | None, str | None]:
 class ComputeManager:
     """Registers, lists and asks computes; raises only ``studio.errors``."""
 
-    def __init__(self, settings: Settings, store: Store, local_credential: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, local_credential: str | None = None, local_is_studio_token: bool = False
+    ) -> None:
         self.settings = settings
         self.store = store
-        self.local_credential = local_credential  # what the built-in `local` compute is sent
+        self.local_credential = local_credential  # what the server sends the built-in `local` compute
+        # `local_credential` is the studio's own token: kernels and runs send a token of their person instead.
+        self.local_is_studio_token = local_is_studio_token
         self._http = httpx.AsyncClient(timeout=settings.compute_timeout, trust_env=False)
 
     async def close(self) -> None:
@@ -105,8 +126,36 @@ class ComputeManager:
         except NotFoundError:
             return None
 
+    @staticmethod
+    def allows(compute: Compute, user: str, is_admin: bool) -> bool:
+        """Whether ``user`` may use the compute: an admin, or one in its ``allowed_users`` (empty: everyone)."""
+        return may_use_compute(user, is_admin, compute.allowed_users)
+
+    def visible(self, actor: Principal) -> builtins.list[Compute]:
+        """The computes ``actor`` may use."""
+        return [c for c in self.list() if self.allows(c, actor.name, actor.is_admin)]
+
+    def get_for(self, actor: Principal, name: str) -> Compute:
+        """The compute, if ``actor`` may use it; 403 otherwise."""
+        compute = self.get(name)
+        if not self.allows(compute, actor.name, actor.is_admin):
+            raise ForbiddenError(f"{actor.name} may not use compute '{name}'; an admin can allow it.")
+        return compute
+
+    def set_allowed_users(self, name: str, users: builtins.list[str]) -> Compute:
+        compute = self.get(name)
+        self.store.update("computes", compute.id, allowed_users=users)
+        log.info("compute %s: allowed to %s", name, ", ".join(users) or "everyone")
+        return self.get(name)
+
     async def register(
-        self, name: str, url: str, owner: str, user: str | None = None, token: str | None = None
+        self,
+        name: str,
+        url: str,
+        owner: str,
+        user: str | None = None,
+        token: str | None = None,
+        allowed_users: builtins.list[str] | None = None,
     ) -> Compute:
         """Register a Livy endpoint (with the credentials it wants) after checking that it answers like one."""
         check_name(name, "Compute")
@@ -116,7 +165,7 @@ class ComputeManager:
             raise ConflictError(f"A compute named '{name}' already exists.")
         auth = {"user": user, "token": token} if token else None
         await self.health(url, name, authorization(user, token))
-        return self._insert(name, url, owner, managed=False, auth=auth)
+        return self._insert(name, url, owner, managed=False, auth=auth, allowed_users=allowed_users)
 
     def register_managed(self, name: str, url: str, owner: str) -> Compute:
         """(Re-)register a compute `studio serve` provides itself; its URL may differ from the last run's."""
@@ -128,7 +177,13 @@ class ComputeManager:
         return self.get(name)
 
     def _insert(
-        self, name: str, url: str, owner: str, managed: bool, auth: dict[str, str | None] | None = None
+        self,
+        name: str,
+        url: str,
+        owner: str,
+        managed: bool,
+        auth: dict[str, str | None] | None = None,
+        allowed_users: builtins.list[str] | None = None,
     ) -> Compute:
         compute_id = self.store.next_id("compute")
         self.store.insert(
@@ -141,6 +196,7 @@ class ComputeManager:
                 "managed": int(managed),
                 "created_at": time.time(),
                 "auth": auth,
+                "allowed_users": list(allowed_users or []),
             },
         )
         log.info("registered compute %s at %s", name, url)
@@ -158,8 +214,13 @@ class ComputeManager:
         self.store.delete("computes", compute.id)
         log.info("removed compute %s", name)
 
+    def sends_own_token(self, compute: Compute) -> bool:
+        """Whether whoever uses the compute (a kernel, a run) sends a token of the person it acts for:
+        the built-in compute, which the server asks with the studio's own token, never handed out."""
+        return compute.managed and self.local_is_studio_token
+
     def credentials(self, compute: Compute) -> tuple[str | None, str | None]:
-        """(user, token) to send to the compute: its own, or the studio's for the built-in one."""
+        """(user, token) the server sends the compute: its own, or the studio's for the built-in one."""
         if compute.managed:
             return None, self.local_credential
         auth = compute.auth or {}
@@ -198,19 +259,24 @@ class ComputeManager:
             raise ComputeUnreachableError(f"{label} answered GET /sessions without a session list.")
         return [_session_summary(session) for session in sessions if isinstance(session, dict)]
 
-    async def describe(self, compute: Compute) -> dict[str, Any]:
-        """The compute with its health and sessions; a compute that does not answer says why."""
+    async def describe(self, compute: Compute, actor: Principal | None = None) -> dict[str, Any]:
+        """The compute with its health and sessions; a compute that does not answer says why. For a
+        user who is not an admin, only the user's own sessions."""
         data = compute.to_json()
         try:
             health, sessions = await asyncio.gather(self.check(compute), self.sessions(compute))
         except ComputeUnreachableError as exc:
             data.update(healthy=False, error=exc.msg, version=None, status=None, sessions=[])
             return data
+        if actor is not None and not actor.is_admin:
+            sessions = [s for s in sessions if actor.name in (s.get("owner"), s.get("proxyUser"))]
         data.update(healthy=True, error=None, version=health["version"], status=health["status"], sessions=sessions)
         return data
 
-    async def describe_all(self) -> builtins.list[dict[str, Any]]:
-        return list(await asyncio.gather(*(self.describe(compute) for compute in self.list())))
+    async def describe_all(self, actor: Principal | None = None) -> builtins.list[dict[str, Any]]:
+        """Every compute (``actor`` may use) with its health and sessions."""
+        found = self.list() if actor is None else self.visible(actor)
+        return list(await asyncio.gather(*(self.describe(compute, actor) for compute in found)))
 
     async def _get_json(self, url: str, path: str, label: str, auth: str | None = None) -> Any:
         try:
@@ -244,6 +310,7 @@ def _session_summary(session: dict[str, Any]) -> dict[str, Any]:
         "kind": session.get("kind"),
         "state": session.get("state"),
         "owner": session.get("owner"),
+        "proxyUser": session.get("proxyUser"),
         "appId": session.get("appId"),
         "sparkUiUrl": app_info.get("sparkUiUrl"),
         "driverLogUrl": app_info.get("driverLogUrl"),

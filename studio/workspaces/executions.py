@@ -45,13 +45,16 @@ from typing import Any
 import psutil
 import yaml
 
+from studio.auth import quotas
 from studio.auth.credentials import without_secrets
+from studio.auth.gate import ADMIN, Principal
 from studio.config import Settings
-from studio.errors import ConflictError, InvalidRequestError, NotFoundError
+from studio.errors import ConflictError, ForbiddenError, InvalidRequestError, NotFoundError
 from studio.execution import RunError, inject_parameters, json_safe, read_notebook
 from studio.execution import events as ev
 from studio.process import ChildProcess, describe_exit, python_command
 from studio.store import Store
+from studio.workspaces import access
 from studio.workspaces.computes import LOCAL, ComputeManager
 from studio.workspaces.manager import WorkspaceManager
 from studio.workspaces.models import (
@@ -176,11 +179,19 @@ class Execution:
 class ExecutionManager:
     """Starts, queues, follows, adopts and stops executions; raises only ``studio.errors``."""
 
-    def __init__(self, settings: Settings, store: Store, workspaces: WorkspaceManager, computes: ComputeManager) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        workspaces: WorkspaceManager,
+        computes: ComputeManager,
+        identity: access.Identity | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.workspaces = workspaces
         self.computes = computes
+        self.identity = identity  # the users' directory: a run's token acting for its owner, quotas
         self._executions: dict[int, Execution] = {}
         self._closing = False
 
@@ -292,8 +303,13 @@ class ExecutionManager:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def list(self, status: str | None = None, workspace: str | None = None) -> list[Execution]:
+    def list(
+        self, status: str | None = None, workspace: str | None = None, actor: Principal | None = None
+    ) -> list[Execution]:
+        """Oldest first; with ``actor``, only the executions it may see."""
         items = sorted(self._executions.values(), key=lambda e: e.id)
+        if actor is not None:
+            items = [e for e in items if self.may_see(actor, e)]
         if status:
             wanted = set()
             for value in status.split(","):
@@ -315,16 +331,42 @@ class ExecutionManager:
             raise NotFoundError(f"Execution {key} not found.")
         return execution
 
+    def may_see(self, actor: Principal, execution: Execution) -> bool:
+        """Its owner, whoever may use its workspace, and admins."""
+        try:
+            workspace = self.workspaces.get(execution.workspace_id) if execution.workspace_id is not None else None
+        except NotFoundError:
+            workspace = None
+        if workspace is None:
+            return access.may_see_execution(actor, execution.owner, None, None)
+        return access.may_see_execution(actor, execution.owner, workspace.owner, workspace.collaborators)
+
+    def get_for(self, actor: Principal, execution_id: int | str) -> Execution:
+        """The execution, if ``actor`` may see it (and read its outputs, and stop it); 403 otherwise."""
+        execution = self.get(execution_id)
+        if not self.may_see(actor, execution):
+            raise ForbiddenError(
+                f"{actor.name} may not see execution {execution.id}: only its owner ({execution.owner}), the people "
+                f"of its workspace '{execution.workspace}' and admins may."
+            )
+        return execution
+
     # -- start ------------------------------------------------------------------------------
 
-    async def start(self, body: StartExecution, owner: str) -> Execution:
-        """Check everything that can be checked now, record the execution and queue it."""
+    async def start(self, body: StartExecution, actor: Principal) -> Execution:
+        """Check everything that can be checked now, record the execution (``actor``'s, acting for
+        it) and queue it."""
         if self._closing:
             raise ConflictError("studio serve is stopping; start the execution again after it restarts.")
+        owner = actor.name
         workspace = self._workspace(body.workspace)
+        access.check_see_workspace(actor, workspace.name, workspace.owner, workspace.collaborators)
+        in_use = sum(1 for e in self._executions.values() if e.owner == owner and not e.status.is_final)
+        overrides = self.identity.quotas(owner) if self.identity is not None else None
+        quotas.check(self.settings, owner, actor.role, "executions", in_use, overrides)
         path = self._notebook_path(workspace.folder, body.notebook)
         warnings = self._check_parameters(path, body.parameters)
-        compute = self.computes.get(body.compute or workspace.compute or LOCAL)
+        compute = self.computes.get_for(actor, body.compute or workspace.compute or LOCAL)
         await self.computes.check(compute)  # 502 when it does not answer or refuses the credentials
 
         execution_id = self.store.next_id("execution")
@@ -401,8 +443,8 @@ class ExecutionManager:
 
     # -- stop -------------------------------------------------------------------------------
 
-    def stop(self, execution_id: int | str) -> Execution:
-        execution = self.get(execution_id)
+    def stop(self, execution_id: int | str, actor: Principal) -> Execution:
+        execution = self.get_for(actor, execution_id)
         if execution.status.is_final:
             raise ConflictError(f"Execution {execution.id} is already {execution.status.value}; there is nothing to stop.")
         if execution.status in STOP_STATUSES:
@@ -509,7 +551,7 @@ class ExecutionManager:
         # The run talks to its compute with the compute's credentials, given in its environment (never on its
         # command line, where `ps` shows them); the studio's own secrets stay out, the notebook runs user code.
         env = {k: v for k, v in without_secrets(dict(os.environ)).items() if k != "STUDIO_LIVY_URL"}
-        user, token = self.computes.credentials(compute)
+        user, token = self._credentials(execution, compute)
         env.update({"STUDIO_LIVY_TOKEN": token} if token else {})
         env.update({"STUDIO_LIVY_USER": user} if user else {})
         # Its own session (a Ctrl-C at the server's terminal is the server's to handle) and no tie to the
@@ -528,6 +570,17 @@ class ExecutionManager:
         execution.process_record = record.to_json() if record is not None else None
         self._save(execution, process=execution.process_record)
         return True
+
+    def _credentials(self, execution: Execution, compute: Any) -> tuple[str | None, str | None]:
+        """What the run sends its compute: for the studio's own compute an `execution` token of its
+        owner (scope ``execution:<id>``, revoked when the run ends), so that it acts for that person;
+        another compute's stored credentials otherwise."""
+        if not self.computes.sends_own_token(compute) or self.identity is None:
+            return self.computes.credentials(compute)
+        scope = access.execution_scope(execution.id)
+        self.identity.revoke("execution", scope)  # one of a run that was lost and is queued again
+        owner = execution.owner or ADMIN  # records of the single-token versions: the administrator's
+        return None, self.identity.token_for(owner, "execution", scope, f"notebook execution {execution.id}")
 
     def _workspace_folder(self, execution: Execution) -> Path:
         """The workspace's folder now (it may have been renamed since), or where it was."""
@@ -664,6 +717,11 @@ class ExecutionManager:
             # The stored `process` is the process record; `execution.process` is the live handle.
             setattr(execution, "process_record" if name == "process" else name, value)
         self._save(execution, state=status.value, reason=reason, state_changed_at=execution.state_changed_at, **fields)
+        if status.is_final and self.identity is not None:
+            try:
+                self.identity.revoke("execution", access.execution_scope(execution.id))
+            except Exception:  # noqa: BLE001 - the record is final either way; a token left is found at the next start
+                log.exception("execution %s: revoking its token failed", execution.id)
 
     def _save(self, execution: Execution, **fields: Any) -> None:
         self.store.update("executions", execution.id, **fields)

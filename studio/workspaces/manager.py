@@ -40,18 +40,21 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from studio.auth import quotas
+from studio.auth.gate import ADMIN, Principal
 from studio.auth.tokens import digest
 from studio.config import Settings
 from studio.errors import (
     ComputeUnreachableError,
     ConflictError,
+    ForbiddenError,
     LimitReachedError,
     NotFoundError,
     StudioError,
 )
 from studio.process import describe_exit
 from studio.store import Store
-from studio.workspaces import folders, git
+from studio.workspaces import access, folders, git
 from studio.workspaces.computes import Compute, ComputeManager
 from studio.workspaces.jupyter import JupyterLabProcess, self_shutdown
 from studio.workspaces.models import (
@@ -78,6 +81,9 @@ class Workspace:
         self.name: str = row["name"]
         self.description: str = row.get("description") or ""
         self.owner: str | None = row.get("owner")
+        self.collaborators: list[str] = list(row.get("collaborators") or [])
+        # Whom its running JupyterLab's kernels act for (who started it); None while it is stopped.
+        self.started_by: str | None = row.get("started_by")
         self.repository_url: str | None = row.get("repository_url")
         self.compute: str | None = row.get("compute")
         self.idle_timeout: float | None = row.get("idle_timeout")
@@ -90,6 +96,9 @@ class Workspace:
         self.process_state: dict[str, Any] | None = row.get("process")
         # SHA-256 of the secret its running JupyterLab's kernels ask for their compute with.
         self.kernel_token_sha256: str | None = (self.process_state or {}).get("kernel_token_sha256")
+        # Whom that secret acts for, when it is a token of the users' directory (a running workspace's
+        # kernels send it to the session service as that person); None for a JupyterLab of an older version.
+        self.kernel_acts_for: str | None = (self.process_state or {}).get("kernel_acts_for")
         self.root = root
         self.lab: JupyterLabProcess | None = None
         self.task: asyncio.Task[None] | None = None  # the start or stop under way
@@ -111,6 +120,9 @@ class Workspace:
             "name": self.name,
             "description": self.description,
             "owner": self.owner,
+            "collaborators": list(self.collaborators),
+            # Who its running JupyterLab and kernels act for; only they may open it.
+            "running_for": self.started_by if self.state.is_running else None,
             "state": self.state.value,
             "reason": self.reason,
             "compute": self.compute,
@@ -138,8 +150,11 @@ class WorkspaceManager:
         jupyter_dir: Path,
         jupyter_config_dir: Path,
         server_url: str = "",
+        identity: access.Identity | None = None,
     ) -> None:
         self.settings = settings
+        # The users' directory: tokens that act for a person (a running workspace's kernels), quotas.
+        self.identity = identity
         self.store = store
         self.computes = computes
         self.jupyter_dir = jupyter_dir  # holds kernels/pyspark/kernel.json; goes first on JUPYTER_PATH
@@ -195,6 +210,9 @@ class WorkspaceManager:
             self._forget_missing_compute(workspace)
             return
         workspace.lab = lab
+        if workspace.started_by is None:  # started by a version before per-user access: its owner's
+            workspace.started_by = workspace.owner or ADMIN
+            self._save(workspace, started_by=workspace.started_by)
         self._forget_missing_compute(workspace)
         found = WorkspaceState.ATTACHED if workspace.compute else WorkspaceState.READY
         self._restore(workspace, found, f"Found running again (JupyterLab pid {lab.pid}) after studio serve restarted.")
@@ -209,6 +227,8 @@ class WorkspaceManager:
         if state is WorkspaceState.IDLE:
             workspace.process_state = None
         self._save(workspace, state=state.value, reason=reason, state_changed_at=workspace.state_changed_at, process=workspace.process_state)
+        if state is WorkspaceState.IDLE:
+            self._release(workspace)
 
     async def shutdown(self) -> None:
         """studio serve is stopping. Running workspaces keep running (JupyterLab, kernels, the kernels'
@@ -262,6 +282,10 @@ class WorkspaceManager:
     def list(self) -> list[Workspace]:
         return sorted(self._workspaces.values(), key=lambda w: w.id)
 
+    def visible(self, actor: Principal) -> builtins.list[Workspace]:
+        """The workspaces ``actor`` may see: its own, the ones shared with it (every one for an admin)."""
+        return [w for w in self.list() if access.may_see_workspace(actor, w.owner, w.collaborators)]
+
     def get(self, workspace_id: int | str) -> Workspace:
         key = record_id(workspace_id, "Workspace")
         workspace = self._workspaces.get(key)
@@ -269,23 +293,40 @@ class WorkspaceManager:
             raise NotFoundError(f"Workspace {key} not found.")
         return workspace
 
-    def attached_to(self, compute: str) -> builtins.list[str]:
-        return [w.name for w in self._workspaces.values() if w.compute == compute]
+    def get_for(self, actor: Principal, workspace_id: int | str) -> Workspace:
+        """The workspace, if ``actor`` may see and use it (owner, collaborator, admin); else 403."""
+        workspace = self.get(workspace_id)
+        access.check_see_workspace(actor, workspace.name, workspace.owner, workspace.collaborators)
+        return workspace
+
+    def get_to_manage(self, actor: Principal, workspace_id: int | str, what: str) -> Workspace:
+        """The workspace, if ``actor`` is its owner or an admin; 403 (after the usual 403 for one it
+        may not see at all) otherwise."""
+        workspace = self.get_for(actor, workspace_id)
+        access.check_manage_workspace(actor, workspace.name, workspace.owner, what)
+        return workspace
+
+    def attached_to(self, compute: str, actor: Principal | None = None) -> builtins.list[str]:
+        """Names of the workspaces attached to a compute (those ``actor`` may see, when given)."""
+        found = self.list() if actor is None else self.visible(actor)
+        return [w.name for w in found if w.compute == compute]
 
     def to_json(self, workspace: Workspace) -> dict[str, Any]:
         return workspace.to_json(self.settings)
 
     # -- create, update, delete -----------------------------------------------------------
 
-    async def create(self, body: CreateWorkspace, owner: str) -> Workspace:
-        """A new workspace, Idle (or Failed if its repository could not be cloned); started if asked."""
+    async def create(self, body: CreateWorkspace, actor: Principal) -> Workspace:
+        """A new workspace of ``actor``'s, Idle (or Failed if its repository could not be cloned); started if asked."""
+        owner = actor.name
         name = check_name(body.name)
         self._check_name_free(name)
         # Refused (400) before anything happens; credentials in the URL are kept apart from here on.
         source = git.check_repository_url(body.repository_url, self.settings.git_allow_local) if body.repository_url else None
         if body.start:
             self._check_running_budget()
-        compute = self.computes.get(body.compute) if body.compute else None
+            self._check_quota(actor)
+        compute = self.computes.get_for(actor, body.compute) if body.compute else None
         folder = self.root / name
         self._creating.add(name)
         try:
@@ -314,7 +355,7 @@ class WorkspaceManager:
         self._workspaces[workspace.id] = workspace
         log.info("workspace %s created in %s (%s)", name, folder, state.value)
         if body.start and state is WorkspaceState.IDLE:
-            self.start(workspace.id)
+            self.start(workspace.id, actor)
         return workspace
 
     def _check_running_budget(self) -> None:
@@ -327,14 +368,22 @@ class WorkspaceManager:
                 f"{limit}); stop one of them ({', '.join(running[:5])}{', ...' if len(running) > 5 else ''}) first."
             )
 
+    def _check_quota(self, actor: Principal) -> None:
+        """429 when ``actor`` already has as many running workspaces as its quota allows (the ones
+        that run for it: started by it)."""
+        in_use = sum(1 for w in self._workspaces.values() if w.state.is_running and w.started_by == actor.name)
+        overrides = self.identity.quotas(actor.name) if self.identity is not None else None
+        quotas.check(self.settings, actor.name, actor.role, "running_workspaces", in_use, overrides)
+
     def _check_name_free(self, name: str, ignore: Workspace | None = None) -> None:
         taken = name in self._creating or any(w.name == name and w is not ignore for w in self._workspaces.values())
         if taken:
             raise ConflictError(f"A workspace named '{name}' already exists.")
 
-    def update(self, workspace_id: int | str, body: UpdateWorkspace) -> Workspace:
-        """Change the description, idle timeout or name (a rename moves the folder, so only while Idle)."""
-        workspace = self.get(workspace_id)
+    def update(self, workspace_id: int | str, body: UpdateWorkspace, actor: Principal) -> Workspace:
+        """Change the description, idle timeout or name (a rename moves the folder, so only while Idle);
+        its owner or an admin."""
+        workspace = self.get_to_manage(actor, workspace_id, "change")
         given = body.model_fields_set
         changes: dict[str, Any] = {}
         if "name" in given and body.name is not None and body.name != workspace.name:
@@ -358,12 +407,14 @@ class WorkspaceManager:
             self._save(workspace, updated_at=workspace.updated_at, **changes)
         return workspace
 
-    async def delete(self, workspace_id: int | str, force: bool = False, remove_files: bool = False) -> dict[str, Any]:
-        """Delete a workspace's record; its notebook files are kept unless ``remove_files``.
+    async def delete(
+        self, workspace_id: int | str, actor: Principal, force: bool = False, remove_files: bool = False
+    ) -> dict[str, Any]:
+        """Delete a workspace's record (its owner or an admin); its notebook files are kept unless ``remove_files``.
 
         A running workspace is refused (409) unless ``force``, which stops it first.
         """
-        workspace = self.get(workspace_id)
+        workspace = self.get_to_manage(actor, workspace_id, "delete")
         if workspace.state is WorkspaceState.DELETING:
             raise ConflictError(f"Workspace '{workspace.name}' is already being deleted.")
         if workspace.state.is_running or workspace.state is WorkspaceState.STOPPING:
@@ -395,11 +446,25 @@ class WorkspaceManager:
             "files": "removed" if remove_files else "kept",
         }
 
+    def share(self, workspace_id: int | str, collaborators: object, actor: Principal) -> Workspace:
+        """Set who besides its owner may use the workspace (its owner or an admin). Names must be
+        users of the directory; the owner is not listed as its own collaborator. Someone removed
+        while it runs for them keeps their running JupyterLab until it stops (as EMR Studio)."""
+        workspace = self.get_to_manage(actor, workspace_id, "share")
+        names = access.check_user_names(collaborators, "collaborators", self.identity)
+        names = [name for name in names if name != workspace.owner]
+        workspace.collaborators = names
+        workspace.updated_at = time.time()
+        self._save(workspace, collaborators=names, updated_at=workspace.updated_at)
+        log.info("workspace %s: shared with %s by %s", workspace.name, ", ".join(names) or "nobody", actor.name)
+        return workspace
+
     # -- start and stop ---------------------------------------------------------------------
 
-    def start(self, workspace_id: int | str) -> Workspace:
-        """Idle or Failed -> Starting; JupyterLab is launched in the background."""
-        workspace = self.get(workspace_id)
+    def start(self, workspace_id: int | str, actor: Principal) -> Workspace:
+        """Idle or Failed -> Starting; JupyterLab is launched in the background and acts for ``actor``
+        (its kernels get a token of ``actor``'s, revoked when it stops)."""
+        workspace = self.get_for(actor, workspace_id)
         if workspace.state in (WorkspaceState.STARTING, WorkspaceState.STOPPING, WorkspaceState.DELETING):
             raise ConflictError(f"Workspace '{workspace.name}' is {workspace.state.value}; wait until it is done.")
         if workspace.state in (WorkspaceState.READY, WorkspaceState.ATTACHING, WorkspaceState.ATTACHED):
@@ -410,9 +475,19 @@ class WorkspaceManager:
                 "delete it and create it again."
             )
         self._check_running_budget()
+        self._check_quota(actor)
+        compute = self.computes.find(workspace.compute) if workspace.compute else None
+        if compute is not None and not self._may_use(compute, actor.name):
+            raise ForbiddenError(
+                f"Workspace '{workspace.name}' is attached to compute '{compute.name}', which {actor.name} may not use; "
+                "attach it to another compute first."
+            )
+        kernel_token = self._new_kernel_token(workspace, actor.name)
         self._transition(workspace, WorkspaceState.STARTING, None)
-        kernel_token = secrets.token_urlsafe(32)
+        workspace.started_by = actor.name
+        self._save(workspace, started_by=actor.name)
         workspace.kernel_token_sha256 = digest(kernel_token)
+        workspace.kernel_acts_for = actor.name if self.identity is not None else None
         # The process handle exists before the task runs, so a stop that comes at once has something to stop.
         workspace.lab = JupyterLabProcess(
             self.settings,
@@ -429,7 +504,11 @@ class WorkspaceManager:
         try:
             workspace.folder.mkdir(parents=True, exist_ok=True)
             await lab.start()
-            workspace.process_state = {**lab.state(), "kernel_token_sha256": workspace.kernel_token_sha256}
+            workspace.process_state = {
+                **lab.state(),
+                "kernel_token_sha256": workspace.kernel_token_sha256,
+                "kernel_acts_for": workspace.kernel_acts_for,
+            }
             self._save(workspace, process=workspace.process_state)
             await lab.wait_ready()
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, the workspace must not stay Starting
@@ -466,9 +545,9 @@ class WorkspaceManager:
         if workspace.state is WorkspaceState.ATTACHING:
             self._transition(workspace, WorkspaceState.ATTACHED, None)
 
-    def stop(self, workspace_id: int | str, reason: str | None = None) -> Workspace:
+    def stop(self, workspace_id: int | str, actor: Principal) -> Workspace:
         """Running -> Stopping -> Idle in the background; a Failed workspace becomes Idle at once."""
-        workspace = self.get(workspace_id)
+        workspace = self.get_for(actor, workspace_id)
         if workspace.state is WorkspaceState.FAILED:
             self._transition(workspace, WorkspaceState.IDLE, f"Stopped after it failed: {workspace.reason}")
             return workspace
@@ -476,7 +555,8 @@ class WorkspaceManager:
             raise ConflictError(f"Workspace '{workspace.name}' is already stopped (Idle).")
         if workspace.state in (WorkspaceState.STOPPING, WorkspaceState.DELETING):
             raise ConflictError(f"Workspace '{workspace.name}' is already {workspace.state.value}.")
-        self._begin_stop(workspace, reason or "Stopped on request.")
+        by = "" if actor.name == workspace.started_by else f" by {actor.name}"
+        self._begin_stop(workspace, f"Stopped on request{by}.")
         return workspace
 
     def _begin_stop(self, workspace: Workspace, reason: str) -> None:
@@ -530,10 +610,16 @@ class WorkspaceManager:
 
     # -- computes ---------------------------------------------------------------------------
 
-    async def attach(self, workspace_id: int | str, compute_name: str) -> Workspace:
-        """Point the workspace's PySpark kernels at a compute (after checking that it answers)."""
-        workspace = self.get(workspace_id)
-        compute = self.computes.get(compute_name)
+    async def attach(self, workspace_id: int | str, compute_name: str, actor: Principal) -> Workspace:
+        """Point the workspace's PySpark kernels at a compute (after checking that it answers); the
+        compute must be one ``actor`` may use, and the one the workspace runs for."""
+        workspace = self.get_for(actor, workspace_id)
+        compute = self.computes.get_for(actor, compute_name)
+        runs_for = workspace.started_by if workspace.state.is_running else None
+        if runs_for and runs_for != actor.name and not self._may_use(compute, runs_for):
+            raise ForbiddenError(
+                f"Workspace '{workspace.name}' runs for {runs_for}, who may not use compute '{compute.name}'."
+            )
         state = workspace.state
         if state in (WorkspaceState.STARTING, WorkspaceState.ATTACHING, WorkspaceState.STOPPING, WorkspaceState.DELETING):
             raise ConflictError(f"Workspace '{workspace.name}' is {state.value}; attach it when that is done.")
@@ -558,8 +644,8 @@ class WorkspaceManager:
         self._transition(workspace, WorkspaceState.ATTACHED, None)
         return workspace
 
-    def detach(self, workspace_id: int | str) -> Workspace:
-        workspace = self.get(workspace_id)
+    def detach(self, workspace_id: int | str, actor: Principal) -> Workspace:
+        workspace = self.get_for(actor, workspace_id)
         if workspace.compute is None:
             raise ConflictError(f"Workspace '{workspace.name}' is not attached to a compute.")
         if workspace.state in (WorkspaceState.STARTING, WorkspaceState.ATTACHING, WorkspaceState.STOPPING, WorkspaceState.DELETING):
@@ -581,11 +667,18 @@ class WorkspaceManager:
             workspace.compute = None
             self._save(workspace, compute=None)
 
-    def lab_url(self, workspace_id: int | str) -> str:
-        """The workspace's JupyterLab address with its token (for a redirect; never listed)."""
-        workspace = self.get(workspace_id)
+    def lab_url(self, workspace_id: int | str, actor: Principal) -> str:
+        """The workspace's JupyterLab address with its token (for a redirect; never listed), for
+        the person it runs for only: its token is a key to act as that person."""
+        workspace = self.get_for(actor, workspace_id)
         if workspace.state not in OPEN_STATES or workspace.lab is None:
             raise ConflictError(f"Workspace '{workspace.name}' is {workspace.state.value}; start it to open JupyterLab.")
+        runs_for = workspace.started_by or workspace.owner
+        if runs_for != actor.name:
+            raise ConflictError(
+                f"Workspace '{workspace.name}' is running for {runs_for}: its JupyterLab and kernels act for {runs_for}, "
+                f"so only {runs_for} can open it. Ask {runs_for} to stop it, then start it yourself."
+            )
         return workspace.lab.lab_url
 
     def workspace_for_kernel(self, secret: str) -> int | None:
@@ -597,17 +690,77 @@ class WorkspaceManager:
                 return workspace.id
         return None
 
-    def connection(self, workspace_id: int | str) -> dict[str, Any]:
-        """Where the workspace's kernels send their cells, with the credentials to send (kernels only)."""
+    def connection(self, workspace_id: int | str, secret: str | None) -> dict[str, Any]:
+        """Where the workspace's kernels send their cells, with the credentials to send; only for the
+        kernels of this running workspace (``secret``: the STUDIO_KERNEL_TOKEN they were given).
+
+        For the studio's own compute the kernels send their own token, which acts for the person the
+        workspace runs for (never the studio's token); another compute gets its stored credentials,
+        if that person may use it."""
         workspace = self.get(workspace_id)
+        known = workspace.kernel_token_sha256
+        if not (secret and known and workspace.state.is_running and hmac.compare_digest(known, digest(secret))):
+            raise ForbiddenError(
+                f"Only the kernels of workspace '{workspace.name}' while it runs may ask for its connection."
+            )
         compute = self.computes.find(workspace.compute) if workspace.compute else None
         if compute is None:
             raise ConflictError(
                 f"Workspace '{workspace.name}' is not attached to a compute; attach one in the Studio, then run the "
                 "cell again."
             )
-        user, token = self.computes.credentials(compute)
+        runs_for = workspace.started_by or workspace.owner or ADMIN
+        if not self._may_use(compute, runs_for):
+            raise ForbiddenError(
+                f"Workspace '{workspace.name}' runs for {runs_for}, who may not use compute '{compute.name}'; attach "
+                "another compute."
+            )
+        if not self.computes.sends_own_token(compute):
+            user, token = self.computes.credentials(compute)
+            return {"compute": compute.name, "livy_url": compute.url, "user": user, "token": token}
+        if self.identity is None:  # no users' directory: one administrator, as before
+            user, token = self.computes.credentials(compute)
+        elif workspace.kernel_acts_for:
+            user, token = None, secret
+        else:
+            raise ConflictError(
+                f"Workspace '{workspace.name}' was started by an older version of Spark Studio, whose kernels cannot act "
+                "for a person; stop it and start it again."
+            )
         return {"compute": compute.name, "livy_url": compute.url, "user": user, "token": token}
+
+    def _may_use(self, compute: Compute, user: str) -> bool:
+        return self.computes.allows(compute, user, self._is_admin(user))
+
+    def _is_admin(self, user: str) -> bool:
+        if user == ADMIN:
+            return True
+        return self.identity is not None and self.identity.role(user) == "admin"
+
+    def _new_kernel_token(self, workspace: Workspace, user: str) -> str:
+        """The secret a starting workspace's kernels get: a `kernel` token of ``user`` (scope
+        ``workspace:<id>``) when there is a users' directory, else a random one (its hash only is kept)."""
+        if self.identity is None:
+            return secrets.token_urlsafe(32)
+        scope = access.kernel_scope(workspace.id)
+        self.identity.revoke("kernel", scope)  # one left by a server that died before it could
+        return self.identity.token_for(user, "kernel", scope, f"kernels of workspace {workspace.name}")
+
+    def _release(self, workspace: Workspace) -> None:
+        """The workspace stopped, failed or was found dead: its kernels' token is revoked (refused at once
+        by both servers) and it runs for nobody."""
+        if self.identity is not None:
+            try:
+                revoked = self.identity.revoke("kernel", access.kernel_scope(workspace.id))
+            except Exception:  # noqa: BLE001 - a stop must finish; the token is revoked at the next start
+                log.exception("workspace %s: revoking its kernels' token failed", workspace.name)
+            else:
+                if revoked:
+                    log.info("workspace %s: its kernels' token (acting for %s) is revoked", workspace.name, workspace.started_by)
+        workspace.kernel_token_sha256 = workspace.kernel_acts_for = None
+        if workspace.started_by is not None:
+            workspace.started_by = None
+            self._save(workspace, started_by=None)
 
     # -- idle culling -----------------------------------------------------------------------
 
@@ -661,6 +814,8 @@ class WorkspaceManager:
         workspace.reason = reason
         workspace.state_changed_at = time.time()
         self._save(workspace, state=state.value, reason=reason, state_changed_at=workspace.state_changed_at)
+        if state in (WorkspaceState.IDLE, WorkspaceState.FAILED):
+            self._release(workspace)
 
     def _save(self, workspace: Workspace, **fields: Any) -> None:
         self.store.update("workspaces", workspace.id, **fields)
@@ -692,9 +847,9 @@ class WorkspaceManager:
             "JUPYTER_CONFIG_PATH": first(self.jupyter_config_dir, "JUPYTER_CONFIG_PATH"),
         }
 
-    def log_text(self, workspace_id: int | str, max_bytes: int = 64 * 1024) -> str:
+    def log_text(self, workspace_id: int | str, actor: Principal, max_bytes: int = 64 * 1024) -> str:
         """The end of the workspace's JupyterLab log."""
-        path = self._log_path(self.get(workspace_id))
+        path = self._log_path(self.get_for(actor, workspace_id))
         try:
             with open(path, "rb") as handle:
                 handle.seek(0, os.SEEK_END)

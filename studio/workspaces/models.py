@@ -174,6 +174,10 @@ class AttachCompute(_Body):
     compute: str
 
 
+class SetCollaborators(_Body):
+    collaborators: list[Any] = Field(max_length=100, description="User names who may use the workspace besides its owner.")
+
+
 class StartExecution(_Body):
     workspace: int | str = Field(description="The workspace's id or name.")
     notebook: str = Field(max_length=4096, description="Path of the notebook inside the workspace's folder.")
@@ -192,3 +196,9 @@ class CreateCompute(_Body):
     token: str | None = Field(None, max_length=4096)
     username: str | None = Field(None, max_length=256)
     password: str | None = Field(None, max_length=4096)
+    # Who may use it besides admins (user names); empty: everyone.
+    allowed_users: list[Any] = Field(default_factory=list, max_length=100)
+
+
+class SetAllowedUsers(_Body):
+    allowed_users: list[Any] = Field(max_length=100, description="User names who may use the compute; empty: everyone.")

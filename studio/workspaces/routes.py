@@ -1,9 +1,11 @@
 """Thin JSON endpoints of the workspace server: parse, call a manager, shape the answer.
 
 Errors are ``{"msg": ...}`` with the status of the ``studio.errors`` class the manager raised:
-400 bad input, 404 unknown id, 409 wrong state or a taken name, 502 a compute that does not
-answer. Start and stop answer 202: the work goes on in the background and the state says how far
-it got.
+400 bad input, 403 not the user's to see or change (``studio.workspaces.access``), 404 unknown
+id, 409 wrong state or a taken name, 429 over a quota, 502 a compute that does not answer. Start
+and stop answer 202: the work goes on in the background and the state says how far it got.
+Every manager call names the user it acts for (``request.user``); listings hold only what that
+user may see.
 """
 
 from __future__ import annotations
@@ -15,12 +17,22 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 import studio
+from studio.auth.gate import Principal
 from studio.errors import InvalidRequestError, NotFoundError
 from studio.web import parse_body, read_body
+from studio.workspaces import access
 from studio.workspaces.computes import ComputeManager
 from studio.workspaces.executions import ExecutionManager
 from studio.workspaces.manager import WorkspaceManager, counts_by_state
-from studio.workspaces.models import AttachCompute, CreateCompute, CreateWorkspace, StartExecution, UpdateWorkspace
+from studio.workspaces.models import (
+    AttachCompute,
+    CreateCompute,
+    CreateWorkspace,
+    SetAllowedUsers,
+    SetCollaborators,
+    StartExecution,
+    UpdateWorkspace,
+)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
@@ -36,6 +48,19 @@ def computes(request: Request) -> ComputeManager:
 
 def executions(request: Request) -> ExecutionManager:
     return request.app.state.executions
+
+
+def actor(request: Request) -> Principal:
+    """Who the request acts for (the gate's principal)."""
+    user: Principal = request.user
+    return user
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() not in ("bearer", "token"):
+        return None
+    return credential.strip() or None
 
 
 def _flag(request: Request, name: str) -> bool:
@@ -60,7 +85,7 @@ async def health(request: Request) -> Response:
 
 
 async def whoami(request: Request) -> Response:
-    return JSONResponse({"user": request.user.name})
+    return JSONResponse({"user": actor(request).name, "role": actor(request).role})
 
 
 async def status(request: Request) -> Response:
@@ -69,8 +94,8 @@ async def status(request: Request) -> Response:
         {
             "version": studio.__version__,
             "root": str(state.settings.root),
-            "workspaces": counts_by_state(workspaces(request).list()),
-            "computes": len(computes(request).list()),
+            "workspaces": counts_by_state(workspaces(request).visible(actor(request))),
+            "computes": len(computes(request).visible(actor(request))),
             "embeddedSessionService": state.session_service.url if state.session_service else None,
         }
     )
@@ -81,96 +106,125 @@ async def status(request: Request) -> Response:
 
 async def list_workspaces(request: Request) -> Response:
     manager = workspaces(request)
-    items = [manager.to_json(w) for w in manager.list()]
+    items = [manager.to_json(w) for w in manager.visible(actor(request))]
     return JSONResponse({"total": len(items), "workspaces": items})
 
 
 async def create_workspace(request: Request) -> Response:
     body = parse_body(CreateWorkspace, await read_body(request))
-    workspace = await workspaces(request).create(body, owner=request.user.name)
+    workspace = await workspaces(request).create(body, actor(request))
     return _workspace_json(request, workspace, 201)
 
 
 async def get_workspace(request: Request) -> Response:
-    return _workspace_json(request, workspaces(request).get(request.path_params["workspace_id"]))
+    return _workspace_json(request, workspaces(request).get_for(actor(request), request.path_params["workspace_id"]))
 
 
 async def update_workspace(request: Request) -> Response:
     body = parse_body(UpdateWorkspace, await read_body(request))
-    return _workspace_json(request, workspaces(request).update(request.path_params["workspace_id"], body))
+    return _workspace_json(request, workspaces(request).update(request.path_params["workspace_id"], body, actor(request)))
 
 
 async def delete_workspace(request: Request) -> Response:
     result = await workspaces(request).delete(
-        request.path_params["workspace_id"], force=_flag(request, "force"), remove_files=_flag(request, "remove_files")
+        request.path_params["workspace_id"],
+        actor(request),
+        force=_flag(request, "force"),
+        remove_files=_flag(request, "remove_files"),
     )
     return JSONResponse(result)
 
 
 async def start_workspace(request: Request) -> Response:
-    return _workspace_json(request, workspaces(request).start(request.path_params["workspace_id"]), 202)
+    return _workspace_json(request, workspaces(request).start(request.path_params["workspace_id"], actor(request)), 202)
 
 
 async def stop_workspace(request: Request) -> Response:
-    return _workspace_json(request, workspaces(request).stop(request.path_params["workspace_id"]), 202)
+    return _workspace_json(request, workspaces(request).stop(request.path_params["workspace_id"], actor(request)), 202)
+
+
+async def share_workspace(request: Request) -> Response:
+    """``PUT {"collaborators": [names]}``: who besides its owner may use it (owner or admin)."""
+    body = parse_body(SetCollaborators, await read_body(request))
+    workspace = workspaces(request).share(request.path_params["workspace_id"], body.collaborators, actor(request))
+    return _workspace_json(request, workspace)
 
 
 async def attach_workspace(request: Request) -> Response:
     body = parse_body(AttachCompute, await read_body(request))
-    return _workspace_json(request, await workspaces(request).attach(request.path_params["workspace_id"], body.compute))
+    workspace = await workspaces(request).attach(request.path_params["workspace_id"], body.compute, actor(request))
+    return _workspace_json(request, workspace)
 
 
 async def detach_workspace(request: Request) -> Response:
-    return _workspace_json(request, workspaces(request).detach(request.path_params["workspace_id"]))
+    return _workspace_json(request, workspaces(request).detach(request.path_params["workspace_id"], actor(request)))
 
 
 async def open_workspace(request: Request) -> Response:
-    """To the workspace's JupyterLab, with its token: the token is in this redirect only, never in a listing."""
-    target = workspaces(request).lab_url(request.path_params["workspace_id"])
+    """To the workspace's JupyterLab, with its token: the token is in this redirect only, never in a
+    listing, and only for the person the workspace runs for."""
+    target = workspaces(request).lab_url(request.path_params["workspace_id"], actor(request))
     return RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})
 
 
 async def workspace_connection(request: Request) -> Response:
-    """For the workspace's kernels (STUDIO_KERNEL_TOKEN): its compute's Livy URL and the credentials to send."""
-    connection = workspaces(request).connection(request.path_params["workspace_id"])
+    """For the workspace's kernels (their STUDIO_KERNEL_TOKEN as the Bearer token): its compute's Livy
+    URL and the credentials to send; anyone else is refused."""
+    connection = workspaces(request).connection(request.path_params["workspace_id"], _bearer(request))
     return JSONResponse(connection, headers={"Cache-Control": "no-store"})
 
 
 async def workspace_log(request: Request) -> Response:
-    return PlainTextResponse(workspaces(request).log_text(request.path_params["workspace_id"]))
+    return PlainTextResponse(workspaces(request).log_text(request.path_params["workspace_id"], actor(request)))
 
 
 # -- computes ------------------------------------------------------------------------------
 
 
 async def list_computes(request: Request) -> Response:
-    """Every compute with its health and sessions (``?check=false``: only the records, at once)."""
-    manager = computes(request)
+    """The computes the user may use, with their health and sessions (a user's own sessions only;
+    ``?check=false``: only the records, at once). Never a credential."""
+    manager, user = computes(request), actor(request)
     if "check" in request.query_params and not _flag(request, "check"):
-        items = [compute.to_json() for compute in manager.list()]
+        items = [compute.to_json() for compute in manager.visible(user)]
     else:
-        items = await manager.describe_all()
+        items = await manager.describe_all(user)
     for item in items:
-        item["workspaces"] = workspaces(request).attached_to(item["name"])
+        item["workspaces"] = workspaces(request).attached_to(item["name"], user)
     return JSONResponse({"total": len(items), "computes": items})
 
 
 async def create_compute(request: Request) -> Response:
+    """Admins only: a compute holds credentials that act for everyone who uses it."""
+    user = actor(request)
+    access.check_admin(user, "register computes")
     body = parse_body(CreateCompute, await read_body(request))
+    allowed = access.check_user_names(body.allowed_users, "allowed_users", request.app.state.identity)
     compute = await computes(request).register(
-        body.name, body.url, owner=request.user.name, user=body.username, token=body.token or body.password
+        body.name, body.url, owner=user.name, user=body.username, token=body.token or body.password, allowed_users=allowed
     )
-    return JSONResponse(await computes(request).describe(compute), status_code=201)
+    return JSONResponse(await computes(request).describe(compute, user), status_code=201)
 
 
 async def get_compute(request: Request) -> Response:
-    manager = computes(request)
-    item = await manager.describe(manager.get(request.path_params["name"]))
-    item["workspaces"] = workspaces(request).attached_to(item["name"])
+    manager, user = computes(request), actor(request)
+    item = await manager.describe(manager.get_for(user, request.path_params["name"]), user)
+    item["workspaces"] = workspaces(request).attached_to(item["name"], user)
     return JSONResponse(item)
 
 
+async def update_compute(request: Request) -> Response:
+    """Admins only: ``PATCH {"allowed_users": [names]}`` (empty: everyone may use it)."""
+    user = actor(request)
+    access.check_admin(user, "change computes")
+    body = parse_body(SetAllowedUsers, await read_body(request))
+    allowed = access.check_user_names(body.allowed_users, "allowed_users", request.app.state.identity)
+    compute = computes(request).set_allowed_users(request.path_params["name"], allowed)
+    return JSONResponse(compute.to_json())
+
+
 async def delete_compute(request: Request) -> Response:
+    access.check_admin(actor(request), "remove computes")
     name = request.path_params["name"]
     computes(request).remove(name, workspaces(request).attached_to(name))
     return JSONResponse({"msg": "deleted", "name": name})
@@ -181,28 +235,29 @@ async def delete_compute(request: Request) -> Response:
 
 async def list_executions(request: Request) -> Response:
     """``?status=RUNNING,FAILED`` and ``?workspace=NAME_OR_ID`` filter; newest first."""
-    items = executions(request).list(request.query_params.get("status"), request.query_params.get("workspace"))
+    items = executions(request).list(request.query_params.get("status"), request.query_params.get("workspace"), actor(request))
     return JSONResponse({"total": len(items), "executions": [e.to_json() for e in reversed(items)]})
 
 
 async def start_execution(request: Request) -> Response:
     body = parse_body(StartExecution, await read_body(request))
-    execution = await executions(request).start(body, owner=request.user.name)
+    execution = await executions(request).start(body, actor(request))
     return JSONResponse(execution.to_json(), status_code=201)
 
 
 async def get_execution(request: Request) -> Response:
-    return JSONResponse(executions(request).get(request.path_params["execution_id"]).to_json())
+    return JSONResponse(executions(request).get_for(actor(request), request.path_params["execution_id"]).to_json())
 
 
 async def stop_execution(request: Request) -> Response:
-    return JSONResponse(executions(request).stop(request.path_params["execution_id"]).to_json(), status_code=202)
+    execution = executions(request).stop(request.path_params["execution_id"], actor(request))
+    return JSONResponse(execution.to_json(), status_code=202)
 
 
 async def execution_output(request: Request) -> Response:
     """The output notebook (a download) or its HTML rendering (shown, sandboxed: no scripts, no
     access to this origin, since notebook outputs are arbitrary HTML)."""
-    execution = executions(request).get(request.path_params["execution_id"])
+    execution = executions(request).get_for(actor(request), request.path_params["execution_id"])
     kind = request.path_params["kind"]
     if kind not in ("ipynb", "html"):
         raise NotFoundError(f"No output '{kind}': an execution's output is output.ipynb or output.html.")
@@ -222,7 +277,7 @@ async def execution_output(request: Request) -> Response:
 
 
 async def execution_log(request: Request) -> Response:
-    execution = executions(request).get(request.path_params["execution_id"])
+    execution = executions(request).get_for(actor(request), request.path_params["execution_id"])
     try:
         text = execution.log_path.read_text(errors="replace")
     except OSError:
@@ -232,7 +287,7 @@ async def execution_log(request: Request) -> Response:
 
 async def execution_driver_log(request: Request) -> Response:
     """The end of the run's Spark driver log, kept with its record (the service's own link dies with the session)."""
-    execution = executions(request).get(request.path_params["execution_id"])
+    execution = executions(request).get_for(actor(request), request.path_params["execution_id"])
     path = execution.folder / "driver.log"
     if not path.is_file():
         raise NotFoundError(f"Execution {execution.id} has no driver log (it is {execution.status.value}).")
@@ -250,6 +305,7 @@ ROUTES = [
     Route("/api/workspaces/{workspace_id}", delete_workspace, methods=["DELETE"]),
     Route("/api/workspaces/{workspace_id}/start", start_workspace, methods=["POST"]),
     Route("/api/workspaces/{workspace_id}/stop", stop_workspace, methods=["POST"]),
+    Route("/api/workspaces/{workspace_id}/collaborators", share_workspace, methods=["PUT"]),
     Route("/api/workspaces/{workspace_id}/attach", attach_workspace, methods=["POST"]),
     Route("/api/workspaces/{workspace_id}/detach", detach_workspace, methods=["POST"]),
     Route("/api/workspaces/{workspace_id}/log", workspace_log, methods=["GET"]),
@@ -265,5 +321,6 @@ ROUTES = [
     Route("/api/computes", list_computes, methods=["GET"]),
     Route("/api/computes", create_compute, methods=["POST"]),
     Route("/api/computes/{name}", get_compute, methods=["GET"]),
+    Route("/api/computes/{name}", update_compute, methods=["PATCH"]),
     Route("/api/computes/{name}", delete_compute, methods=["DELETE"]),
 ]

@@ -83,7 +83,12 @@ class EmbeddedSessionService:
             log_path=self.log_path,
             cwd=self.state_dir,
             # The token travels in the environment, not on the command line, where `ps` shows it to everyone.
-            env={**os.environ, "STUDIO_TOKEN": self.token} if self.token else None,
+            # Both servers share one users' directory (users, tokens, the audit trail): this server's.
+            env={
+                **os.environ,
+                "STUDIO_IDENTITY_DIR": str(self.settings.identity_dir),
+                **({"STUDIO_TOKEN": self.token} if self.token else {}),
+            },
             die_with_parent=True,
         )
         self.url = await self._launcher.start(timeout)

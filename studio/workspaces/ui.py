@@ -5,7 +5,8 @@ The page and its live parts come from the same templates: ``/`` renders everythi
 latest 50 notebook executions and the compute list,
 which ``static/studio.js`` polls and swaps in. Actions go through the JSON API, so the UI shows
 the API's own error messages. Every asset is in this package; nothing is fetched from the
-internet.
+internet. Each part shows only what the signed-in user may see (``studio.workspaces.access``),
+and offers only the actions the API would allow that user; Jinja escapes everything.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from starlette.templating import Jinja2Templates
 
 import studio
 from studio.urls import http_url
+from studio.workspaces import access
 from studio.workspaces.models import OPEN_STATES, RUNNING_STATES, WorkspaceState
-from studio.workspaces.routes import computes, executions, workspaces
+from studio.workspaces.routes import actor, computes, executions, workspaces
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -65,43 +67,51 @@ templates.env.filters["http_url"] = http_url
 
 
 def _workspace_rows(request: Request) -> list[dict[str, Any]]:
-    manager = workspaces(request)
+    manager, user = workspaces(request), actor(request)
     rows = []
-    for workspace in manager.list():
+    for workspace in manager.visible(user):
         data = manager.to_json(workspace)
         state = workspace.state
+        runs_for = data["running_for"]
+        openable = state in OPEN_STATES and data["url"] is not None
         data.update(
             state_class=state.value.lower(),
             busy=state in _BUSY_STATES,
             running=state in RUNNING_STATES,
-            can_open=state in OPEN_STATES and data["url"] is not None,
+            # Its JupyterLab acts for whoever started it: only they get to open it.
+            can_open=openable and runs_for in (None, user.name),
+            runs_for_other=runs_for if runs_for and runs_for != user.name else None,
             can_start=state in (WorkspaceState.IDLE, WorkspaceState.FAILED),
             can_stop=state in RUNNING_STATES or state is WorkspaceState.FAILED,
             can_attach=state not in _BUSY_STATES,
+            can_manage=access.may_manage_workspace(user, workspace.owner),
         )
         rows.append(data)
     return rows
 
 
 def _context(request: Request) -> dict[str, Any]:
+    user = actor(request)
     return {
         "workspaces": _workspace_rows(request),
-        "compute_names": [compute.name for compute in computes(request).list()],
+        "compute_names": [compute.name for compute in computes(request).visible(user)],
         "executions": _execution_rows(request),
+        "user": user.name,
+        "role": user.role,
+        "is_admin": user.is_admin,
     }
 
 
 def _execution_rows(request: Request, latest: int = 50) -> list[dict[str, Any]]:
-    return [e.to_json() for e in reversed(executions(request).list()[-latest:])]
+    return [e.to_json() for e in reversed(executions(request).list(actor=actor(request))[-latest:])]
 
 
 async def page(request: Request) -> Response:
     context = _context(request)
     context.update(
-        computes=await computes(request).describe_all(),
+        computes=await computes(request).describe_all(actor(request)),
         root=str(request.app.state.settings.root),
         version=studio.__version__,
-        user=request.user.name,
     )
     _add_attached(request, context["computes"])
     return templates.TemplateResponse(request, "index.html", context)
@@ -116,14 +126,14 @@ async def execution_rows(request: Request) -> Response:
 
 
 async def compute_list(request: Request) -> Response:
-    items = await computes(request).describe_all()
+    items = await computes(request).describe_all(actor(request))
     _add_attached(request, items)
-    return templates.TemplateResponse(request, "_computes.html", {"computes": items})
+    return templates.TemplateResponse(request, "_computes.html", {"computes": items, "is_admin": actor(request).is_admin})
 
 
 def _add_attached(request: Request, items: list[dict[str, Any]]) -> None:
     for item in items:
-        item["workspaces"] = workspaces(request).attached_to(item["name"])
+        item["workspaces"] = workspaces(request).attached_to(item["name"], actor(request))
 
 
 ROUTES = [

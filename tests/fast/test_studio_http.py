@@ -104,7 +104,7 @@ def test_the_studio_gate(studio):
 
 
 def test_the_page_and_whoami(studio):
-    assert studio.get("/api/whoami").json() == {"user": "admin"}
+    assert studio.get("/api/whoami").json() == {"user": "admin", "role": "admin"}
     page = studio.get("/", headers={"Accept": "text/html"})
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "<!doctype html>" in page.text.lower()

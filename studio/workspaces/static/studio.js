@@ -121,31 +121,41 @@ createForm.addEventListener("submit", async (event) => {
   }
 });
 
+// "ana, bo" -> ["ana", "bo"]
+function userNames(text) {
+  return (text || "").split(/[\s,]+/).map((name) => name.trim()).filter(Boolean);
+}
+
+// Only admins register computes: the form is on the page for them only.
 const computeForm = $("#compute-form");
 const newCompute = $("#new-compute");
-newCompute.addEventListener("click", () => toggleForm(newCompute, computeForm, computeForm.hidden));
-$("[data-cancel]", computeForm).addEventListener("click", () => toggleForm(newCompute, computeForm, false));
-computeForm.addEventListener("submit", async (event) => {
-  event.preventDefault();
-  const data = new FormData(computeForm);
-  const submit = $("button[type=submit]", computeForm);
-  submit.disabled = true;
-  formError(computeForm, "");
-  try {
-    const body = { name: data.get("name").trim(), url: data.get("url").trim() };
-    if (data.get("token")) body.token = data.get("token");
-    if (data.get("username").trim()) body.username = data.get("username").trim();
-    const compute = await api("POST", "/api/computes", body);
-    computeForm.reset();
-    toggleForm(newCompute, computeForm, false);
-    flash(`Compute ${compute.name} registered.`, "info");
-  } catch (error) {
-    formError(computeForm, error.message);
-  } finally {
-    submit.disabled = false;
-    await refreshAll();
-  }
-});
+if (computeForm && newCompute) {
+  newCompute.addEventListener("click", () => toggleForm(newCompute, computeForm, computeForm.hidden));
+  $("[data-cancel]", computeForm).addEventListener("click", () => toggleForm(newCompute, computeForm, false));
+  computeForm.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const data = new FormData(computeForm);
+    const submit = $("button[type=submit]", computeForm);
+    submit.disabled = true;
+    formError(computeForm, "");
+    try {
+      const body = { name: data.get("name").trim(), url: data.get("url").trim() };
+      if (data.get("token")) body.token = data.get("token");
+      if (data.get("username").trim()) body.username = data.get("username").trim();
+      const allowed = userNames(data.get("allowed_users"));
+      if (allowed.length) body.allowed_users = allowed;
+      const compute = await api("POST", "/api/computes", body);
+      computeForm.reset();
+      toggleForm(newCompute, computeForm, false);
+      flash(`Compute ${compute.name} registered.`, "info");
+    } catch (error) {
+      formError(computeForm, error.message);
+    } finally {
+      submit.disabled = false;
+      await refreshAll();
+    }
+  });
+}
 
 const executionForm = $("#execution-form");
 const newExecution = $("#new-execution");
@@ -239,6 +249,40 @@ $("[data-confirm-delete]", dialog).addEventListener("click", async (event) => {
   }
 });
 
+// -- share dialog -----------------------------------------------------------------------------
+
+const shareDialog = $("#share-dialog");
+let sharing = null;
+
+function openShareDialog(row) {
+  sharing = { id: row.dataset.id, name: row.dataset.name };
+  $("[data-field=name]", shareDialog).textContent = row.dataset.name;
+  $("[data-field=owner]", shareDialog).textContent = row.dataset.owner || "nobody";
+  $("input[name=collaborators]", shareDialog).value = userNames(row.dataset.collaborators).join(", ");
+  formError(shareDialog, "");
+  shareDialog.showModal();
+}
+
+$("[data-close]", shareDialog).addEventListener("click", () => shareDialog.close());
+$("[data-confirm-share]", shareDialog).addEventListener("click", async (event) => {
+  const button = event.currentTarget;
+  const collaborators = userNames($("input[name=collaborators]", shareDialog).value);
+  button.disabled = true;
+  formError(shareDialog, "");
+  try {
+    const workspace = await api("PUT", `/api/workspaces/${sharing.id}/collaborators`, { collaborators });
+    shareDialog.close();
+    flash(workspace.collaborators.length
+      ? `Workspace ${workspace.name} is shared with ${workspace.collaborators.join(", ")}.`
+      : `Workspace ${workspace.name} is shared with nobody.`, "info");
+  } catch (error) {
+    formError(shareDialog, error.message);
+  } finally {
+    button.disabled = false;
+    await refreshAll();
+  }
+});
+
 // -- row actions ------------------------------------------------------------------------------
 
 document.addEventListener("click", async (event) => {
@@ -246,6 +290,7 @@ document.addEventListener("click", async (event) => {
   if (!button) return;
   const { action, id } = button.dataset;
   if (action === "delete") { openDeleteDialog(button.closest("tr")); return; }
+  if (action === "share") { openShareDialog(button.closest("tr")); return; }
   button.disabled = true;
   try {
     if (action === "start") await api("POST", `/api/workspaces/${id}/start`);

@@ -366,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     serve.set_defaults(func=cmd_serve)
+
+    from studio.auth.commands import add_parsers as add_user_parsers
+
+    add_user_parsers(sub)  # studio users ..., studio tokens ...
     return parser
 
 

@@ -199,3 +199,54 @@ def test_single_sign_on_users(directory):
     user = directory.upsert_oidc_user("judy", "judy@corp.example.com", "admin")
     assert (user.role, user.email) == ("admin", "judy@corp.example.com")
     assert directory.upsert_oidc_user("judy", "judy@corp.example.com", None).role == "admin"
+
+
+def test_the_commands(tmp_path, capsys, monkeypatch):
+    """studio users / studio tokens on a state directory, as an operator types them (no server needed)."""
+    import io
+
+    from studio.cli import main
+
+    where = ["--state-dir", str(tmp_path / "state")]
+
+    def run(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
+        if stdin is not None:
+            monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        code = main([*args, *where])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = run("users", "add", "Kim", "--password-stdin", stdin="kim's password\n")
+    token = out.strip().splitlines()[-1]
+    assert code == 0 and token.startswith("sst_") and out.count(token) == 1
+    with Directory(tmp_path / "state") as directory:
+        assert directory.principal_for_token(token).name == "kim"  # type: ignore[union-attr]
+        assert directory.check_password("kim", "kim's password") is not None
+    code, out, _ = run("users", "list")
+    assert code == 0 and "kim" in out and "sst_" not in out and "argon2" not in out
+    code, out, _ = run("tokens", "create", "--user", "kim", "--note", "ci", "--expires-days", "1")
+    second = out.strip().splitlines()[-1]
+    assert code == 0 and second.startswith("sst_") and second != token
+    code, out, _ = run("tokens", "list", "--user", "kim")
+    assert code == 0 and "ci" in out and "first token" in out and "sst_" not in out
+    token_id = out.splitlines()[-1].split()[0]
+    assert run("tokens", "revoke", token_id)[0] == 0
+    code, _, err = run("tokens", "revoke", token_id)
+    assert code == 1 and "No token" in err
+    code, out, _ = run("users", "reset-password", "kim")
+    generated = out.strip().splitlines()[-1]
+    assert code == 0 and len(generated) >= 16
+    assert run("users", "set-role", "kim", "admin")[0] == 0
+    assert run("users", "set-quota", "kim", "--sessions", "2", "--executions", "unlimited")[0] == 0
+    with Directory(tmp_path / "state") as directory:
+        kim = directory.get_user("kim")
+        assert kim is not None and kim.role == "admin" and kim.quotas == {"sessions": 2, "executions": None}
+        assert directory.check_password("kim", generated) is not None
+    assert run("users", "set-quota", "kim", "--sessions", "none")[0] == 0
+    code, _, err = run("users", "add", "../etc")
+    assert code == 1 and "not a valid user name" in err
+    code, _, err = run("users", "remove", "admin")
+    assert code == 1 and "cannot be removed" in err
+    assert run("users", "remove", "kim")[0] == 0
+    with Directory(tmp_path / "state") as directory:
+        assert directory.get_user("kim") is None and directory.principal_for_token(token) is None

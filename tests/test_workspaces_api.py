@@ -230,10 +230,13 @@ def test_full_lifecycle(server):
     assert environ["STUDIO_WORKSPACE_ID"] == str(wid) and environ["STUDIO_SERVER_URL"] == server.process.url
     assert json.loads(Path(environ["STUDIO_SERVER_FILE"]).read_text())["url"] == server.process.url
     assert environ["STUDIO_KERNEL_TOKEN"] and "STUDIO_TOKEN" not in environ
-    # The kernels' secret answers exactly one question, for this workspace: where is my compute.
+    # The kernels' secret answers exactly one question, for this workspace: where is my compute. For the
+    # studio's own compute the answer is their own secret (a kernel token of whoever started the
+    # workspace), never the studio's token.
     local = api.compute("local")
+    assert environ["STUDIO_KERNEL_TOKEN"] != server.process.token
     assert kernel_connection(server, running).json() == {
-        "compute": "local", "livy_url": local["url"], "user": None, "token": server.process.token
+        "compute": "local", "livy_url": local["url"], "user": None, "token": environ["STUDIO_KERNEL_TOKEN"]
     }
     kernel_headers = {"Authorization": f"Bearer {environ['STUDIO_KERNEL_TOKEN']}"}
     assert httpx.get(f"{server.process.url}/api/workspaces", headers=kernel_headers, trust_env=False).status_code == 403

@@ -43,14 +43,20 @@ def private_file(path: Path) -> Path:
 
     SQLite gives its ``-wal`` and ``-shm`` files the mode of the database file, so creating the
     database this way keeps all three private whatever the umask.
+
+    A file that exists is never opened here: closing any descriptor of a file drops every POSIX
+    lock this process holds on it, SQLite's included, so opening and closing a database that
+    another connection of this process has open (two ``Directory`` objects on one users.db)
+    breaks SQLite's locking: other processes then read a stale database.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        mode = os.fstat(fd).st_mode
-        if mode & LOOSE_BITS:
-            os.fchmod(fd, stat.S_IMODE(mode) & ~LOOSE_BITS)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        info = os.lstat(path)
+        if stat.S_ISREG(info.st_mode) and info.st_mode & LOOSE_BITS:
+            os.chmod(path, stat.S_IMODE(info.st_mode) & ~LOOSE_BITS)
+        return path
+    os.close(fd)
     return path
 
 

@@ -117,7 +117,7 @@ def test_the_owner_comes_from_authentication_not_from_a_header(livy):
         created = http.post("/sessions", json={"kind": "pyspark"}, headers={"X-Studio-User": "mallory"}).json()
         try:
             assert created["owner"] == "admin"
-            assert http.get("/studio/whoami").json() == {"user": "admin"}
+            assert http.get("/studio/whoami").json() == {"user": "admin", "role": "admin"}
         finally:
             http.delete(f"/sessions/{created['id']}")
 

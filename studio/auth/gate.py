@@ -16,12 +16,24 @@ Every request passes the same checks, in this order, before any route sees it:
    These checks apply also when the request carries a valid cookie or HTTP Basic credentials
    (which browsers remember and send by themselves); only a request that carries a Bearer token
    in its ``Authorization`` header, which no page can make a browser add, may skip the JSON rule.
-4. **Authentication.** ``Authorization: Bearer <token>`` (also Jupyter's ``token <token>``), HTTP
-   Basic with the token as the password (what sparkmagic's ``Basic_Access`` and the ``livy``
-   client's ``auth=`` send; the user name is not checked), or the browser's session cookie
-   (``HttpOnly``, ``SameSite=Strict``), which a browser gets from the login page or by opening
-   a URL with ``?token=``. Without them: 401 with ``WWW-Authenticate`` and a Livy-shaped
-   ``{"msg"}``; a browser navigating to a page is sent to the login page instead.
+4. **Authentication**, against the studio's token and the users' directory
+   (``studio.auth.users``, shared by both servers and looked up again on every request):
+
+   * ``Authorization: Bearer <token>`` (also Jupyter's ``token <token>``): the studio's token is
+     the built-in ``admin``; a personal, kernel or execution token is its user (unexpired, not
+     revoked, the user still there).
+   * HTTP Basic (sparkmagic's ``Basic_Access``, the ``livy`` client's ``auth=``, ``curl -u``):
+     ``<user>:<password>``, or ``<user>:<token of that user>`` (the name must be the token's);
+     with the studio's token as the password it is ``admin`` whatever the name (as before users).
+   * The browser's session cookie (``HttpOnly``, ``SameSite=Strict``, signed with a key derived
+     from the studio's token), which a browser gets from the sign-in form (user name and password;
+     ``admin`` with the studio's token), from single sign-on, or by opening a URL with
+     ``?token=<studio token>``. It names a user, who is looked up on every request: a removed
+     user is signed out at once and a changed role applies at the next request.
+
+   Without them: 401 with ``WWW-Authenticate`` and a Livy-shaped ``{"msg"}``; a browser
+   navigating to a page is sent to the sign-in page instead. Every browser sign-in, failed
+   sign-in and sign-out is told to ``on_sign_in`` (the audit trail connects it).
 
 The authenticated ``Principal`` is ``request.user`` (``scope["user"]``); the owner of what a
 request creates comes from it, never from a header the client chooses. A principal may be
@@ -44,10 +56,13 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from studio.auth.tokens import CookieSigner, same_secret
+from studio.auth.tokens import TOKEN_PREFIX, CookieSigner, same_secret
 from studio.paths import is_loopback
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from studio.auth.users import Directory
     from studio.config import Settings
 
 log = logging.getLogger("studio.auth")
@@ -100,6 +115,11 @@ class Principal(BaseUser):
 
 # Extra bearer credentials an app recognises besides the studio's token (a workspace's kernels).
 TokenLookup = Callable[[str], "Principal | None"]
+# Told of every browser sign-in: on_sign_in(user, client, outcome, method, scope=scope) with outcome
+# "ok", "failed" or "signed-out" and method "password", "token" (a personal one), "studio-token",
+# "token-url", "oidc" or "logout". ``user`` is the name that was given ("" when none). It must not
+# raise (an error is logged and the sign-in goes on) and must not block for long.
+SignInHook = Callable[..., None]
 
 
 @dataclass
@@ -114,6 +134,8 @@ class GateSettings:
     cookie_max_age: float = 7 * 86400
     basic_challenge: bool = False  # the Livy service also invites HTTP Basic, as Livy's LDAP mode does
     extra_tokens: TokenLookup | None = None
+    identity_dir: "Path | None" = None  # the users' directory (studio.auth.users); None: the studio's token only
+    on_sign_in: SignInHook | None = None
 
 
 def host_names(bound_host: str, allowed: list[str]) -> tuple[set[str], bool]:
@@ -142,10 +164,36 @@ class Gate:
         self.settings = settings
         self.signer = CookieSigner(settings.token)
         self.hosts, self.any_host = host_names(settings.bound_host, settings.allowed_hosts)
+        self.on_sign_in: SignInHook | None = settings.on_sign_in
+        self._directory: Directory | None = None
+
+    @property
+    def directory(self) -> "Directory | None":
+        """The users' directory, opened at the app's start (or at the first request that needs it)."""
+        if self._directory is None and self.settings.identity_dir is not None and self.settings.auth_enabled:
+            from studio.auth.users import Directory
+
+            self._directory = Directory(self.settings.identity_dir)
+        return self._directory
+
+    async def lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Open the users' directory with the app (a file it cannot open stops the start) and close it after."""
+        _ = self.directory
+
+        async def closing(message: Message) -> None:
+            await send(message)
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed") and self._directory:
+                self._directory.close()
+                self._directory = None
+
+        await self.app(scope, receive, closing)
 
     # -- the checks ---------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.lifespan(scope, receive, send)
+            return
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
@@ -179,15 +227,18 @@ class Gate:
                 await _refuse(415, problem, scope, receive, send)
                 return
 
-        principal = self.authenticate(scope, headers)
+        principal = await self.authenticate(scope, headers)
         if principal is None:
             token = _query_token(scope) if method in ("GET", "HEAD") else None
             if token is not None and self.is_token(token):
                 # A ready-to-click URL with ?token=: trade it for a cookie and drop it from the URL.
                 response = RedirectResponse(_url_without_token(scope), status_code=303)
                 self.set_cookie(response, scope, ADMIN)
+                self.signed_in(scope, ADMIN, "ok", "token-url")
                 await response(scope, receive, send)
                 return
+            if token is not None:
+                self.signed_in(scope, "", "failed", "token-url")
             await self.unauthenticated(scope, receive, send, headers, method, token is not None)
             return
         if not principal.may(method, path):
@@ -220,7 +271,7 @@ class Gate:
             return f"Cross-site request refused (Sec-Fetch-Site: {fetch_site})."
         return None
 
-    def authenticate(self, scope: Scope, headers: Headers) -> Principal | None:
+    async def authenticate(self, scope: Scope, headers: Headers) -> Principal | None:
         if not self.settings.auth_enabled:
             return Principal(ADMIN, kind="unauthenticated")
         scheme, _, credential = headers.get("authorization", "").partition(" ")
@@ -228,21 +279,73 @@ class Gate:
         if scheme in ("bearer", "token") and credential:
             return self.principal_for(credential)
         if scheme == "basic" and credential:
-            password = _basic_password(credential)
-            return self.principal_for(password) if password is not None else None
+            pair = _basic_credentials(credential)
+            return await self.basic_principal(*pair) if pair is not None else None
         cookie = _cookies(headers).get(self.cookie_name(scope))
         if cookie:
             user = self.signer.verify(cookie)
             if user is not None:
-                return Principal(user, kind="cookie")
+                return self.cookie_principal(user)
         return None
 
     def principal_for(self, secret: str) -> Principal | None:
+        """A bearer secret: the studio's token (admin), a token of the users' directory, or one the app knows."""
         if self.is_token(secret):
             return Principal(ADMIN)
+        directory = self.directory
+        if directory is not None and secret.startswith(TOKEN_PREFIX):
+            found = directory.principal_for_token(secret)
+            if found is not None:
+                return found
         if self.settings.extra_tokens is not None:
             return self.settings.extra_tokens(secret)
         return None
+
+    async def basic_principal(
+        self, user: str, password: str, *, kinds: frozenset[str] | None = None, studio_token: bool = True
+    ) -> Principal | None:
+        """HTTP Basic (and the sign-in form): the studio's token (unless ``studio_token`` is False), a
+        token of this user, or this user's password. ``kinds``: the token kinds accepted (default: all)."""
+        if studio_token and self.is_token(password.strip()):
+            return Principal(ADMIN)  # the bootstrap credential, whatever name comes with it
+        directory = self.directory
+        name = user.strip().lower()
+        if directory is not None and password.startswith(TOKEN_PREFIX):
+            found = directory.principal_for_token(password)
+            if found is not None:
+                if found.name != name or (kinds is not None and found.kind not in kinds):
+                    return None  # a token of someone else (or of another kind) is no password
+                return found
+        if self.settings.extra_tokens is not None and kinds is None:
+            found = self.settings.extra_tokens(password)
+            if found is not None:
+                return found
+        if directory is None or not name or name == ADMIN:
+            return None
+        # argon2 takes tens of milliseconds on purpose: off the event loop
+        known = await asyncio.to_thread(directory.check_password, name, password)
+        return Principal(known.name, kind="password", role=known.role) if known is not None else None
+
+    def cookie_principal(self, name: str) -> Principal | None:
+        """The user a valid cookie names, as the directory has it now (removed: nobody)."""
+        directory = self.directory
+        if directory is None:
+            return Principal(ADMIN, kind="cookie") if name == ADMIN else None
+        user = directory.get_user(name)
+        if user is None:
+            return None
+        return Principal(user.name, kind="cookie", role=user.role)
+
+    def signed_in(self, scope: Scope, user: str, outcome: str, method: str) -> None:
+        """Tell ``on_sign_in`` (the audit trail) about a browser sign-in, a failed one or a sign-out."""
+        hook = self.on_sign_in
+        if hook is None:
+            return
+        client = str((scope.get("client") or ("?",))[0])
+        try:
+            hook(user, client, outcome, method, scope=scope)
+        except Exception:  # noqa: BLE001 - the sign-in is decided; its record is the hook's business
+            log.exception("on_sign_in failed for %s (%s, %s)", user or "-", outcome, method)
 
     def is_token(self, secret: str) -> bool:
         return same_secret(secret, self.settings.token)
@@ -262,8 +365,8 @@ class Gate:
         message = (
             "Authentication failed: the credential is not valid for this server."
             if given
-            else "Authentication required: send the studio's token as 'Authorization: Bearer <token>' or as the "
-            "password of HTTP Basic."
+            else "Authentication required: send a personal token (or the studio's token) as 'Authorization: Bearer "
+            "<token>', or a user name with its password or personal token as HTTP Basic."
         )
         challenges = [f'Bearer realm="{self.settings.realm}"']
         if self.settings.basic_challenge:
@@ -308,16 +411,33 @@ class Gate:
                 return
         form = dict(parse_qsl(body.decode("utf-8", "replace")))
         target = _safe_next(form.get("next", target))
-        if not self.is_token(form.get("token", "").strip()):
-            log.warning("failed sign-in from %s", (scope.get("client") or ("?",))[0])
+        user = form.get("user", "").strip()
+        secret = form.get("password") or form.get("token", "")
+        principal = None
+        if not user or user.lower() == ADMIN:
+            principal = Principal(ADMIN) if self.is_token(secret.strip()) else None
+        if principal is None and user:
+            # a password, or a personal token of this user (never a kernel's or a notebook run's)
+            principal = await self.basic_principal(user, secret, kinds=frozenset({"personal"}), studio_token=False)
+        how = "studio-token" if principal is not None and principal.kind == "token" else (
+            "token" if secret.startswith(TOKEN_PREFIX) else "password"
+        )
+        if principal is None:
+            self.signed_in(scope, user, "failed", how)
+            log.warning("failed sign-in%s from %s", f" as {user[:64]!r}" if user else "", (scope.get("client") or ("?",))[0])
             await asyncio.sleep(0.2)  # a little friction for guessing (the token itself is 256 random bits)
             await login_page(self.settings.realm, target, failed=True, status_code=401)(scope, receive, send)
             return
         response = RedirectResponse(target, status_code=303)
-        self.set_cookie(response, scope, ADMIN)
+        self.set_cookie(response, scope, principal.name)
+        self.signed_in(scope, principal.name, "ok", how)
         await response(scope, receive, send)
 
     async def logout(self, scope: Scope, receive: Receive, send: Send) -> None:
+        cookie = _cookies(Headers(scope=scope)).get(self.cookie_name(scope))
+        user = self.signer.verify(cookie) if cookie else None
+        if user is not None:
+            self.signed_in(scope, user, "signed-out", "logout")
         response = RedirectResponse(LOGIN_PATH, status_code=303)
         response.delete_cookie(self.cookie_name(scope), path="/", httponly=True, samesite="strict")
         await response(scope, receive, send)
@@ -354,7 +474,8 @@ def _bearer(headers: Headers) -> bool:
     return scheme in ("bearer", "token")
 
 
-def _basic_password(credential: str) -> str | None:
+def _basic_credentials(credential: str) -> tuple[str, str] | None:
+    """(user name, password) of an HTTP Basic credential, or None when it is not one."""
     import base64
     import binascii
 
@@ -362,8 +483,8 @@ def _basic_password(credential: str) -> str | None:
         decoded = base64.b64decode(credential, validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError, ValueError):
         return None
-    _, sep, password = decoded.partition(":")
-    return password if sep else None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep else None
 
 
 def _cookies(headers: Headers) -> dict[str, str]:
@@ -431,7 +552,9 @@ def _with_security_headers(send: Send) -> Send:
 def login_page(realm: str, target: str, failed: bool = False, status_code: int = 200) -> HTMLResponse:
     """A self-contained sign-in form (no script, no external asset)."""
     error = (
-        '<p class="error" role="alert">That token is not valid for this server.</p>' if failed else ""
+        '<p class="error" role="alert">That user name and password (or token) are not valid for this server.</p>'
+        if failed
+        else ""
     )
     body = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -440,17 +563,20 @@ def login_page(realm: str, target: str, failed: bool = False, status_code: int =
 body{{font-family:system-ui,sans-serif;background:#f5f6f8;margin:0;display:flex;min-height:100vh;align-items:center;justify-content:center}}
 form{{background:#fff;padding:28px 32px;border-radius:8px;box-shadow:0 1px 4px #0002;width:min(420px,90vw)}}
 h1{{font-size:20px;margin:0 0 6px}} p{{color:#555;font-size:14px}} label{{display:block;font-size:14px;margin:14px 0 6px}}
-input[type=password]{{width:100%;box-sizing:border-box;padding:8px;font-size:15px;border:1px solid #bbb;border-radius:4px}}
+input[type=password],input[type=text]{{width:100%;box-sizing:border-box;padding:8px;font-size:15px;border:1px solid #bbb;border-radius:4px}}
 button{{margin-top:16px;padding:8px 18px;font-size:15px;background:#2f6fd8;color:#fff;border:0;border-radius:4px;cursor:pointer}}
 .error{{color:#b00020}} code{{background:#eef;padding:1px 4px;border-radius:3px}}
 </style></head>
 <body><form method="post" action="{LOGIN_PATH}">
 <h1>{html.escape(realm)}</h1>
-<p>Sign in with the studio's token: it is in the URL the server printed when it started, and in the
-file <code>token</code> of its state directory.</p>
+<p>Sign in with your user name and password. The administrator <code>admin</code> signs in with the
+studio's token (leave the user name empty): it is in the URL the server printed when it started, and in
+the file <code>token</code> of its state directory.</p>
 {error}
-<label for="token">Token</label>
-<input id="token" name="token" type="password" autocomplete="current-password" required autofocus>
+<label for="user">User name</label>
+<input id="user" name="user" type="text" autocomplete="username" autocapitalize="none" spellcheck="false" maxlength="64" autofocus>
+<label for="token">Password or token</label>
+<input id="token" name="token" type="password" autocomplete="current-password" required>
 <input type="hidden" name="next" value="{html.escape(target)}">
 <button type="submit">Sign in</button>
 </form></body></html>
@@ -474,6 +600,7 @@ def gate(
     bound_host: str,
     basic_challenge: bool = False,
     extra_tokens: TokenLookup | None = None,
+    on_sign_in: SignInHook | None = None,
 ) -> Gate:
     """Put ``app`` behind the gate configured from the studio's settings."""
     return Gate(
@@ -487,5 +614,7 @@ def gate(
             cookie_max_age=settings.session_cookie_days * 86400,
             basic_challenge=basic_challenge,
             extra_tokens=extra_tokens,
+            identity_dir=settings.identity_dir,
+            on_sign_in=on_sign_in,
         ),
     )

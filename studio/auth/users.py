@@ -45,6 +45,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from studio import files
 from studio.auth.gate import ADMIN, Principal
 from studio.auth.quotas import QUOTAS
+from studio.auth.tokens import TOKEN_PREFIX
 from studio.errors import ConflictError, InvalidRequestError, NotFoundError
 from studio.store import Migration, migrate
 
@@ -57,7 +58,6 @@ DATABASE = "users.db"
 ROLES = ("admin", "user")
 SOURCES = ("local", "oidc")
 TOKEN_KINDS = ("personal", "kernel", "execution")
-TOKEN_PREFIX = "sst_"  # noqa: S105 - marks a Spark Studio token (secret scanners, people), not a secret
 NAME_PATTERN = re.compile(r"^[a-z_][a-z0-9._-]{0,63}$")
 MAX_NOTE = 200
 MAX_PASSWORD = 1024

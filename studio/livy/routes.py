@@ -90,7 +90,7 @@ async def health(request: Request) -> Response:
 
 async def whoami(request: Request) -> Response:
     """Who this request authenticated as: the ``owner`` of the sessions and batches it creates."""
-    return JSONResponse({"user": request.user.name})
+    return JSONResponse({"user": request.user.name, "role": request.user.role})
 
 
 async def status(request: Request) -> Response:

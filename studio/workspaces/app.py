@@ -28,6 +28,7 @@ from studio.store import Store
 from studio.web import error_handlers
 from studio.workspaces import routes, ui
 from studio.workspaces.access import DirectoryIdentity
+from studio.workspaces import users_routes
 from studio.workspaces.computes import LOCAL, ComputeManager
 from studio.workspaces.executions import ExecutionManager
 from studio.workspaces.jupyter import write_lab_defaults
@@ -109,7 +110,7 @@ def create_app(settings: Settings, url: str = "") -> ASGIApp:
             directory.close()
 
     app = Starlette(
-        routes=[*routes.ROUTES, *ui.ROUTES],
+        routes=[*routes.ROUTES, *ui.ROUTES, *users_routes.ROUTES],
         lifespan=lifespan,
         exception_handlers=error_handlers(log),
     )

@@ -32,8 +32,8 @@ def test_only_version_and_health_answer_without_credentials(anonymous):
     response = anonymous.get("/sessions")
     assert response.status_code == 401
     assert response.json() == {
-        "msg": "Authentication required: send the studio's token as 'Authorization: Bearer <token>' or as the "
-        "password of HTTP Basic."
+        "msg": "Authentication required: send a personal token (or the studio's token) as 'Authorization: Bearer "
+        "<token>', or a user name with its password or personal token as HTTP Basic."
     }
     # the session service invites Basic too, as Livy's LDAP mode does
     assert response.headers.get_list("www-authenticate") == [
@@ -56,7 +56,7 @@ def test_only_version_and_health_answer_without_credentials(anonymous):
 )
 def test_the_token_opens_every_way_it_is_sent(anonymous, headers):
     response = anonymous.get("/studio/whoami", headers=headers)
-    assert response.status_code == 200 and response.json() == {"user": "admin"}
+    assert response.status_code == 200 and response.json() == {"user": "admin", "role": "admin"}
 
 
 @pytest.mark.parametrize(
@@ -86,7 +86,7 @@ def test_a_browser_is_sent_to_the_login_page_and_a_token_url_becomes_a_cookie(an
     assert response.headers["location"] == "/sessions?size=1"  # the token leaves the URL
     cookie = response.headers["set-cookie"]
     assert cookie.startswith("spark-studio-8998=") and "HttpOnly" in cookie and "SameSite=strict" in cookie
-    assert anonymous.get("/studio/whoami").json() == {"user": "admin"}  # the client keeps the cookie
+    assert anonymous.get("/studio/whoami").json() == {"user": "admin", "role": "admin"}  # the client keeps the cookie
 
     anonymous.cookies.clear()
     response = anonymous.get("/sessions?token=wrong", headers={"Accept": "text/html"}, follow_redirects=False)
@@ -99,7 +99,7 @@ def test_the_login_form(anonymous):
     assert page.headers["cache-control"] == "no-store"
     form = {"Content-Type": "application/x-www-form-urlencoded", "Origin": LIVY_BASE}
     wrong = anonymous.post("/login", content="token=nope&next=/sessions", headers=form)
-    assert wrong.status_code == 401 and "That token is not valid" in wrong.text
+    assert wrong.status_code == 401 and "are not valid for this server" in wrong.text
     right = anonymous.post("/login", content=f"token={TOKEN}&next=//evil.example/x", headers=form, follow_redirects=False)
     assert right.status_code == 303 and right.headers["location"] == "/"  # no open redirect
     assert anonymous.get("/studio/whoami").status_code == 200
@@ -211,7 +211,7 @@ def test_without_authentication_the_other_checks_stay(tmp_path):
 
     settings = make_settings(tmp_path, token=None, insecure_no_auth=True)
     with TestClient(create_app(settings), base_url=LIVY_BASE) as client:
-        assert client.get("/studio/whoami").json() == {"user": "admin"}
+        assert client.get("/studio/whoami").json() == {"user": "admin", "role": "admin"}
         assert client.get("/sessions", headers={"Host": "evil.example"}).status_code == 403
         assert client.post("/studio/sessions/check", json={}, headers={"Origin": "null"}).status_code == 403
         assert client.post("/studio/sessions/check", content="{}").status_code == 415

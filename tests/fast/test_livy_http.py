@@ -134,7 +134,7 @@ def test_an_unknown_api_version_is_406(livy):
 
 
 def test_whoami_and_status(livy):
-    assert livy.get("/studio/whoami").json() == {"user": "admin"}
+    assert livy.get("/studio/whoami").json() == {"user": "admin", "role": "admin"}
     status = livy.get("/studio/status").json()
     assert status["livyVersion"] == LIVY_VERSION and status["master"] == "local[*]"
     assert status["classDataArchive"] is None and status["liveBatches"] == 0

@@ -18,7 +18,7 @@ mint a personal token that outlives the work.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from studio import audit
 from studio.auth.gate import Principal
 from studio.auth.users import MAX_NOTE, Directory, TokenInfo, check_quotas
 from studio.errors import ForbiddenError, InvalidRequestError, NotFoundError, StudioError
@@ -104,12 +105,7 @@ def _user_json(found: Directory, name: str) -> dict[str, Any]:
 
 async def list_users(request: Request) -> Response:
     _admin(request)
-    found = directory(request)
-    counts: dict[str, int] = {}
-    for token in found.list_tokens(kind="personal"):
-        if not token.expired:
-            counts[token.user] = counts.get(token.user, 0) + 1
-    items = [{**user.to_json(), "tokenCount": counts.get(user.name, 0)} for user in found.list_users()]
+    items = _users_json(directory(request))
     return JSONResponse({"total": len(items), "users": items}, headers={"Cache-Control": "no-store"})
 
 
@@ -119,6 +115,8 @@ async def create_user(request: Request) -> Response:
     found = directory(request)
     user, secret = await run_in_threadpool(found.add_user, body.name, body.role, body.password, body.email)
     token = found.list_tokens(user.name, kind="personal")[-1]
+    login = "password" if body.password else "token only"
+    audit.note(request, target=f"/api/users/{user.name}", role=user.role, login=login, token_id=token.id)
     return JSONResponse(
         {"user": user.to_json(), "token": _token_json(token, secret)},
         status_code=201,
@@ -141,6 +139,8 @@ async def update_user(request: Request) -> Response:
     if body.role is None and body.password is None and body.quotas is None:
         raise InvalidRequestError("Nothing to change: send role, password or quotas.")
     quotas = check_quotas(body.quotas) if body.quotas is not None else None
+    changed = [name for name in ("role", "password", "quotas") if getattr(body, name) is not None]
+    audit.note(request, changed=changed, role=body.role, quotas=quotas)  # never the password itself
     if body.role is not None:
         found.set_role(name, body.role)
     if body.password is not None:
@@ -184,6 +184,7 @@ async def create_token(request: Request) -> Response:
     user = _whose(request, body.user)
     expires = time.time() + body.expires_days * 86400 if body.expires_days is not None else None
     info, secret = directory(request).create_token(user, note=body.note, expires_at=expires)
+    audit.note(request, target=f"/api/tokens/{info.id}", token_id=info.id, token_user=info.user, token_note=info.note)
     return JSONResponse(_token_json(info, secret), status_code=201, headers={"Cache-Control": "no-store"})
 
 
@@ -195,10 +196,78 @@ async def revoke_token(request: Request) -> Response:
     if info is None or (info.user != principal.name and not principal.is_admin):
         raise NotFoundError(f"No token '{token_id}' of yours.")
     found.revoke_token(token_id)
+    audit.note(request, token_id=token_id, token_user=info.user)
     return JSONResponse({"msg": "revoked", "id": token_id, "user": info.user})
 
 
+# -- the Users and Tokens pages ---------------------------------------------------------------------
+
+
+def _users_json(found: Directory) -> list[dict[str, Any]]:
+    counts: dict[str, int] = {}
+    for token in found.list_tokens(kind="personal"):
+        if not token.expired:
+            counts[token.user] = counts.get(token.user, 0) + 1
+    return [{**user.to_json(), "tokenCount": counts.get(user.name, 0)} for user in found.list_users()]
+
+
+def _page(request: Request, template: str, current: str, fill: Callable[[], dict[str, Any]], **context: Any) -> Response:
+    """A page for whoever is signed in; what ``fill`` raises is shown on it, with its status."""
+    from studio.workspaces.ui import templates
+
+    principal: Principal = request.user
+    values = {"user": principal.name, "role": principal.role, "current": current, "me": principal.name, "error": None}
+    values.update(context)
+    status = 200
+    try:
+        values.update(fill())
+    except StudioError as exc:
+        values["error"] = exc.msg
+        status = exc.status_code
+    return templates.TemplateResponse(request, template, values, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+async def users_page(request: Request) -> Response:
+    def fill() -> dict[str, Any]:
+        _admin(request)
+        return {"users": _users_json(directory(request))}
+
+    return _page(request, "users.html", "users", fill=fill)
+
+
+async def user_rows(request: Request) -> Response:
+    from studio.workspaces.ui import templates
+
+    _admin(request)
+    context = {"users": _users_json(directory(request)), "me": request.user.name}
+    return templates.TemplateResponse(request, "_users.html", context, headers={"Cache-Control": "no-store"})
+
+
+def _tokens_context(request: Request) -> dict[str, Any]:
+    owner = _whose(request, request.query_params.get("user") or None)
+    found = directory(request)
+    if found.get_user(owner) is None:
+        raise NotFoundError(f"No user '{owner}'.")
+    owner = owner.strip().lower()
+    return {"owner": owner, "tokens": [t.to_json() for t in found.list_tokens(owner, kind="personal")], "now": time.time()}
+
+
+async def tokens_page(request: Request) -> Response:
+    owner = (request.query_params.get("user") or request.user.name).strip().lower()
+    return _page(request, "tokens.html", "tokens", owner=owner, fill=lambda: _tokens_context(request))
+
+
+async def token_rows(request: Request) -> Response:
+    from studio.workspaces.ui import templates
+
+    return templates.TemplateResponse(request, "_tokens.html", _tokens_context(request), headers={"Cache-Control": "no-store"})
+
+
 ROUTES = [
+    Route("/users", users_page, methods=["GET"]),
+    Route("/ui/users", user_rows, methods=["GET"]),
+    Route("/tokens", tokens_page, methods=["GET"]),
+    Route("/ui/tokens", token_rows, methods=["GET"]),
     Route("/api/users", list_users, methods=["GET"]),
     Route("/api/users", create_user, methods=["POST"]),
     Route("/api/users/{name}", get_user, methods=["GET"]),

@@ -253,3 +253,29 @@ def test_a_kernel_token_manages_nothing(studio_people, tmp_path):
         _, kernel = directory.create_token("alice", kind="kernel", scope="workspace:1")
     assert client.post("/api/tokens", json={"note": "persist"}, headers=bearer(kernel)).status_code == 403
     assert client.get("/api/tokens", headers=bearer(kernel)).status_code == 403
+
+
+def test_the_users_and_tokens_pages(studio_people):
+    client, people = studio_people
+    admin, alice = AUTH, bearer(people["alice"])
+    page = client.get("/users", headers=admin)
+    assert page.status_code == 200 and "alice" in page.text and '/static/users.js"' in page.text
+    assert page.headers["cache-control"] == "no-store"
+    assert client.get("/users", headers=alice).status_code == 403
+    assert "Only an admin" in client.get("/users", headers=alice).text
+    rows = client.get("/ui/users", headers=admin)
+    assert rows.status_code == 200 and 'data-name="alice"' in rows.text and "argon2" not in rows.text
+    assert client.get("/ui/users", headers=alice).status_code == 403
+    # a hostile note or e-mail is text, never markup
+    hostile = "<img src=x onerror=alert(1)>"
+    client.post("/api/tokens", json={"note": hostile}, headers=alice)
+    client.post("/api/users", json={"name": "mallory", "email": hostile}, headers=admin)
+    for response in (client.get("/tokens", headers=alice), client.get("/ui/tokens", headers=alice), client.get("/users", headers=admin)):
+        assert response.status_code == 200 and hostile not in response.text and "&lt;img src=x" in response.text
+    mine = client.get("/tokens", headers=alice)
+    assert "Your tokens" in mine.text and "first token" in mine.text and people["alice"] not in mine.text
+    assert client.get("/tokens?user=admin", headers=alice).status_code == 403
+    theirs = client.get("/tokens?user=alice", headers=admin)
+    assert theirs.status_code == 200 and "Tokens of alice" in theirs.text
+    assert client.get("/tokens?user=nobody", headers=admin).status_code == 404
+    assert client.get("/static/users.js", headers=admin).status_code == 200

@@ -56,6 +56,15 @@ def check_database(settings: Settings) -> None:
         sys.exit(f"studio: {exc}")
 
 
+def check_single_sign_on(settings: Settings) -> None:
+    """Single sign-on settings that cannot work (or would let in anyone) are refused before anything starts."""
+    from studio.auth.oidc import check_settings
+
+    problem = check_settings(settings)
+    if problem:
+        sys.exit(f"studio: {problem}")
+
+
 def with_token(settings: Settings) -> tuple[Settings, str]:
     """The settings with the studio's token resolved (STUDIO_TOKEN, else kept in the state directory)."""
     from pydantic import SecretStr
@@ -240,6 +249,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     check_bind(settings, settings.serve_host)
     check_database(settings)
+    check_single_sign_on(settings)
     setup_logging(args.verbose)
     if not args.verbose:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check and status poll

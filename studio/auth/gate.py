@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from studio.auth.users import Directory
+    from studio.auth.oidc import OidcLogin
     from studio.config import Settings
 
 log = logging.getLogger("studio.auth")
@@ -72,6 +73,8 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 OPEN_PATHS = frozenset({"/version", "/health"})
 LOGIN_PATH = "/login"
 LOGOUT_PATH = "/logout"
+OIDC_START_PATH = "/login/oidc"  # = studio.auth.oidc.START_PATH, CALLBACK_PATH (not imported: authlib stays out of studio livy)
+OIDC_CALLBACK_PATH = "/oauth/callback"
 MAX_LOGIN_BODY = 16 * 1024
 # Headers every response gets unless the route set its own: no framing (clickjacking), no MIME
 # sniffing, and no Referer to another site that could carry a ?token= URL ("same-origin", not
@@ -136,6 +139,7 @@ class GateSettings:
     extra_tokens: TokenLookup | None = None
     identity_dir: "Path | None" = None  # the users' directory (studio.auth.users); None: the studio's token only
     on_sign_in: SignInHook | None = None
+    oidc: "OidcLogin | None" = None  # single sign-on (studio serve only): GET /login/oidc and /oauth/callback are open
 
 
 def host_names(bound_host: str, allowed: list[str]) -> tuple[set[str], bool]:
@@ -220,6 +224,9 @@ class Gate:
             return
         if path == LOGOUT_PATH and method == "POST":
             await self.logout(scope, receive, send)
+            return
+        if self.settings.oidc is not None and method == "GET" and path in (OIDC_START_PATH, OIDC_CALLBACK_PATH):
+            await self.single_sign_on(scope, receive, send, path)
             return
         if method not in SAFE_METHODS and scope["type"] == "http" and not _bearer(headers):
             problem = content_type_problem(method, headers)
@@ -398,7 +405,7 @@ class Gate:
         target = _safe_next(request.query_params.get("next", "/"))
         if method in ("GET", "HEAD"):
             failed = request.query_params.get("failed") == "1"
-            await login_page(self.settings.realm, target, failed)(scope, receive, send)
+            await login_page(self.settings.realm, target, failed, single_sign_on=self.sso_label)(scope, receive, send)
             return
         if method != "POST":
             await _refuse(405, f"Method {method} is not allowed on {LOGIN_PATH}", scope, receive, send)
@@ -426,11 +433,33 @@ class Gate:
             self.signed_in(scope, user, "failed", how)
             log.warning("failed sign-in%s from %s", f" as {user[:64]!r}" if user else "", (scope.get("client") or ("?",))[0])
             await asyncio.sleep(0.2)  # a little friction for guessing (the token itself is 256 random bits)
-            await login_page(self.settings.realm, target, failed=True, status_code=401)(scope, receive, send)
+            await login_page(self.settings.realm, target, failed=True, status_code=401, single_sign_on=self.sso_label)(
+                scope, receive, send
+            )
             return
         response = RedirectResponse(target, status_code=303)
         self.set_cookie(response, scope, principal.name)
         self.signed_in(scope, principal.name, "ok", how)
+        await response(scope, receive, send)
+
+    @property
+    def sso_label(self) -> str:
+        """The sign-in page's "Sign in with <provider>" when single sign-on is configured, else empty."""
+        return self.settings.oidc.button_label if self.settings.oidc is not None else ""
+
+    async def single_sign_on(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        """``GET /login/oidc?next=``: off to the provider; ``GET /oauth/callback``: back, checked
+        (studio.auth.oidc), and signed in with the Studio's own cookie for the user it names."""
+        oidc = self.settings.oidc
+        assert oidc is not None
+        request = Request(scope, receive)
+        if path == OIDC_START_PATH:
+            response = await oidc.start(request, _safe_next(request.query_params.get("next", "/")))
+        else:
+            response, user, attempted = await oidc.callback(request, self.directory)
+            if user is not None:
+                self.set_cookie(response, scope, user)
+            self.signed_in(scope, user or attempted, "ok" if user is not None else "failed", "oidc")
         await response(scope, receive, send)
 
     async def logout(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -549,8 +578,11 @@ def _with_security_headers(send: Send) -> Send:
     return wrapped
 
 
-def login_page(realm: str, target: str, failed: bool = False, status_code: int = 200) -> HTMLResponse:
-    """A self-contained sign-in form (no script, no external asset)."""
+def login_page(
+    realm: str, target: str, failed: bool = False, status_code: int = 200, single_sign_on: str = ""
+) -> HTMLResponse:
+    """A self-contained sign-in form (no script, no external asset); ``single_sign_on`` is the label
+    of a link to the provider's sign-in (``GET /login/oidc?next=``), shown first when configured."""
     error = (
         '<p class="error" role="alert">That user name and password (or token) are not valid for this server.</p>'
         if failed
@@ -569,6 +601,7 @@ button{{margin-top:16px;padding:8px 18px;font-size:15px;background:#2f6fd8;color
 </style></head>
 <body><form method="post" action="{LOGIN_PATH}">
 <h1>{html.escape(realm)}</h1>
+{_sso_link(single_sign_on, target)}
 <p>Sign in with your user name and password. The administrator <code>admin</code> signs in with the
 studio's token (leave the user name empty): it is in the URL the server printed when it started, and in
 the file <code>token</code> of its state directory.</p>
@@ -582,6 +615,17 @@ the file <code>token</code> of its state directory.</p>
 </form></body></html>
 """
     return HTMLResponse(body, status_code=status_code, headers={"Cache-Control": "no-store"})
+
+
+def _sso_link(label: str, target: str) -> str:
+    if not label:
+        return ""
+    href = OIDC_START_PATH + "?" + urlencode({"next": target})
+    return (
+        f'<p><a class="sso" href="{html.escape(href)}" style="display:block;text-align:center;padding:9px;'
+        f'background:#2f6fd8;color:#fff;border-radius:4px;text-decoration:none;font-size:15px">{html.escape(label)}</a></p>'
+        '<p style="text-align:center">or</p>'
+    )
 
 
 def settings_token(settings: "Settings") -> str:
@@ -601,6 +645,7 @@ def gate(
     basic_challenge: bool = False,
     extra_tokens: TokenLookup | None = None,
     on_sign_in: SignInHook | None = None,
+    oidc: "OidcLogin | None" = None,
 ) -> Gate:
     """Put ``app`` behind the gate configured from the studio's settings."""
     return Gate(
@@ -616,5 +661,6 @@ def gate(
             extra_tokens=extra_tokens,
             identity_dir=settings.identity_dir,
             on_sign_in=on_sign_in,
+            oidc=oidc,
         ),
     )

@@ -42,7 +42,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx2
@@ -86,9 +86,6 @@ class UserDirectory(Protocol):
     def get_user(self, name: str) -> Any: ...
 
     def upsert_oidc_user(self, name: str, email: str | None, role: str | None = None) -> Any: ...
-
-
-Audit = Callable[..., Any]  # record(action, user, outcome, client, detail)
 
 
 class OidcConfigError(ValueError):
@@ -183,6 +180,34 @@ def url_problem(url: str, name: str) -> str | None:
     if parts.scheme == "http" and not is_loopback(parts.hostname):
         return f"{name} must use https (http only on a loopback address such as 127.0.0.1): {url!r}."
     return None
+
+
+def login_for(settings: "Settings", secret: str) -> "OidcLogin | None":
+    """The sign-in routes for ``studio serve`` (None without single sign-on). The users directory
+    of ``settings.identity_dir`` is opened at the first sign-in, and kept for the server's life."""
+    config = OidcConfig.from_settings(settings)
+    if config is None:
+        return None
+    return OidcLogin(config, secret, _LazyDirectory(settings))
+
+
+class _LazyDirectory:
+    def __init__(self, settings: "Settings") -> None:
+        self.settings = settings
+        self._directory: Any = None
+
+    def _open(self) -> Any:
+        if self._directory is None:
+            from studio.auth.users import Directory
+
+            self._directory = Directory.for_settings(self.settings)
+        return self._directory
+
+    def get_user(self, name: str) -> Any:
+        return self._open().get_user(name)
+
+    def upsert_oidc_user(self, name: str, email: str | None, role: str | None = None) -> Any:
+        return self._open().upsert_oidc_user(name, email, role)
 
 
 def check_settings(settings: "Settings") -> str | None:
@@ -327,12 +352,10 @@ class OidcLogin:
         config: OidcConfig,
         secret: str,
         directory: UserDirectory,
-        audit: Audit | None = None,
     ) -> None:
         self.config = config
         self.signer = FlowSigner(secret)
         self.directory = directory
-        self.audit = audit
         self._provider: _Provider | None = None
         self._lock = asyncio.Lock()
 
@@ -437,39 +460,30 @@ class OidcLogin:
 
     # -- GET /oauth/callback -------------------------------------------------------------------
 
-    async def callback(self, request: Request) -> tuple[Response, str | None, str]:
-        """(response, the signed-in user or None, where the browser goes next). The gate sets its
-        cookie on the response for the user; the flow cookie is dropped either way."""
-        client_address = (request.client.host if request.client else "?")
+    async def callback(self, request: Request, directory: UserDirectory | None = None) -> tuple[Response, str | None, str]:
+        """(response, the signed-in user or None, the name the provider's account was given or "").
+        The gate sets its cookie on the response for the user and tells the audit trail; the flow
+        cookie is dropped either way. ``directory``: the users' directory the gate already holds."""
+        client_address = request.client.host if request.client else "?"
         try:
-            name, target = await self._sign_in(request)
+            name, target = await self._sign_in(request, directory or self.directory)
         except SignInRefused as exc:
             log.warning("single sign-on refused from %s: %s", client_address, exc.message)
-            self._record(exc.user, "denied", client_address, exc.message)
             response = page("Sign-in refused", exc.message, exc.status)
             self._drop_flow(request, response)
-            return response, None, "/"
+            return response, None, exc.user or ""
         log.info("single sign-on: %s signed in from %s", name, client_address)
-        self._record(name, "ok", client_address, f"via {self.config.provider_name}")
         # A page that moves on by itself rather than a redirect: this request came from the provider's
         # site, and browsers do not send the Studio's SameSite=Strict cookie along a redirect chain
         # that began on another site; a navigation from this page is same-site.
         response = moving_on(target)
         self._drop_flow(request, response)
-        return response, name, target
+        return response, name, name
 
     def _drop_flow(self, request: Request, response: Response) -> None:
         response.delete_cookie(self.cookie_name(request), path=CALLBACK_PATH, httponly=True, samesite="lax")
 
-    def _record(self, user: str | None, outcome: str, client: str, detail: str) -> None:
-        if self.audit is None:
-            return
-        try:
-            self.audit(action="sign-in.oidc", user=user or "-", outcome=outcome, client=client, detail=detail)
-        except Exception:  # the sign-in itself is decided; a trail that cannot be written is logged there
-            log.exception("single sign-on: the audit record could not be written")
-
-    async def _sign_in(self, request: Request) -> tuple[str, str]:
+    async def _sign_in(self, request: Request, directory: UserDirectory) -> tuple[str, str]:
         params = request.query_params
         cookie = request.cookies.get(self.cookie_name(request))
         flow = self.signer.verify(cookie) if cookie else None
@@ -493,14 +507,15 @@ class OidcLogin:
             raise SignInRefused("The provider sent no authorization code.", status=400)
         claims = await self._claims(request, code, state, str(flow.get("n", "")))
         name, email, role = decide(self.config, claims)
-        await asyncio.to_thread(self._enter, name, email, role)
+        await asyncio.to_thread(self._enter, directory, name, email, role)
         return name, target
 
-    def _enter(self, name: str, email: str | None, role: str | None) -> None:
+    @staticmethod
+    def _enter(directory: UserDirectory, name: str, email: str | None, role: str | None) -> None:
         """Create or update the user, unless the name is someone else's: a built-in user (with a
         password and tokens of its own), or a single sign-on user with another e-mail address (two
         accounts whose names fold to the same Studio name, e.g. the same local part in two domains)."""
-        existing = self.directory.get_user(name)
+        existing = directory.get_user(name)
         if existing is not None and getattr(existing, "source", "oidc") != "oidc":
             raise SignInRefused(
                 f"The Studio already has a built-in user '{name}', so single sign-on does not sign in as it. An "
@@ -514,7 +529,7 @@ class OidcLogin:
                 user=name,
             )
         try:
-            self.directory.upsert_oidc_user(name, email, role)
+            directory.upsert_oidc_user(name, email, role)
         except StudioError as exc:
             raise SignInRefused(f"{name} cannot sign in by single sign-on: {exc.msg}", user=name) from exc
 

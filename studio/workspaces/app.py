@@ -20,6 +20,7 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
 from studio import files
+from studio.auth import oidc
 from studio.auth.gate import ADMIN, Principal, gate, settings_token
 from studio.auth.users import Directory
 from studio.config import Settings
@@ -114,4 +115,11 @@ def create_app(settings: Settings, url: str = "") -> ASGIApp:
         lifespan=lifespan,
         exception_handlers=error_handlers(log),
     )
-    return gate(app, settings, realm="Spark Studio", bound_host=settings.serve_host, extra_tokens=kernel_principal)
+    return gate(
+        app,
+        settings,
+        realm="Spark Studio",
+        bound_host=settings.serve_host,
+        extra_tokens=kernel_principal,
+        oidc=oidc.login_for(settings, token),  # single sign-on, when configured (the session service has none)
+    )

@@ -26,9 +26,13 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
+from starlette.responses import JSONResponse
+
 from studio.errors import ForbiddenError, InvalidRequestError
 
 if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
     from studio.auth.gate import Principal
     from studio.auth.users import Directory
 
@@ -153,3 +157,35 @@ def may_use_compute(actor_name: str, is_admin: bool, allowed_users: Iterable[str
 def check_admin(actor: "Principal", what: str) -> None:
     if not actor.is_admin:
         raise ForbiddenError(f"Only admins may {what}; {actor.name} is a {actor.role}.")
+
+
+# -- tokens that act for a person inside their running work --------------------------------------
+
+# A `kernel` token (a running workspace's kernels) and an `execution` token (a notebook run) act for
+# a person on the session service, where their Spark sessions are. On the workspace server they are
+# good for one thing only, as the kernels' own secret was before there were users: a kernel asks
+# where its own workspace's compute is. Everything else is refused, so code in a notebook cannot
+# share, delete or open its person's workspaces with the token it was given.
+_RUN_TOKEN_KINDS = frozenset({"kernel", "execution"})
+
+
+def run_token_guard(app: "ASGIApp") -> "ASGIApp":
+    """ASGI middleware (inside the gate, which has set ``scope["user"]``): refuse kernel and execution
+    tokens everywhere but their own workspace's ``GET /api/workspaces/{id}/connection``."""
+
+    async def guarded(scope: "Scope", receive: "Receive", send: "Send") -> None:
+        user = scope.get("user") if scope["type"] in ("http", "websocket") else None
+        kind = getattr(user, "kind", None)
+        if kind in _RUN_TOKEN_KINDS:
+            own = str(getattr(user, "scope", None) or "")
+            wanted = f"/api/workspaces/{own.removeprefix('workspace:')}/connection" if own.startswith("workspace:") else None
+            if not (kind == "kernel" and scope.get("method") == "GET" and scope["path"] == wanted):
+                message = f"A {kind} token acts for its person on the session service; here it may only ask for its workspace's connection."
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
+                    return
+                await JSONResponse({"msg": message}, status_code=403)(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return guarded

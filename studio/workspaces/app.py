@@ -28,7 +28,7 @@ from studio.kernel.install import write_kernelspec
 from studio.store import Store
 from studio.web import error_handlers
 from studio.workspaces import routes, ui
-from studio.workspaces.access import DirectoryIdentity
+from studio.workspaces.access import DirectoryIdentity, run_token_guard
 from studio.workspaces import users_routes
 from studio.workspaces.computes import LOCAL, ComputeManager
 from studio.workspaces.executions import ExecutionManager
@@ -116,7 +116,7 @@ def create_app(settings: Settings, url: str = "") -> ASGIApp:
         exception_handlers=error_handlers(log),
     )
     return gate(
-        app,
+        run_token_guard(app),  # kernel and execution tokens: only a kernel's own connection here
         settings,
         realm="Spark Studio",
         bound_host=settings.serve_host,

@@ -48,6 +48,7 @@ class WorkerSpec:
     app_name: str
     warmup: bool
     env: dict[str, str] = field(default_factory=dict)
+    user: str | None = None  # the Spark user of a cold worker's session (a warm one learns it on activate)
 
 
 def describe_worker_exit(code: int | None, adopted: bool) -> str:
@@ -171,6 +172,8 @@ class WorkerProcess:
                 "max_output_bytes": settings.max_output_bytes,
                 "cancel_timeout": settings.cancel_timeout,
                 "stop_timeout": settings.stop_timeout,
+                "user": self.spec.user,
+                "session": self.session_id,
             }
         )
 
@@ -273,13 +276,15 @@ class WorkerProcess:
 
     # -- operations -------------------------------------------------------------------------
 
-    async def activate(self, conf: dict[str, str], session_id: int) -> dict[str, Any]:
-        """Hand a warm worker to a session: apply runtime conf. Reply has ok, static, error."""
-        return await self._request("activated", None, {"op": "activate", "conf": conf, "session": session_id})
+    async def activate(self, conf: dict[str, str], session_id: int, user: str | None = None) -> dict[str, Any]:
+        """Hand a warm worker to a session: apply runtime conf, then make ``user`` its Spark user.
+        Reply has ok, static, error, identity_error."""
+        message = {"op": "activate", "conf": conf, "session": session_id, "user": user}
+        return await self._request("activated", None, message)
 
-    async def execute(self, statement_id: int, code: str, kind: str, max_rows: int) -> dict[str, Any]:
-        """Run one statement; returns Livy's output. Raises WorkerDiedError if the worker exits."""
-        message = {"op": "execute", "id": statement_id, "code": code, "kind": kind, "max_rows": max_rows}
+    async def execute(self, statement_id: int, code: str, kind: str, max_rows: int, user: str | None = None) -> dict[str, Any]:
+        """Run one statement (sent by ``user``); returns Livy's output. Raises WorkerDiedError if the worker exits."""
+        message = {"op": "execute", "id": statement_id, "code": code, "kind": kind, "max_rows": max_rows, "user": user}
         reply = await self._request("result", statement_id, message)
         return reply["output"]
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from collections import OrderedDict
 from typing import Any, Callable, TextIO
 
-from studio.worker import lean, protocol
+from studio.worker import identity, lean, protocol
 from studio.worker.helpers import StudioHelpers, completions, inspection
 from studio.worker.packages import SessionPackages, bind_to_context
 from studio.worker.progress import ProgressReporter, job_group
@@ -183,6 +183,7 @@ class Worker:
         self.ready_message: dict[str, Any] | None = None
         self.failed_message: str | None = None
         self.session: int | None = None  # the session it was handed to, if any
+        self.user: str | None = None  # its session's Spark user (named in every statement's job description)
         self.last_id = -1  # the highest statement id the service ever sent
         self.statements: dict[int, str] = {}  # id -> queued | running | done, until acknowledged
         self.unacked: OrderedDict[int, dict[str, Any]] = OrderedDict()  # id -> result, stream, unstreamed
@@ -215,6 +216,10 @@ class Worker:
         self.spark = builder.getOrCreate()
         self.sc = self.spark.sparkContext
         self.sc.setLogLevel(config.get("log_level", "WARN"))
+        if config.get("user"):  # a cold worker: its environment and conf named the user before the JVM started
+            self.user = str(config["user"])
+        if config.get("session") is not None:
+            self.session = int(config["session"])
         signal.signal(signal.SIGINT, self._on_sigint)  # replaces PySpark's cancel-all handler
 
         # Livy's clients print a DataFrame.toJSON() result line by line and parse each line
@@ -398,7 +403,7 @@ class Worker:
             if cancelled:
                 raise KeyboardInterrupt
             first_line = code.strip().splitlines()[0][:120] if code.strip() else ""
-            self.sc.setJobGroup(job_group(statement_id), f"statement {statement_id}: {first_line}", True)
+            self.sc.setJobGroup(job_group(statement_id), self._job_description(statement_id, first_line, message.get("user")), True)
             self.progress.begin(statement_id)
             self.output.begin(statement_id)
             self.in_user_code = True
@@ -424,6 +429,14 @@ class Worker:
             self.unacked[statement_id] = {"result": result, "stream": stream, "unstreamed": unstreamed}
             self.send(result)
 
+    def _job_description(self, statement_id: int, first_line: str, sender: Any = None) -> str:
+        """What the Spark UI shows for a statement's jobs: who sent it (else the session's Spark user),
+        which statement of which session."""
+        user = str(sender) if sender and identity.USER_NAME.fullmatch(str(sender)) else self.user
+        who = f"{user}: " if user else ""
+        where = f" of session {self.session}" if self.session is not None else ""
+        return f"{who}statement {statement_id}{where}: {first_line}"
+
     def _activate(self, message: dict[str, Any]) -> None:
         conf: dict[str, str] = message.get("conf", {})
         try:
@@ -434,6 +447,16 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - an invalid value is the caller's error
             self.send({"op": "activated", "ok": False, "static": [], "error": str(exc)})
             return
+        user = message.get("user")
+        if user and not static:
+            try:
+                identity.become(self.spark, str(user), log)
+            except Exception as exc:  # noqa: BLE001 - the service starts a cold worker instead
+                log(f"could not make {user!r} the Spark user: {type(exc).__name__}: {exc}")
+                self.send({"op": "activated", "ok": False, "static": [], "error": None, "identity_error": f"{type(exc).__name__}: {exc}"})
+                return
+            self.user = str(user)
+            log(f"runs as {user} (SPARK_USER, Hadoop's login user, SparkContext.sparkUser, the Spark UI)")
         if message.get("session") is not None and not static:
             self.session = int(message["session"])
             log(f"handed to session {message['session']}")

@@ -10,12 +10,15 @@ they are acknowledged, what the running statement printed); after ``--orphan-tim
 alone it stops itself. Every message has an ``op``:
 
 service → worker
-    ``start``     {master, conf, app_name, warmup, warmup_seconds, log_level, max_output_bytes, cancel_timeout, stop_timeout}
-                  (first message to a new worker; it creates its SparkSession from it)
+    ``start``     {master, conf, app_name, warmup, warmup_seconds, log_level, max_output_bytes, cancel_timeout, stop_timeout,
+                  user, session} (first message to a new worker; it creates its SparkSession from it; a cold
+                  worker's ``user`` is its session's Spark user, already in its environment and conf)
     ``attach``    {}: first message of a service that finds a running worker again; answered by
                   ``attached``, then the replays (below)
-    ``activate``  {conf, session}: apply runtime SQL conf when a warm worker is handed to a session
-    ``execute``   {id, code, kind, max_rows}: run one statement (kind "pyspark" or "sql")
+    ``activate``  {conf, session, user}: a warm worker is handed to a session: apply runtime SQL conf, then make
+                  ``user`` the driver's Spark user (``studio.worker.identity``)
+    ``execute``   {id, code, kind, max_rows, user}: run one statement (kind "pyspark" or "sql"); ``user``: who
+                  sent it, named in its Spark jobs' description (else the session's Spark user)
     ``ack``       {id}: the service has recorded statement ``id``'s result; the worker forgets it
     ``cancel``    {id}: stop that statement's Spark jobs and interrupt its Python code
     ``complete``  {req, code, cursor}: completion candidates for the text before ``cursor``
@@ -25,7 +28,8 @@ service → worker
 worker → service
     ``ready``      {app_id, spark_ui_url, spark_version, jvm_pid, python_pid, startup_seconds}
     ``failed``     {message}: the SparkSession could not be created; the worker exits next
-    ``activated``  {ok, static: [keys that need their own JVM], error}
+    ``activated``  {ok, static: [keys that need their own JVM], error[, identity_error]}: ``identity_error``: the
+                   conf is applied but the user could not be set (the service discards the worker)
     ``progress``   {id, progress, jobs: [...]}: live Spark progress of the running statement
     ``output``     {id, text[, unstreamed][, replay]}: what the running statement printed since the last
                    one (stdout and stderr as written, in order); the last, sent just before ``result``

@@ -267,6 +267,19 @@ class Settings(BaseSettings):
     )
     admin_max_executions: int | None = Field(None, ge=0, description="As user_max_executions, for admins (default: no limit).")
 
+    # --- access control of the session service (Livy's livy.server.access-control.*; studio.livy.access) ---
+    view_users: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Users who may see every session and batch of the session service (state, statements and their "
+        "output, logs) besides their owners and admins (Livy's livy.server.access-control.view-users): a "
+        "comma-separated list or JSON.",
+    )
+    modify_users: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Users who may see and also change every session and batch (run statements, cancel, delete) besides "
+        "their owners and admins (Livy's livy.server.access-control.modify-users): a comma-separated list or JSON.",
+    )
+
     # --- storage -------------------------------------------------------------------------
     state_dir: Path = Field(
         default_factory=default_state_dir,
@@ -375,6 +388,16 @@ class Settings(BaseSettings):
     @field_validator("oidc_allowed_domains", "oidc_allowed_groups", mode="before")
     @classmethod
     def _oidc_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("view_users", "modify_users", mode="before")
+    @classmethod
+    def _user_list(cls, value: object) -> object:
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):

@@ -81,8 +81,9 @@ def test_warm_session_is_idle_at_once_with_every_livy_key(livy, sid):
     assert isinstance(session["id"], int)
     assert session["state"] == "idle"
     assert session["kind"] == "pyspark"
-    # The owner is who authenticated: the holder of the studio's token is "admin".
-    assert session["proxyUser"] is None and session["owner"] == "admin"
+    # The owner is who authenticated: the holder of the studio's token is "admin"; the driver runs as
+    # that user, which proxyUser shows (as Livy with impersonation on).
+    assert session["proxyUser"] == "admin" and session["owner"] == "admin"
     assert session["appId"].startswith("local-")
     assert isinstance(session["log"], list)
     ui = httpx.get(session["appInfo"]["sparkUiUrl"] + "/api/v1/applications", timeout=10)

@@ -28,6 +28,8 @@ from studio import files
 from studio.config import Settings
 from studio.errors import StudioError
 from studio.livy import sparkconf
+from studio.auth.users import Directory
+from studio.livy.access import Access
 from studio.livy.batches import BatchManager
 from studio.livy.cds import CdsArchive
 from studio.livy.pool import WorkerPool
@@ -232,11 +234,14 @@ def create_app(settings: Settings) -> ASGIApp:
         app.state.batches = service.batches
         app.state.pool = service.pool
         app.state.cds = service.cds
+        app.state.access = Access.for_settings(settings)
+        app.state.directory = Directory.for_settings(settings)  # users' own quotas (the gate keeps its own)
         await service.start()
         try:
             yield
         finally:
             await service.stop()
+            app.state.directory.close()
 
     app = Starlette(
         routes=ROUTES,

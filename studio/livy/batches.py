@@ -22,6 +22,7 @@ from studio import files, redact
 from studio.config import Settings
 from studio.errors import CapacityError, InvalidRequestError, NotFoundError, TooManySessionsError
 from studio.livy import sparkconf
+from studio.livy.access import Parties
 from studio.livy.logs import LogFile, RetainedLogs
 from studio.livy.models import BATCH_TRANSITIONS, CreateBatch, SessionState, check_transition, view
 from studio.livy.pool import available_memory_mb
@@ -91,12 +92,17 @@ class Batch:
     def live(self) -> bool:
         return not self.state.is_final
 
+    @property
+    def spark_user(self) -> str | None:
+        """The user its driver runs as: its proxyUser, else its owner (``studio.livy.access``)."""
+        return self.body.proxyUser or self.owner
+
     def to_json(self, base_url: str) -> dict[str, Any]:
         return {
             "id": self.id,
             "name": self.name,
             "owner": self.owner,
-            "proxyUser": None,
+            "proxyUser": self.spark_user,  # as Livy with impersonation on: whom the driver runs as
             "state": self.state.value,
             "appId": self.app_id,
             "appInfo": {
@@ -117,35 +123,45 @@ class BatchManager:
         self.batches: dict[int, Batch] = {}
         self.retained_logs = RetainedLogs()
 
-    def list(self, start: int, size: int) -> tuple[int, list[Batch]]:
-        ordered = [self.batches[k] for k in sorted(self.batches)]
+    def list(self, start: int, size: int, visible: Callable[[Batch], bool] | None = None) -> tuple[int, builtins.list[Batch]]:
+        """A page of the batches ``visible`` keeps (all without it), in id order, and how many it keeps."""
+        ordered = [self.batches[k] for k in sorted(self.batches) if visible is None or visible(self.batches[k])]
         return len(ordered), view(ordered, start, size)
 
-    def get(self, key: str | int) -> Batch:
-        """A batch by id, or by name as in Livy: the live batch of that name, else the newest."""
+    def get(self, key: str | int, visible: Callable[[Batch], bool] | None = None) -> Batch:
+        """A batch by id, or by name as in Livy: the live batch of that name, else the newest; among
+        those ``visible`` keeps first (the caller checks its access to what this returns)."""
         text = str(key)
         if text.lstrip("-").isdigit():
             batch = self.batches.get(int(text))
         else:
             named = sorted((b for b in self.batches.values() if b.name == text), key=lambda b: (b.live, b.id))
+            if visible is not None and any(visible(b) for b in named):
+                named = [b for b in named if visible(b)]
             batch = named[-1] if named else None
         if batch is None:
             raise NotFoundError(f"Batch '{text}' not found.")
         return batch
 
-    def driver_log(self, key: str) -> LogFile:
+    def driver_log(self, key: str, visible: Callable[[Batch], bool] | None = None) -> tuple[LogFile, Parties]:
         """The log behind ``appInfo.driverLogUrl``: of a listed batch, or of one DELETEd within the
-        retention time."""
+        retention time; with whose it is (the caller checks its access)."""
         try:
-            return self.get(key).log
+            batch = self.get(key, visible)
+            return batch.log, Parties(batch.owner, batch.spark_user)
         except NotFoundError:
             kept = self.retained_logs.get(int(key)) if key.isdigit() else None
             if kept is None:
                 raise
-            return kept
+            row = self.store.get("batches", int(key)) or {}
+            return kept, Parties(row.get("owner"), (row.get("request") or {}).get("proxyUser") or row.get("owner"))
 
     def live_count(self) -> int:
         return sum(1 for b in self.batches.values() if b.live)
+
+    def held_by(self, owner: str) -> int:
+        """Live batches of ``owner`` (its quota counts them with its sessions)."""
+        return sum(1 for b in self.batches.values() if b.live and b.owner == owner)
 
     def command(
         self, body: CreateBatch, batch_id: int, event_dir: Path, properties: Path
@@ -159,7 +175,7 @@ class BatchManager:
         for key in spark_conf:
             if key in sparkconf.BLACKLIST:
                 raise InvalidRequestError(f"Rejected, Reason: Blacklisted configuration values in batch config: {key}")
-        conf = sparkconf.overlay(conf, spark_conf)
+        conf = sparkconf.overlay(conf, {**spark_conf, **sparkconf.user_conf(body.proxyUser)})
         command = [spark_submit(), "--master", self.settings.master, "--deploy-mode", "client"]
         command += ["--name", body.name or f"livy-batch-{batch_id}"]
         command += ["--properties-file", str(properties), "--load-spark-defaults"]
@@ -172,7 +188,9 @@ class BatchManager:
         command += body.args
         return command, conf
 
-    async def create(self, body: CreateBatch, owner: str | None = None) -> Batch:
+    async def create(self, body: CreateBatch, owner: str | None = None, quota: Callable[[], None] | None = None) -> Batch:
+        """Run a batch for ``owner``; ``body.proxyUser`` is its Spark user, checked by the caller
+        (``studio.livy.access``). ``quota`` raises QuotaExceededError when the owner has no room left."""
         if not body.file.strip():
             raise InvalidRequestError("Rejected, Reason: File is required.")
         if body.name is not None:
@@ -185,6 +203,8 @@ class BatchManager:
         for field in ("jars", "pyFiles", "files", "archives"):
             for path in getattr(body, field):
                 _check_local_file(path.split("#", 1)[0], field)
+        if quota is not None:
+            quota()
         live = self._live_sessions() + self.live_count()
         if live >= self.settings.max_sessions:
             raise TooManySessionsError(
@@ -226,7 +246,7 @@ class BatchManager:
             command,
             name=f"batch {batch_id}",
             cwd=workdir,
-            env=sparkconf.child_env(self.settings),
+            env={**sparkconf.child_env(self.settings), **sparkconf.user_env(body.proxyUser or owner)},
             output=batch.log.path,
             stop_timeout=self.settings.stop_timeout,
         )

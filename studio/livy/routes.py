@@ -1,17 +1,20 @@
-"""Thin HTTP endpoints of the Livy API. They parse, call a manager, and shape the answer;
-status codes are Livy's (201 on creates, 200 on cancel and DELETE)."""
+"""Thin HTTP endpoints of the Livy API. They parse, check the caller's access
+(``studio.livy.access``), call a manager, and shape the answer; status codes are Livy's (201 on
+creates, 200 on cancel and DELETE)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 import studio
+from studio.auth import quotas
 from studio.errors import InvalidRequestError
-from studio.livy.batches import BatchManager
+from studio.livy.access import Access, Owned, Parties, quota_overrides
+from studio.livy.batches import Batch, BatchManager
 from studio.livy.models import (
     CompletionRequest,
     CreateBatch,
@@ -59,12 +62,50 @@ def _float_param(request: Request, name: str) -> float:
         raise InvalidRequestError(f"'{name}' must be a number of seconds, got '{raw}'.") from None
 
 
-def _session(request: Request) -> Session:
-    """The session in the path; any request about it refreshes its heartbeat (Livy)."""
+def _access(request: Request) -> Access:
+    return request.app.state.access
+
+
+def _visible(request: Request) -> Callable[[Owned], bool]:
+    """Whether the caller may view a session or batch (``GET /sessions`` lists only those)."""
+    access, caller = _access(request), request.user
+    return lambda item: access.may_view(caller, item)
+
+
+def _session(request: Request, modify: bool = False) -> Session:
+    """The session in the path, if the caller may view it (``modify``: change it), else 403. Any
+    request about it that passes refreshes its heartbeat (Livy)."""
     manager = _sessions(request)
-    session = manager.get(request.path_params["session_id"])
+    key = request.path_params["session_id"]
+    session = manager.get(key, _visible(request))
+    _access(request).check(request.user, session, f"session '{key}'", modify)
     manager.heartbeat(session)
     return session
+
+
+def _batch(request: Request, modify: bool = False) -> Batch:
+    key = request.path_params["batch_id"]
+    batch = _batches(request).get(key, _visible(request))
+    _access(request).check(request.user, batch, f"batch '{key}'", modify)
+    return batch
+
+
+def _spark_user(request: Request, proxy_user: str | None) -> str:
+    """The Spark user of what this request creates: Livy's ``?doAs=`` wins over the body's
+    ``proxyUser``; an admin may name anyone, a user only itself (else 403)."""
+    return _access(request).spark_user(request.user, request.query_params.get("doAs") or proxy_user)
+
+
+def _quota(request: Request) -> Callable[[], None]:
+    """429 when the caller already has as many live sessions and batches as its quota allows."""
+    caller, state = request.user, request.app.state
+
+    def check() -> None:
+        in_use = state.sessions.held_by(caller.name) + state.batches.held_by(caller.name)
+        overrides = quota_overrides(state.directory, caller.name)
+        quotas.check(state.settings, caller.name, caller.role, "sessions", in_use, overrides)
+
+    return check
 
 
 # -- general -------------------------------------------------------------------------------
@@ -116,7 +157,7 @@ async def status(request: Request) -> Response:
 async def list_sessions(request: Request) -> Response:
     start = _int_param(request, "from", 0) or 0
     size = _int_param(request, "size", 100)
-    total, page = _sessions(request).list(start, 100 if size is None else size)
+    total, page = _sessions(request).list(start, 100 if size is None else size, _visible(request))
     base = _base_url(request)
     # Livy echoes ``from`` as given, also a negative one (its page then starts at 0).
     return JSONResponse({"from": start, "total": total, "sessions": [s.to_json(base) for s in page]})
@@ -129,15 +170,18 @@ def _owner(request: Request) -> str:
 
 async def create_session(request: Request) -> Response:
     body = parse_body(CreateSession, await read_body(request))
-    session = await _sessions(request).create(body, owner=_owner(request))
+    body = body.model_copy(update={"proxyUser": _spark_user(request, body.proxyUser)})
+    session = await _sessions(request).create(body, owner=_owner(request), quota=_quota(request))
     return JSONResponse(session.to_json(_base_url(request)), status_code=201, headers={"Location": f"/{session.id}"})
 
 
 async def check_session(request: Request) -> Response:
     """``POST /studio/sessions/check`` (an extension): would ``POST /sessions`` accept this body?
     200 ``{"msg": "ok"}``, or the 400 that POST /sessions would give, worded alike. Nothing starts;
-    name uniqueness and capacity are not checked (they can change before the real create)."""
+    name uniqueness, capacity and quota are not checked (they can change before the real create);
+    ``proxyUser`` is (403 for a user naming another)."""
     body = parse_body(CreateSession, await read_body(request))
+    _spark_user(request, body.proxyUser)
     _sessions(request).validate(body)
     return JSONResponse({"msg": "ok"})
 
@@ -152,7 +196,8 @@ async def describe_session(request: Request) -> Response:
     Like any request about a live session, it refreshes its heartbeat."""
     manager = _sessions(request)
     key = request.path_params["session_id"]
-    description = manager.describe(key)
+    description = manager.describe(key, _visible(request))
+    _access(request).check(request.user, Parties(description["owner"], description["proxyUser"]), f"session '{key}'")
     if description.get("listed"):
         manager.heartbeat(manager.get(key))
     return JSONResponse(description)
@@ -164,8 +209,7 @@ async def session_state(request: Request) -> Response:
 
 
 async def delete_session(request: Request) -> Response:
-    manager = _sessions(request)
-    await manager.delete(manager.get(request.path_params["session_id"]))
+    await _sessions(request).delete(_session(request, modify=True))
     return JSONResponse({"msg": "deleted"})
 
 
@@ -198,7 +242,10 @@ async def session_log(request: Request) -> Response:
 
 async def session_log_text(request: Request) -> Response:
     """``appInfo.driverLogUrl``: also for a session DELETEd within the retention time."""
-    return _log_text(_sessions(request).driver_log(request.path_params["session_id"]))
+    key = request.path_params["session_id"]
+    log, parties = _sessions(request).driver_log(key, _visible(request))
+    _access(request).check(request.user, parties, f"session '{key}'")
+    return _log_text(log)
 
 
 # -- statements ----------------------------------------------------------------------------
@@ -217,11 +264,11 @@ async def list_statements(request: Request) -> Response:
 
 
 async def create_statement(request: Request) -> Response:
-    session = _session(request)
+    session = _session(request, modify=True)
     body = parse_body(CreateStatement, await read_body(request))
     manager = _sessions(request)
     # An extension no Livy client sends: with it, a POST retried after a lost answer runs once.
-    statement = manager.add_statement(session, body, request.headers.get("idempotency-key"))
+    statement = manager.add_statement(session, body, request.headers.get("idempotency-key"), user=request.user.name)
     stream = _stream_param(request)
     await manager.wait_statement(statement, _float_param(request, "wait"), stream)
     return JSONResponse(
@@ -258,7 +305,7 @@ def _path_int(request: Request, name: str) -> int:
 
 
 async def cancel_statement(request: Request) -> Response:
-    session = _session(request)
+    session = _session(request, modify=True)
     _sessions(request).cancel_statement(session, _path_int(request, "statement_id"))
     return JSONResponse({"msg": "canceled"})
 
@@ -270,13 +317,13 @@ async def statement_arrow(request: Request) -> Response:
 
 
 async def inspect(request: Request) -> Response:
-    session = _session(request)
+    session = _session(request, modify=True)  # it evaluates names in the session, as completion does
     body = parse_body(InspectRequest, await read_body(request))
     return JSONResponse(await _sessions(request).inspect(session, body))
 
 
 async def completion(request: Request) -> Response:
-    session = _session(request)
+    session = _session(request, modify=True)
     body = parse_body(CompletionRequest, await read_body(request))
     candidates = await _sessions(request).complete(session, body)
     return JSONResponse({"candidates": candidates})
@@ -288,39 +335,42 @@ async def completion(request: Request) -> Response:
 async def list_batches(request: Request) -> Response:
     start = _int_param(request, "from", 0) or 0
     size = _int_param(request, "size", 100)
-    total, page = _batches(request).list(start, 100 if size is None else size)
+    total, page = _batches(request).list(start, 100 if size is None else size, _visible(request))
     base = _base_url(request)
     return JSONResponse({"from": start, "total": total, "sessions": [b.to_json(base) for b in page]})
 
 
 async def create_batch(request: Request) -> Response:
     body = parse_body(CreateBatch, await read_body(request))
-    batch = await _batches(request).create(body, owner=_owner(request))
+    body = body.model_copy(update={"proxyUser": _spark_user(request, body.proxyUser)})
+    batch = await _batches(request).create(body, owner=_owner(request), quota=_quota(request))
     return JSONResponse(batch.to_json(_base_url(request)), status_code=201, headers={"Location": f"/{batch.id}"})
 
 
 async def get_batch(request: Request) -> Response:
-    return JSONResponse(_batches(request).get(request.path_params["batch_id"]).to_json(_base_url(request)))
+    return JSONResponse(_batch(request).to_json(_base_url(request)))
 
 
 async def batch_state(request: Request) -> Response:
-    batch = _batches(request).get(request.path_params["batch_id"])
+    batch = _batch(request)
     return JSONResponse({"id": batch.id, "state": batch.state.value})
 
 
 async def batch_log(request: Request) -> Response:
-    batch = _batches(request).get(request.path_params["batch_id"])
+    batch = _batch(request)
     return _log_page(batch.log, request, batch.id)
 
 
 async def batch_log_text(request: Request) -> Response:
     """``appInfo.driverLogUrl``: also for a batch DELETEd within the retention time."""
-    return _log_text(_batches(request).driver_log(request.path_params["batch_id"]))
+    key = request.path_params["batch_id"]
+    log, parties = _batches(request).driver_log(key, _visible(request))
+    _access(request).check(request.user, parties, f"batch '{key}'")
+    return _log_text(log)
 
 
 async def delete_batch(request: Request) -> Response:
-    manager = _batches(request)
-    await manager.delete(manager.get(request.path_params["batch_id"]))
+    await _batches(request).delete(_batch(request, modify=True))
     return JSONResponse({"msg": "deleted"})
 
 

@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -46,6 +46,7 @@ from studio.errors import (
     WorkerError,
 )
 from studio.livy import sparkconf
+from studio.livy.access import Parties
 from studio.livy.logs import LogFile, RetainedLogs
 from studio.livy.models import (
     SESSION_TRANSITIONS,
@@ -93,6 +94,7 @@ class Statement:
     unstreamed: str | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) on new output or a final state
     request_key: str | None = None  # the client's Idempotency-Key: a retried POST finds this statement
+    user: str | None = None  # who sent it (its jobs' description names them; not kept across a restart)
 
     def set_state(self, new: StatementState) -> None:
         check_transition(STATEMENT_TRANSITIONS, self.state, new, f"statement {self.id}")
@@ -179,6 +181,11 @@ class Session:
         self.unacked: set[int] = set()  # finished statements whose record a full disk holds back (the worker keeps them)
 
     @property
+    def spark_user(self) -> str | None:
+        """The user its driver runs as (``SPARK_USER``): its proxyUser, else its owner (``studio.livy.access``)."""
+        return self.body.proxyUser or self.owner
+
+    @property
     def active(self) -> bool:
         return self.state in (SessionState.IDLE, SessionState.BUSY)
 
@@ -216,7 +223,7 @@ class Session:
             "name": self.name,
             "appId": self.app_id,
             "owner": self.owner,
-            "proxyUser": None,  # impersonation is off: a requested proxyUser is dropped, as in Livy
+            "proxyUser": self.spark_user,  # as Livy with impersonation on: whom the driver runs as
             "state": self.state.value,
             "kind": self.kind.value,
             "appInfo": {
@@ -258,6 +265,7 @@ class SessionManager:
         self._base_conf = base_conf
         self.sessions: dict[int, Session] = {}
         self._creating = 0  # creates under way (they hold a place against max_sessions)
+        self._creating_by: Counter[str] = Counter()  # and against their owner's quota
         self._creating_names: set[str] = set()
         self.retained_logs = RetainedLogs()
         self._background: set[asyncio.Task[Any]] = set()
@@ -265,21 +273,27 @@ class SessionManager:
 
     # -- lookup ---------------------------------------------------------------------------
 
-    def list(self, start: int, size: int) -> tuple[int, list[Session]]:
-        ordered = [self.sessions[k] for k in sorted(self.sessions)]
+    def list(self, start: int, size: int, visible: Callable[[Session], bool] | None = None) -> tuple[int, list[Session]]:
+        """A page of the sessions ``visible`` keeps (all without it), in id order, and how many it keeps."""
+        ordered = [self.sessions[k] for k in sorted(self.sessions) if visible is None or visible(self.sessions[k])]
         return len(ordered), view(ordered, start, size)
 
-    def get(self, key: str | int) -> Session:
+    def get(self, key: str | int, visible: Callable[[Session], bool] | None = None) -> Session:
         """A session by id, or by name (Livy accepts both in every /sessions/{id} route).
 
         A name passes from session to session (a new one may take the name of one that is no
-        longer live), so a name means its live session, else the newest that had it."""
+        longer live), so a name means its live session, else the newest that had it; among those
+        ``visible`` keeps (the caller's own) first, so another user's live session of the same name
+        never hides one's own ended one. The caller checks its access to what this returns."""
         text = str(key)
         if text.lstrip("-").isdigit():
             session = self.sessions.get(int(text))
         else:
             named = [s for s in self.sessions.values() if s.name == text]
-            session = self._live_named(text) or (max(named, key=lambda s: s.id) if named else None)
+            if visible is not None and any(visible(s) for s in named):
+                named = [s for s in named if visible(s)]
+            live = [s for s in named if s.live]
+            session = live[0] if live else (max(named, key=lambda s: s.id) if named else None)
         if session is None:
             raise NotFoundError(f"Session '{text}' not found.")
         return session
@@ -292,6 +306,10 @@ class SessionManager:
 
     def live_count(self) -> int:
         return sum(1 for s in self.sessions.values() if s.live)
+
+    def held_by(self, owner: str) -> int:
+        """Live sessions of ``owner`` and its creates under way: what its quota counts."""
+        return sum(1 for s in self.sessions.values() if s.live and s.owner == owner) + self._creating_by[owner]
 
     def heartbeat(self, session: Session) -> None:
         session.last_heartbeat = time.monotonic()
@@ -314,10 +332,15 @@ class SessionManager:
         _int_conf(sparkconf.split_service_conf(requested)[1], "livy.rsc.sql.num-rows")
         return kind, requested
 
-    async def create(self, body: CreateSession, owner: str | None = None) -> Session:
+    async def create(self, body: CreateSession, owner: str | None = None, quota: Callable[[], None] | None = None) -> Session:
+        """Start a session for ``owner``; ``body.proxyUser`` is its Spark user, checked by the caller
+        (``studio.livy.access``). ``quota`` raises QuotaExceededError when the owner has no room left
+        (it reads ``held_by``); it is asked after the request is found valid and before anything starts."""
         kind, requested = self.validate(body)
         if body.name is not None and (body.name in self._creating_names or self._live_named(body.name)):
             raise InvalidRequestError(f"Rejected, Reason: a session named '{body.name}' already exists.")
+        if quota is not None:
+            quota()
         spark_conf, service_conf = sparkconf.split_service_conf(requested)
         live = self.live_count() + self._creating
         if live >= self.settings.max_sessions:
@@ -330,10 +353,12 @@ class SessionManager:
         if body.name is not None:
             self._creating_names.add(body.name)
         self._creating += 1
+        self._creating_by[owner or ""] += 1
         try:
             return await self._create(body, owner, kind, requested, spark_conf, service_conf)
         finally:
             self._creating -= 1
+            self._creating_by[owner or ""] -= 1
             self._creating_names.discard(body.name or "")
 
     async def _create(
@@ -353,8 +378,13 @@ class SessionManager:
         own_jvm = sparkconf.needs_own_jvm(spark_conf)
         worker = self.pool.take() if self.pool.size and not own_jvm else None
         if worker is not None:
-            reply = await self._activate(worker, spark_conf, session_id)
+            reply = await self._activate(worker, spark_conf, session_id, session.spark_user)
             if reply is None:
+                worker = None
+            elif reply.get("identity_error"):
+                # Its conf is applied and its identity half set: it cannot serve this session or go back.
+                log.warning("warm worker %s could not take the user %s (%s); starting a cold one", worker.id, session.spark_user, reply["identity_error"])
+                self.pool.discard(worker)
                 worker = None
             elif reply.get("error"):
                 self.pool.give_back(worker)
@@ -396,9 +426,11 @@ class SessionManager:
             self._became_ready(session)
         else:
             spec = WorkerSpec(
-                conf=sparkconf.overlay(self._base_conf(), spark_conf),
+                conf=sparkconf.overlay(self._base_conf(), {**spark_conf, **sparkconf.user_conf(session.spark_user)}),
                 app_name=body.name or f"livy-session-{session_id}",
                 warmup=False,
+                env=sparkconf.user_env(session.spark_user),
+                user=session.spark_user,
             )
             worker = self._new_worker(spec)
             self._attach(session, worker)
@@ -406,9 +438,9 @@ class SessionManager:
         session.runner = asyncio.create_task(self._run_statements(session), name=f"session-{session_id}")
         return session
 
-    async def _activate(self, worker: WorkerProcess, conf: dict[str, str], session_id: int) -> dict[str, Any] | None:
+    async def _activate(self, worker: WorkerProcess, conf: dict[str, str], session_id: int, user: str | None) -> dict[str, Any] | None:
         try:
-            return await asyncio.wait_for(worker.activate(conf, session_id), 30)
+            return await asyncio.wait_for(worker.activate(conf, session_id, user), 30)
         except (WorkerError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
             log.warning("warm worker %s failed on hand-out (%s); starting a cold one", worker.id, exc)
             self.pool.discard(worker)
@@ -452,10 +484,12 @@ class SessionManager:
 
     # -- statements -----------------------------------------------------------------------
 
-    def add_statement(self, session: Session, body: CreateStatement, request_key: str | None = None) -> Statement:
-        """Queue a statement. A ``request_key`` (the client's Idempotency-Key header) that this session
-        has seen gives back that statement instead: a client that lost the answer to its POST (the
-        service restarted meanwhile) sends it again without running the code twice."""
+    def add_statement(
+        self, session: Session, body: CreateStatement, request_key: str | None = None, user: str | None = None
+    ) -> Statement:
+        """Queue a statement sent by ``user``. A ``request_key`` (the client's Idempotency-Key header)
+        that this session has seen gives back that statement instead: a client that lost the answer to
+        its POST (the service restarted meanwhile) sends it again without running the code twice."""
         if request_key:
             for known in reversed(session.statements.values()):
                 if known.request_key == request_key:
@@ -477,7 +511,7 @@ class SessionManager:
         kind = parse_kind(body.kind, statement=True) or (
             SessionKind.SQL if session.kind is SessionKind.SQL else SessionKind.PYSPARK
         )
-        statement = Statement(session.next_statement_id, body.code, kind, request_key=request_key or None)
+        statement = Statement(session.next_statement_id, body.code, kind, request_key=request_key or None, user=user)
         # Recorded before anything else knows of it: accepted means it survives a restart of the
         # service, and one that cannot be recorded (a full disk: 507) was never there at all.
         self.store.add_statement(
@@ -565,7 +599,11 @@ class SessionManager:
                     statement.set_state(StatementState.RUNNING)
                     statement.started = now_ms()
                     output = await worker.execute(
-                        statement.id, statement.code, statement.kind.value, session.sql_num_rows or self.settings.sql_num_rows
+                        statement.id,
+                        statement.code,
+                        statement.kind.value,
+                        session.sql_num_rows or self.settings.sql_num_rows,
+                        statement.user,
                     )
             except WorkerError as exc:
                 output = {"status": "error", "ename": "SessionWorkerDied", "evalue": exc.msg, "traceback": []}
@@ -704,16 +742,25 @@ class SessionManager:
             session.statements.clear()  # outputs can be large, and no route reaches them any more
             self.store.forget_statements(session.id, defer=True)
 
-    def driver_log(self, key: str) -> LogFile | None:
+    def driver_log(self, key: str, visible: Callable[[Session], bool] | None = None) -> tuple[LogFile | None, Parties]:
         """The log behind ``appInfo.driverLogUrl``: of a listed session, or of one DELETEd within
-        the retention time (by id: its name may belong to another session by now)."""
+        the retention time (by id: its name may belong to another session by now); with whose it is
+        (the caller checks its access)."""
         try:
-            return self.get(key).log
+            session = self.get(key, visible)
+            return session.log, Parties(session.owner, session.spark_user)
         except NotFoundError:
             kept = self.retained_logs.get(int(key)) if key.isdigit() else None
             if kept is None:
                 raise
-            return kept
+            return kept, self.parties(int(key))
+
+    def parties(self, session_id: int) -> Parties:
+        """Owner and Spark user of a session from its record (one no route lists any more)."""
+        row = self.store.get("sessions", session_id)
+        if row is None:
+            return Parties(None, None)
+        return Parties(row.get("owner"), (row.get("request") or {}).get("proxyUser") or row.get("owner"))
 
     async def stop(self, session: Session, final: SessionState, reason: str) -> None:
         self._begin_stop(session, reason)
@@ -960,19 +1007,20 @@ class SessionManager:
             return_exceptions=True,
         )
 
-    def describe(self, key: str) -> dict[str, Any]:
+    def describe(self, key: str, visible: Callable[[Session], bool] | None = None) -> dict[str, Any]:
         """Spark Studio's view of a session (``GET /studio/sessions/{id}``): its state and, once it
         ended, why; while it is idle, how long until it is stopped for that. Also for a session that
-        no Livy route shows any more (DELETEd, retention over, before a restart), from its record."""
+        no Livy route shows any more (DELETEd, retention over, before a restart), from its record.
+        ``owner`` and ``proxyUser`` say whose it is (the caller checks its access before answering)."""
         try:
-            session = self.get(key)
+            session = self.get(key, visible)
         except NotFoundError:
             row = self.store.get("sessions", int(key)) if key.isdigit() else None
             if row is None:
                 raise
             return {
-                "id": row["id"], "name": row["name"], "owner": row["owner"], "state": row["state"],
-                "reason": row["reason"], "endedAt": row["ended_at"], "listed": False,
+                "id": row["id"], "name": row["name"], "owner": row["owner"], "proxyUser": (row.get("request") or {}).get("proxyUser") or row["owner"],
+                "state": row["state"], "reason": row["reason"], "endedAt": row["ended_at"], "listed": False,
             }  # fmt: skip
         now = time.monotonic()
         idle_timeout, source = session.idle_timeout_setting(self.settings.session_idle_timeout)
@@ -981,6 +1029,7 @@ class SessionManager:
             "id": session.id,
             "name": session.name,
             "owner": session.owner,
+            "proxyUser": session.spark_user,
             "state": session.state.value,
             "reason": session.reason or None,
             "endedAt": time.time() - (now - session.ended) if session.ended is not None else None,

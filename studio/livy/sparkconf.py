@@ -131,6 +131,19 @@ def worker_env(settings: Settings) -> dict[str, str]:
     }
 
 
+USER_CONF = "spark.studio.user"  # the Spark user of a session or batch, in its conf (the UI's Environment tab)
+
+
+def user_env(user: str | None) -> dict[str, str]:
+    """Environment that makes a driver run as ``user`` (a name ``studio.livy.access`` checked):
+    Spark's ``sparkUser`` (``SPARK_USER``) and Hadoop's simple-auth login (``HADOOP_USER_NAME``)."""
+    return {"SPARK_USER": user, "HADOOP_USER_NAME": user} if user else {}
+
+
+def user_conf(user: str | None) -> dict[str, str]:
+    return {USER_CONF: user} if user else {}
+
+
 def merge_java_options(*parts: str) -> str:
     return " ".join(part.strip() for part in parts if part and part.strip())
 

@@ -234,6 +234,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from studio import audit
+
+    return audit.command(args, _settings(args, state_dir="state_dir", identity_dir="identity_dir"))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(
         args,
@@ -380,6 +386,21 @@ def build_parser() -> argparse.ArgumentParser:
     from studio.auth.commands import add_parsers as add_user_parsers
 
     add_user_parsers(sub)  # studio users ..., studio tokens ...
+
+    trail = sub.add_parser("audit", help="read the audit trail (newest first), as GET /api/audit does")
+    trail.add_argument("--user", help="records of this user")
+    trail.add_argument("--action", help="records whose action contains this, any case (statements, sign-in, DELETE)")
+    trail.add_argument("--target", help="records about this path and below it (/sessions/3, /api/workspaces/2)")
+    trail.add_argument("--outcome", help="records with this outcome (201, 403, ok, ...)")
+    trail.add_argument("--since", help="from this time: epoch seconds, ISO 8601 (UTC unless it says), or an age (15m, 2h, 7d)")
+    trail.add_argument("--until", help="up to this time (as --since)")
+    trail.add_argument("--limit", type=int, default=50, help="records at most (default 50, at most 1000)")
+    trail.add_argument("--before", type=int, help="records older than this id (paging)")
+    trail.add_argument("--json", action="store_true", help="one JSON record a line, as in audit.jsonl")
+    trail.add_argument("--verify", action="store_true", help="instead: check that no record was changed or removed (hash chain)")
+    trail.add_argument("--state-dir", type=Path, help="state directory (default ~/.local/state/spark-studio)")
+    trail.add_argument("--identity-dir", type=Path, help="where audit.db is (default: the state directory; STUDIO_IDENTITY_DIR)")
+    trail.set_defaults(func=cmd_audit)
     return parser
 
 

@@ -375,6 +375,14 @@ class Settings(BaseSettings):
         "Spark session after SIGINT, before it is terminated.",
     )
 
+    # --- audit trail (studio.audit) ----------------------------------------------------------
+    audit_file: Path | None = Field(
+        None,
+        description="The audit trail as JSON lines, one record a line, for a log shipper to follow (default: "
+        "<identity_dir>/audit.jsonl; the records themselves are in <identity_dir>/audit.db). Renaming the file away "
+        "(log rotation) is noticed at the next record, which starts a new one.",
+    )
+
     @field_validator("allowed_hosts", mode="before")
     @classmethod
     def _host_list(cls, value: object) -> object:
@@ -409,6 +417,11 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @field_validator("audit_file", mode="after")
+    @classmethod
+    def _absolute_file(cls, value: Path | None) -> Path | None:
+        return value.expanduser().resolve() if value is not None else None
 
     @model_validator(mode="after")
     def _identity_dir(self) -> "Settings":

@@ -72,6 +72,7 @@ def _quota(value: str) -> int | None | str:
 def users_add(args: argparse.Namespace, directory: "Directory") -> None:
     password = _read_password(f"studio users add {args.name}") if args.password_stdin else None
     user, token = directory.add_user(args.name, role="admin" if args.admin else "user", password=password, email=args.email)
+    _audit(directory, "studio users add", f"/api/users/{user.name}", role=user.role, login="password" if password else "token only")
     print(f"Added user {user.name} (role {user.role}{', with a password' if password else ', no password'}).")
     print("Its first personal token follows (shown only now): send it as 'Authorization: Bearer <token>',")
     print(f"or as the password of HTTP Basic with the user name {user.name}.")
@@ -94,6 +95,7 @@ def users_list(args: argparse.Namespace, directory: "Directory") -> None:
 
 def users_remove(args: argparse.Namespace, directory: "Directory") -> None:
     directory.remove_user(args.name)
+    _audit(directory, "studio users remove", f"/api/users/{args.name.strip().lower()}")
     print(f"Removed user {args.name.strip().lower()} and revoked every token of theirs.")
 
 
@@ -102,16 +104,19 @@ def users_reset_password(args: argparse.Namespace, directory: "Directory") -> No
 
     if args.password_stdin:
         directory.set_password(args.name, _read_password(f"studio users reset-password {args.name}"))
+        _audit(directory, "studio users reset-password", f"/api/users/{args.name.strip().lower()}")
         print(f"Set a new password for {args.name.strip().lower()}.")
         return
     password = generate_password()
     directory.set_password(args.name, password)
+    _audit(directory, "studio users reset-password", f"/api/users/{args.name.strip().lower()}", generated=True)
     print(f"Set a new password for {args.name.strip().lower()}; it follows (shown only now):")
     print(password)
 
 
 def users_set_role(args: argparse.Namespace, directory: "Directory") -> None:
     directory.set_role(args.name, args.role)
+    _audit(directory, "studio users set-role", f"/api/users/{args.name.strip().lower()}", role=args.role)
     print(f"{args.name.strip().lower()} is now {'an' if args.role == 'admin' else 'a'} {args.role}.")
 
 
@@ -131,6 +136,7 @@ def users_set_quota(args: argparse.Namespace, directory: "Directory") -> None:
         else:
             quotas[key] = value
     directory.set_quotas(user.name, quotas)
+    _audit(directory, "studio users set-quota", f"/api/users/{user.name}", quotas=quotas)
     shown = ", ".join(f"{k}={'unlimited' if v is None else v}" for k, v in sorted(quotas.items())) or "the role's defaults"
     print(f"Quotas of {user.name}: {shown}.")
 
@@ -141,6 +147,7 @@ def users_set_quota(args: argparse.Namespace, directory: "Directory") -> None:
 def tokens_create(args: argparse.Namespace, directory: "Directory") -> None:
     expires = time.time() + args.expires_days * 86400 if args.expires_days is not None else None
     info, secret = directory.create_token(args.user, note=args.note or "", expires_at=expires)
+    _audit(directory, "studio tokens create", f"/api/tokens/{info.id}", token_id=info.id, token_user=info.user, token_note=info.note)
     until = f", expires {_when(info.expires_at)}" if info.expires_at else ", no expiry"
     print(f"Token {info.id} for {info.user}{until}; it follows (shown only now):")
     print(secret)
@@ -159,7 +166,15 @@ def tokens_list(args: argparse.Namespace, directory: "Directory") -> None:
 def tokens_revoke(args: argparse.Namespace, directory: "Directory") -> None:
     if not directory.revoke_token(args.id):
         raise StudioError(f"No token '{args.id}'.")
+    _audit(directory, "studio tokens revoke", f"/api/tokens/{args.id}", token_id=args.id)
     print(f"Revoked token {args.id}.")
+
+
+def _audit(directory: "Directory", action: str, target: str, **detail: Any) -> None:
+    """A change on the audit trail beside the users' directory (never a secret)."""
+    from studio import audit
+
+    audit.record_local(directory.path.parent, action, target, **detail)
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:

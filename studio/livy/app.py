@@ -24,7 +24,7 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from studio.auth.gate import gate
-from studio import files
+from studio import audit, files
 from studio.config import Settings
 from studio.errors import StudioError
 from studio.livy import sparkconf
@@ -249,4 +249,5 @@ def create_app(settings: Settings) -> ASGIApp:
         exception_handlers=error_handlers(log),
     )
     # Livy's own clients authenticate with HTTP Basic (LDAP mode), so the service invites it too.
-    return gate(_AcceptVersion(app), settings, realm="Spark Studio session service", bound_host=settings.host, basic_challenge=True)
+    gated = gate(_AcceptVersion(app), settings, realm="Spark Studio session service", bound_host=settings.host, basic_challenge=True)
+    return audit.middleware(gated, settings, "livy", ROUTES)  # outermost: it also records what the gate refuses

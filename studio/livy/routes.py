@@ -11,6 +11,7 @@ from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 import studio
+from studio import audit
 from studio.auth import quotas
 from studio.errors import InvalidRequestError
 from studio.livy.access import Access, Owned, Parties, quota_overrides
@@ -172,6 +173,7 @@ async def create_session(request: Request) -> Response:
     body = parse_body(CreateSession, await read_body(request))
     body = body.model_copy(update={"proxyUser": _spark_user(request, body.proxyUser)})
     session = await _sessions(request).create(body, owner=_owner(request), quota=_quota(request))
+    audit.note(request, target=f"/sessions/{session.id}", kind=body.kind, name=body.name, proxyUser=body.proxyUser, conf=body.conf or None)
     return JSONResponse(session.to_json(_base_url(request)), status_code=201, headers={"Location": f"/{session.id}"})
 
 
@@ -266,9 +268,11 @@ async def list_statements(request: Request) -> Response:
 async def create_statement(request: Request) -> Response:
     session = _session(request, modify=True)
     body = parse_body(CreateStatement, await read_body(request))
+    audit.note(request, code=body.code, session=session.id, kind=body.kind)
     manager = _sessions(request)
     # An extension no Livy client sends: with it, a POST retried after a lost answer runs once.
     statement = manager.add_statement(session, body, request.headers.get("idempotency-key"), user=request.user.name)
+    audit.note(request, target=f"/sessions/{session.id}/statements/{statement.id}", statement=statement.id)
     stream = _stream_param(request)
     await manager.wait_statement(statement, _float_param(request, "wait"), stream)
     return JSONResponse(
@@ -344,6 +348,7 @@ async def create_batch(request: Request) -> Response:
     body = parse_body(CreateBatch, await read_body(request))
     body = body.model_copy(update={"proxyUser": _spark_user(request, body.proxyUser)})
     batch = await _batches(request).create(body, owner=_owner(request), quota=_quota(request))
+    audit.note(request, target=f"/batches/{batch.id}", name=body.name, file=body.file, className=body.className, proxyUser=body.proxyUser, conf=body.conf or None)
     return JSONResponse(batch.to_json(_base_url(request)), status_code=201, headers={"Location": f"/{batch.id}"})
 
 

@@ -19,7 +19,7 @@ from typing import AsyncIterator
 from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
-from studio import files
+from studio import audit, files
 from studio.auth import oidc
 from studio.auth.gate import ADMIN, Principal, gate, settings_token
 from studio.auth.users import Directory
@@ -27,7 +27,7 @@ from studio.config import Settings
 from studio.kernel.install import write_kernelspec
 from studio.store import Store
 from studio.web import error_handlers
-from studio.workspaces import routes, ui
+from studio.workspaces import audit_routes, routes, ui
 from studio.workspaces.access import DirectoryIdentity, run_token_guard
 from studio.workspaces import users_routes
 from studio.workspaces.computes import LOCAL, ComputeManager
@@ -111,11 +111,12 @@ def create_app(settings: Settings, url: str = "") -> ASGIApp:
             directory.close()
 
     app = Starlette(
-        routes=[*routes.ROUTES, *ui.ROUTES, *users_routes.ROUTES],
+        routes=[*routes.ROUTES, *ui.ROUTES, *users_routes.ROUTES, *audit_routes.ROUTES],
         lifespan=lifespan,
         exception_handlers=error_handlers(log),
     )
-    return gate(
+    app.state.audit = trail = audit.Trail.for_settings(settings, "serve")
+    gated = gate(
         run_token_guard(app),  # kernel and execution tokens: only a kernel's own connection here
         settings,
         realm="Spark Studio",
@@ -123,3 +124,4 @@ def create_app(settings: Settings, url: str = "") -> ASGIApp:
         extra_tokens=kernel_principal,
         oidc=oidc.login_for(settings, token),  # single sign-on, when configured (the session service has none)
     )
+    return audit.middleware(gated, settings, "serve", app.routes, trail)  # outermost: it also records what the gate refuses

@@ -17,6 +17,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 import studio
+from studio import audit
 from studio.auth.gate import Principal
 from studio.errors import InvalidRequestError, NotFoundError
 from studio.web import parse_body, read_body
@@ -73,6 +74,7 @@ def _flag(request: Request, name: str) -> bool:
 
 
 def _workspace_json(request: Request, workspace: Any, status_code: int = 200) -> Response:
+    audit.note(request, target=f"/api/workspaces/{workspace.id}", workspace=workspace.name)
     return JSONResponse(workspaces(request).to_json(workspace), status_code=status_code)
 
 
@@ -112,6 +114,7 @@ async def list_workspaces(request: Request) -> Response:
 
 async def create_workspace(request: Request) -> Response:
     body = parse_body(CreateWorkspace, await read_body(request))
+    audit.note(request, compute=body.compute, repository_url=body.repository_url, start=body.start)
     workspace = await workspaces(request).create(body, actor(request))
     return _workspace_json(request, workspace, 201)
 
@@ -122,6 +125,7 @@ async def get_workspace(request: Request) -> Response:
 
 async def update_workspace(request: Request) -> Response:
     body = parse_body(UpdateWorkspace, await read_body(request))
+    audit.note(request, changed=body.model_dump(exclude_unset=True))
     return _workspace_json(request, workspaces(request).update(request.path_params["workspace_id"], body, actor(request)))
 
 
@@ -132,6 +136,7 @@ async def delete_workspace(request: Request) -> Response:
         force=_flag(request, "force"),
         remove_files=_flag(request, "remove_files"),
     )
+    audit.note(request, workspace=result.get("name"), force=_flag(request, "force"), remove_files=_flag(request, "remove_files"))
     return JSONResponse(result)
 
 
@@ -146,12 +151,14 @@ async def stop_workspace(request: Request) -> Response:
 async def share_workspace(request: Request) -> Response:
     """``PUT {"collaborators": [names]}``: who besides its owner may use it (owner or admin)."""
     body = parse_body(SetCollaborators, await read_body(request))
+    audit.note(request, collaborators=body.collaborators)
     workspace = workspaces(request).share(request.path_params["workspace_id"], body.collaborators, actor(request))
     return _workspace_json(request, workspace)
 
 
 async def attach_workspace(request: Request) -> Response:
     body = parse_body(AttachCompute, await read_body(request))
+    audit.note(request, compute=body.compute)
     workspace = await workspaces(request).attach(request.path_params["workspace_id"], body.compute, actor(request))
     return _workspace_json(request, workspace)
 
@@ -163,6 +170,7 @@ async def detach_workspace(request: Request) -> Response:
 async def open_workspace(request: Request) -> Response:
     """To the workspace's JupyterLab, with its token: the token is in this redirect only, never in a
     listing, and only for the person the workspace runs for."""
+    audit.note(request, record=True)  # a read, but it hands out the JupyterLab: recorded
     target = workspaces(request).lab_url(request.path_params["workspace_id"], actor(request))
     return RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})
 
@@ -200,6 +208,8 @@ async def create_compute(request: Request) -> Response:
     access.check_admin(user, "register computes")
     body = parse_body(CreateCompute, await read_body(request))
     allowed = access.check_user_names(body.allowed_users, "allowed_users", request.app.state.identity)
+    credential = "basic" if body.username else "bearer" if body.token or body.password else None
+    audit.note(request, target=f"/api/computes/{body.name}", compute=body.name, url=body.url, auth=credential, allowed_users=allowed)
     compute = await computes(request).register(
         body.name, body.url, owner=user.name, user=body.username, token=body.token or body.password, allowed_users=allowed
     )
@@ -219,6 +229,7 @@ async def update_compute(request: Request) -> Response:
     access.check_admin(user, "change computes")
     body = parse_body(SetAllowedUsers, await read_body(request))
     allowed = access.check_user_names(body.allowed_users, "allowed_users", request.app.state.identity)
+    audit.note(request, allowed_users=allowed)
     compute = computes(request).set_allowed_users(request.path_params["name"], allowed)
     return JSONResponse(compute.to_json())
 
@@ -241,7 +252,9 @@ async def list_executions(request: Request) -> Response:
 
 async def start_execution(request: Request) -> Response:
     body = parse_body(StartExecution, await read_body(request))
+    audit.note(request, notebook=body.notebook, workspace=body.workspace, compute=body.compute, parameters=sorted(body.parameters))
     execution = await executions(request).start(body, actor(request))
+    audit.note(request, target=f"/api/executions/{execution.id}")
     return JSONResponse(execution.to_json(), status_code=201)
 
 

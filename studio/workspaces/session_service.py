@@ -87,6 +87,8 @@ class EmbeddedSessionService:
             env={
                 **os.environ,
                 "STUDIO_IDENTITY_DIR": str(self.settings.identity_dir),
+                # and one audit trail: its JSON lines too, wherever they are (an absolute path: the service runs elsewhere)
+                **({"STUDIO_AUDIT_FILE": str(self.settings.audit_file)} if self.settings.audit_file else {}),
                 **({"STUDIO_TOKEN": self.token} if self.token else {}),
             },
             die_with_parent=True,

@@ -21,9 +21,11 @@ A browser signs in with the authorization code flow:
    With no rule at all the server refuses to start unless ``oidc_allow_any_user`` says so.
    The user's name is the username claim (``preferred_username``), else the e-mail's local part,
    lower-cased; a name that does not fit the users directory's pattern is refused, never
-   rewritten into someone else's. The user is created or updated in the users directory (role
-   ``admin`` in the admin group, else ``user``, at every sign-in), the Studio's own cookie is set
-   and the browser goes on to ``next`` (a path on this server only).
+   rewritten, and so is a name that is a built-in user's or another account's (another e-mail
+   address). The user is created or updated in the users directory (with an admin group, the
+   role is ``admin`` in it and ``user`` outside it, at every sign-in; without one it stays what
+   an administrator set), and the gate sets the Studio's own cookie, tells the audit trail, and
+   the browser goes on to ``next`` (a path on this server only).
 
 The client secret is a ``SecretStr`` read only when the code is exchanged: it is never logged,
 never put in a page or an API answer. API clients (Livy clients, CI, ``studio run``) do not use

@@ -40,6 +40,7 @@ def link(url: str | None, label: str = "Link") -> str:
 
 
 def sessions_table(sessions: list[dict[str, Any]], current: int | None) -> dict[str, str]:
+    """%%info's table; "User" is whom the session runs as (``proxyUser``, else ``owner``), as sparkmagic shows it."""
     head = "".join(f"<th>{h}</th>" for h in ("ID", "Application ID", "Kind", "State", "Spark UI", "Driver log", "User", "Current session?"))
     rows, lines = [], []
     for s in sessions:
@@ -47,7 +48,7 @@ def sessions_table(sessions: list[dict[str, Any]], current: int | None) -> dict[
         mark = "\u2714" if s["id"] == current else ""
         cells = (
             escape(s["id"]), escape(s.get("appId") or ""), escape(s.get("kind")), escape(s.get("state")),
-            link(info.get("sparkUiUrl")), link(info.get("driverLogUrl")), escape(s.get("owner") or ""), mark,
+            link(info.get("sparkUiUrl")), link(info.get("driverLogUrl")), escape(s.get("proxyUser") or s.get("owner") or ""), mark,
         )  # fmt: skip
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
         lines.append(f"{str(s['id']):>4}  {str(s.get('state', '')):<10} {str(s.get('appId') or ''):<24} {info.get('sparkUiUrl') or ''} {mark}")

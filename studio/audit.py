@@ -263,6 +263,17 @@ def clean(value: Any, key: str = "") -> Any:
     return clean(str(value))
 
 
+def _no_room(exc: BaseException) -> bool:
+    """A write that failed for want of room: ENOSPC or EDQUOT, SQLite's SQLITE_FULL, or an I/O
+    error of SQLite (growing its -wal or -shm file on a full disk)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL or "database or disk is full" in str(exc):
+        return True
+    return code is not None and code & 0xFF == sqlite3.SQLITE_IOERR
+
+
 def _cut(text: str | None, size: int) -> str | None:
     if text is None:
         return None
@@ -356,7 +367,7 @@ class Trail:
             except OSError:
                 continue
             if info.f_bavail * info.f_frsize < MIN_FREE_BYTES and info.f_blocks:
-                return f"less than {MIN_FREE_BYTES // 1024} KiB are free in {folder}"
+                return f"the disk is full: less than {MIN_FREE_BYTES // 1024} KiB are free in {folder}"
         if self.failing is not None:
             with self._lock:
                 try:
@@ -432,7 +443,8 @@ class Trail:
         self.failing = self.failed_at = None
 
     def _failed(self, exc: BaseException, base: dict[str, Any] | None) -> None:
-        self.failing = f"the audit trail ({self.path}, {self.json_lines}) could not be written: {exc}"
+        why = f"the disk is full: {exc}" if _no_room(exc) else str(exc)
+        self.failing = f"{self.path} or {self.json_lines} could not be written ({why})"
         self.failed_at = self.failed_at or time.time()
         shown = json.dumps(base, ensure_ascii=False, default=str) if base is not None else "(none)"
         log.warning("%s; the record: %s", self.failing, shown)
@@ -769,8 +781,8 @@ class AuditMiddleware:
         from studio.web import JSONResponse
 
         message = (
-            "The audit trail cannot be written, so this request was not carried out (nothing changed): "
-            f"{problem}. Try again once there is room."
+            f"The audit trail cannot be written ({problem}), so this request was not carried out: nothing changed. "
+            "Try again once it can be."
         )
         log.warning("%s %s refused with 507: %s", scope["method"], scope["path"], problem)
         if self.trail.failing is None:  # short of room, but the refusal may still fit

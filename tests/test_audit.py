@@ -1,7 +1,8 @@
 """The audit trail through a real `studio serve` and the session service it starts (one Spark
-driver for the module): both write one trail in the server's identity directory, a statement is
-on record with its user, code hash and first line, failed sign-ins and refusals are too, and
-`GET /api/audit`, `studio audit` and the JSON-lines file all tell the same story."""
+driver for the module): both write one trail in the server's identity directory; a statement a
+user sends is on record under that user's name with its code hash and first line; failed
+sign-ins and refusals are too; `GET /api/audit` is for admins only; and `GET /api/audit`,
+`studio audit` and the JSON-lines file all tell the same story."""
 
 from __future__ import annotations
 
@@ -29,11 +30,21 @@ def studio(test_root):
 
 
 @pytest.fixture(scope="module")
-def livy(studio):
-    """A Livy client of the session service `studio serve` started (its compute `local`)."""
+def bob(studio):
+    """A user added with `studio users add` while the server runs: his first personal token."""
+    added = subprocess.run(
+        [sys.executable, "-m", "studio", "users", "add", "bob", "--state-dir", str(studio.state_dir)],
+        capture_output=True, text=True, cwd=REPO, timeout=60, check=True,
+    )
+    return added.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def livy(studio, bob):
+    """Bob's Livy client of the session service `studio serve` started (its compute `local`)."""
     with studio.http() as http:
         url = http.get("/api/computes/local", params={"check": "false"}).json()["url"]
-    client = LivyClient(url, studio.token)
+    client = LivyClient(url, bob)
     yield client
     client.close()
 
@@ -58,7 +69,7 @@ def records(studio: StudioProcess, **params: object) -> list[dict]:
 def test_a_statement_is_on_record_with_its_user_code_hash_and_first_line(studio, livy, statement):
     session, ran = statement
     (record,) = records(studio, action="POST /sessions/{session_id}/statements")
-    assert record["user"] == "admin" and record["auth"] == "token" and record["client"] == "127.0.0.1"
+    assert record["user"] == "bob" and record["auth"] == "personal" and record["client"] == "127.0.0.1"
     assert record["server"] == "livy" and record["outcome"] == "201"
     assert record["target"] == f"/sessions/{session['id']}/statements/{ran['id']}"
     assert record["code_sha256"] == hashlib.sha256(CODE.encode()).hexdigest()
@@ -66,7 +77,9 @@ def test_a_statement_is_on_record_with_its_user_code_hash_and_first_line(studio,
     assert record["detail"] == {"session": session["id"], "statement": ran["id"]}
     found = records(studio, action="POST /sessions", target=f"/sessions/{session['id']}", outcome="201")
     (created,) = [r for r in found if r["action"] == "POST /sessions"]  # the statement's action has it too
-    assert created["detail"]["name"] == "audited" and created["detail"]["kind"] == "pyspark"
+    assert created["user"] == "bob" and created["detail"] == {"kind": "pyspark", "name": "audited", "proxyUser": "bob"}
+    (added,) = records(studio, action="studio users add")
+    assert (added["server"], added["auth"], added["target"]) == ("cli", "local", "/api/users/bob")
     # reads (the polls of the statement, the session) are not on record
     assert records(studio, action="GET /sessions") == []
 
@@ -88,15 +101,23 @@ def test_a_failed_sign_in_and_refusals_are_on_record(studio, livy):
     assert "guess" not in (studio.state_dir / "audit.jsonl").read_text()
 
 
+def test_only_admins_read_the_trail(studio, bob):
+    refused = httpx.get(studio.url + "/api/audit", headers={"Authorization": f"Bearer {bob}"}, trust_env=False, timeout=30)
+    assert refused.status_code == 403 and refused.json() == {"msg": "Only admins may read the audit trail."}
+    (record,) = records(studio, action="GET /api/audit")
+    assert (record["user"], record["auth"], record["outcome"]) == ("bob", "personal", "403")
+    assert bob not in (studio.state_dir / "audit.jsonl").read_text()
+
+
 def test_api_audit_filters_and_pages(studio, statement):
     session, _ = statement
     everything = records(studio, limit=1000)
     assert [r["id"] for r in everything] == sorted((r["id"] for r in everything), reverse=True)
-    assert {r["server"] for r in everything} == {"serve", "livy"}
+    assert {r["server"] for r in everything} == {"serve", "livy", "cli"}
     about_session = records(studio, target=f"/sessions/{session['id']}")
     assert {r["target"] for r in about_session} <= {f"/sessions/{session['id']}", f"/sessions/{session['id']}/statements/0"}
     assert len(about_session) == 2
-    assert all(r["user"] == "admin" for r in records(studio, user="admin"))
+    assert {r["user"] for r in records(studio, user="bob")} == {"bob"}
     assert records(studio, user="nobody") == []
     newest = everything[0]
     assert [r["id"] for r in records(studio, since=newest["time"], until=newest["time"])] == [newest["id"]]
@@ -112,8 +133,8 @@ def test_studio_audit_and_the_json_lines_tell_the_same(studio, statement):
     shown = subprocess.run([*command, "--json", "--action", "statements"], capture_output=True, text=True, cwd=REPO, timeout=60, check=True)
     (record,) = [json.loads(line) for line in shown.stdout.splitlines()]
     assert record["first_line"] == "# audit me"
-    people = subprocess.run([*command, "--user", "admin", "--limit", "2"], capture_output=True, text=True, cwd=REPO, timeout=60, check=True)
-    assert len(people.stdout.splitlines()) == 2 and all(" admin (token)" in line for line in people.stdout.splitlines())
+    people = subprocess.run([*command, "--user", "bob", "--limit", "2"], capture_output=True, text=True, cwd=REPO, timeout=60, check=True)
+    assert len(people.stdout.splitlines()) == 2 and all(" bob (personal) @127.0.0.1 " in line for line in people.stdout.splitlines())
     verified = subprocess.run([*command, "--verify"], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert verified.returncode == 0, verified.stderr
     lines = [json.loads(line) for line in (studio.state_dir / "audit.jsonl").read_text().splitlines()]

@@ -345,7 +345,8 @@ def test_a_trail_that_cannot_be_written_refuses_changes_with_507_and_reads_go_on
         assert client.post("/api/workspaces", json={"name": "first"}).status_code == 201  # its record is in the log only
         refused = client.post("/api/workspaces", json={"name": "second"})
         assert refused.status_code == 507
-        assert refused.json()["msg"].startswith("The audit trail cannot be written, so this request was not carried out")
+        assert refused.json()["msg"].startswith("The audit trail cannot be written (")
+        assert "(the disk is full: [Errno 28] No space left on device)), so this request was not carried out" in refused.json()["msg"]
         assert [w["name"] for w in client.get("/api/workspaces").json()["workspaces"]] == ["first"]
         assert client.get("/api/audit").status_code == 200
         assert client.post("/logout", json={}, follow_redirects=False).status_code == 303  # signing out is never refused

@@ -602,7 +602,7 @@ button{{margin-top:16px;padding:8px 18px;font-size:15px;background:#2f6fd8;color
 <body><form method="post" action="{LOGIN_PATH}">
 <h1>{html.escape(realm)}</h1>
 {_sso_link(single_sign_on, target)}
-<p>Sign in with your user name and password. The administrator <code>admin</code> signs in with the
+<p>Use your user name and password. The administrator <code>admin</code> signs in with the
 studio's token (leave the user name empty): it is in the URL the server printed when it started, and in
 the file <code>token</code> of its state directory.</p>
 {error}

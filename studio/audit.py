@@ -30,7 +30,9 @@ What is recorded (``AuditMiddleware``, outermost in both apps, so it also sees w
 refuses): every request that may change something (POST, PUT, PATCH, DELETE) except the few
 that only read (completion, inspect, a session-body check), every request refused with 401 or
 403, and requests a route marks (opening a workspace's JupyterLab). Routes add detail with
-``note(request, ...)``.
+``note(request, ...)``. Refusals of requests without valid credentials are recorded up to 60 a
+minute per client address (``DeniedLimit``): anyone who reaches the port could otherwise fill the
+disk with them; what is left out is logged and counted in that client's next record.
 
 A trail that cannot be written (a full disk, a broken file): the failure is logged with the
 record, and every request that would change something is refused with 507 while it lasts (an
@@ -306,8 +308,11 @@ class Trail:
     # -- files ------------------------------------------------------------------------------
 
     def open(self) -> "Trail":
+        """Open the database and the JSON-lines file now (a server does at its start, so that a
+        trail it cannot write is said at once); writes open them anyway."""
         with self._lock:
             self._open()
+            self._lines()
         return self
 
     def _open(self) -> sqlite3.Connection:
@@ -706,6 +711,45 @@ def sign_in_hook(known_user: Callable[[str], bool]) -> Callable[..., None]:
 # -- the middleware -------------------------------------------------------------------------------
 
 
+class DeniedLimit:
+    """At most ``per_window`` records of refused, unauthenticated requests per client address and
+    ``window`` seconds: anyone who can reach the port could otherwise fill the trail's disk with
+    401s (and so have every change refused with 507). What is left out is logged when it starts,
+    and counted in the client's next record (``detail.unrecorded``)."""
+
+    def __init__(self, per_window: int = 60, window: float = 60.0) -> None:
+        self.per_window = per_window
+        self.window = window
+        self._seen: dict[str, list[float]] = {}  # client -> [window start, recorded, unrecorded]
+
+    def admit(self, client: str) -> tuple[bool, int]:
+        """(whether to record this one, how many of this client's were left out before it)."""
+        now = time.monotonic()
+        entry = self._seen.get(client)
+        if entry is None or now - entry[0] >= self.window:
+            if entry is None and len(self._seen) >= 10_000:
+                self._prune(now)
+            self._seen[client] = [now, 1, 0]
+            return True, int(entry[2]) if entry else 0
+        if entry[1] < self.per_window:
+            entry[1] += 1
+            return True, 0
+        entry[2] += 1
+        if entry[2] == 1:
+            log.warning(
+                "more than %d refused unauthenticated requests from %s in %gs: the rest of them are not recorded",
+                self.per_window, client, self.window,
+            )
+        return False, 0
+
+    def _prune(self, now: float) -> None:
+        for client, (start, _, unrecorded) in list(self._seen.items()):
+            if now - start >= self.window:
+                del self._seen[client]
+                if unrecorded:
+                    log.warning("%d refused unauthenticated requests from %s were not recorded", unrecorded, client)
+
+
 class AuditMiddleware:
     """Records the requests that matter (see the module docstring); stands outside the gate."""
 
@@ -713,6 +757,7 @@ class AuditMiddleware:
         self.app = app
         self.trail = trail
         self.routes = routes
+        self.denied = DeniedLimit()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -762,6 +807,12 @@ class AuditMiddleware:
         name = getattr(principal, "name", None) if getattr(principal, "is_authenticated", False) else None
         kind = getattr(principal, "kind", None) if name is not None else None
         client = scope.get("client")
+        if name is None and outcome in DENIED:
+            admitted, unrecorded = self.denied.admit(str(client[0]) if client else "")
+            if not admitted:
+                return None
+            if unrecorded:
+                found.detail["unrecorded"] = unrecorded
         try:
             return self.trail.write(
                 found.action or template,

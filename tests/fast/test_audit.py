@@ -268,6 +268,23 @@ def test_the_session_service_records_changes_and_refusals_not_reads(livy_app):
     assert TOKEN not in text and "wrong" not in text
 
 
+def test_refusals_of_one_unauthenticated_client_are_recorded_up_to_a_limit(livy_app, caplog):
+    """Anyone who can reach the port could fill the trail's disk with 401s: per client and window,
+    only so many are recorded, the rest counted in its next record."""
+    client, trail = livy_app
+    limit = client.app.denied
+    limit.per_window, limit.window = 3, 0.5
+    for _ in range(10):
+        assert client.get("/sessions").status_code == 401
+    assert client.get("/sessions", headers=AUTH).status_code == 200
+    assert client.delete("/sessions/9", headers=AUTH).status_code == 404  # authenticated: always recorded
+    assert "the rest of them are not recorded" in caplog.text
+    time.sleep(0.6)
+    assert client.post("/batches", json={}).status_code == 401
+    found = [(r.outcome, r.user, r.detail) for r in reversed(trail.query())]
+    assert found == [("401", None, {})] * 3 + [("404", "admin", {}), ("401", None, {"unrecorded": 7})]
+
+
 def test_basic_credentials_never_enter_the_trail(livy_app):
     client, trail = livy_app
     basic = {"Authorization": "Basic " + base64.b64encode(f"{TOKEN}:hunter2".encode()).decode()}

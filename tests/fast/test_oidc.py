@@ -7,10 +7,11 @@ from __future__ import annotations
 import time
 
 import pytest
+from starlette.testclient import TestClient
 
 from studio.auth.oidc import FlowSigner, OidcConfig, OidcConfigError, SignInRefused, check_settings, decide, user_name
 
-from .conftest import make_settings
+from .conftest import LIVY_BASE, make_settings
 
 SECRET = "client-secret-that-must-not-leak"
 
@@ -165,3 +166,47 @@ def test_the_pkce_verifier_is_derived_from_the_state_and_the_key():
     assert len(verifier) == 43 and verifier == signer.verifier("state-1")  # RFC 7636: 43 to 128 characters
     assert verifier != signer.verifier("state-2")
     assert verifier != FlowSigner("another token").verifier("state-1")
+
+
+# -- the gate's wiring (both real apps, no provider needed) -------------------------------------------
+
+
+def studio_app(tmp_path, **overrides):
+    from studio.workspaces.app import create_app
+
+    from .conftest import STUDIO_BASE
+
+    settings = make_settings(tmp_path, livy_url="http://127.0.0.1:9", compute_timeout=2, **overrides)
+    return TestClient(create_app(settings, STUDIO_BASE), base_url=STUDIO_BASE)
+
+
+def test_without_single_sign_on_its_paths_are_closed_and_the_page_has_no_button(tmp_path):
+    with studio_app(tmp_path) as anonymous:
+        assert "class=\"sso\"" not in anonymous.get("/login").text
+        assert anonymous.get("/login/oidc", headers={"Accept": "application/json"}).status_code == 401
+        assert anonymous.get("/oauth/callback?code=x&state=y", headers={"Accept": "application/json"}).status_code == 401
+
+
+def test_with_single_sign_on_the_page_offers_it_and_the_callback_checks_the_state_first(tmp_path):
+    sso = {
+        "oidc_issuer": "https://id.example.invalid/realms/studio",  # never reached: the state is checked first
+        "oidc_client_id": "spark-studio",
+        "oidc_client_secret": SECRET,
+        "oidc_allowed_domains": "example.com",
+        "oidc_provider_name": "ACME <SSO>",
+    }
+    with studio_app(tmp_path, **sso) as anonymous:
+        page = anonymous.get("/login", params={"next": "/api/workspaces"})
+        assert '<a class="sso" href="/login/oidc?next=%2Fapi%2Fworkspaces"' in page.text
+        assert "Sign in with ACME &lt;SSO&gt;</a>" in page.text
+        assert SECRET not in page.text
+        forged = anonymous.get("/oauth/callback", params={"code": "x", "state": "forged"})
+        assert forged.status_code == 400 and "its state does not match" in forged.text
+        assert not [name for name in anonymous.cookies if not name.startswith("spark-studio-oidc-")]
+        assert anonymous.get("/api/workspaces", headers={"Accept": "application/json"}).status_code == 401
+    # The session service has no single sign-on, configured or not: API clients use personal tokens.
+    from studio.livy.app import create_app
+
+    with TestClient(create_app(make_settings(tmp_path, **sso)), base_url=LIVY_BASE) as livy:
+        assert livy.get("/login/oidc", headers={"Accept": "application/json"}).status_code == 401
+        assert "class=\"sso\"" not in livy.get("/login").text

@@ -5,7 +5,7 @@ configured for it, and Playwright drives Debian's chromium through the provider'
 The browser story: the sign-in page offers "Sign in with <provider>", the provider's page picks
 the user (its predefined users are buttons), the browser comes back to /oauth/callback and lands
 in the Studio signed in as that user, who creates a workspace, opens its JupyterLab and runs a
-cell whose Spark session belongs to the user (`%%info`).
+cell whose Spark session belongs to the user (`%%info`), and the sign-in is in the audit trail.
 
 Over plain HTTP (httpx following the same redirects a browser does): a user outside the allowed
 domain and groups is refused with a page saying why, a forged or mismatched ``state`` is refused,
@@ -232,6 +232,9 @@ def test_a_user_outside_the_allowed_domain_and_groups_is_refused(studio):
         assert studio_cookie(browser) is None
         assert browser.get("/api/workspaces").status_code == 401
     assert "mallory" not in users_of(studio)
+    # In the trail as a failed single sign-on (not under the name: the trail names only known users).
+    refused = studio.get("/api/audit", params={"action": "sign-in", "outcome": "403"}).json()["records"]
+    assert refused and refused[0]["auth"] == "oidc" and refused[0]["detail"]["result"] == "failed", refused
 
 
 def test_a_forged_or_mismatched_state_is_refused(studio):
@@ -378,6 +381,10 @@ def browser_story(studio: StudioProcess, context, shots: Path) -> None:
     expect(info.locator("table tr", has_text="pyspark")).to_contain_text("alice")
     lab.screenshot(path=shots / "04-info-shows-alice.png")
 
-    # The session belongs to alice.
+    # The session belongs to alice, and the sign-in is in the audit trail.
     sessions = studio.get("/api/computes/local").json()["sessions"]
     assert [s.get("owner") for s in sessions if s["state"] in ("idle", "busy")] == ["alice"], sessions
+    records = studio.get("/api/audit", params={"user": "alice", "action": "sign-in"}).json()["records"]
+    assert records and all(r["auth"] == "oidc" and r["outcome"] == "200" for r in records), records
+    assert records[0]["target"] == "/oauth/callback" and records[0]["detail"] == {"result": "ok"}, records[0]
+    assert "code=" not in json.dumps(records) and "state=" not in json.dumps(records)

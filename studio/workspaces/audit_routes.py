@@ -10,6 +10,7 @@ seconds, ISO 8601, or an age like ``2h``), ``limit`` (default 100, at most 1000)
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import urlencode
 
@@ -96,11 +97,18 @@ async def page(request: Request) -> Response:
     except InvalidRequestError as exc:
         context["error"] = exc.msg
         return templates.TemplateResponse(request, "audit.html", context, status_code=400)
-    context["records"] = [record.to_json() for record in records]
+    context["records"] = [_shown(record) for record in records]
     if following is not None:
         kept = {name: value for name, value in filters.items() if value}
         context["older"] = "/audit?" + urlencode({**kept, "limit": limit, "before": following})
     return templates.TemplateResponse(request, "audit.html", context, headers={"Cache-Control": "no-store"})
+
+
+def _shown(record: audit.Record) -> dict[str, Any]:
+    """A record for the page: its detail as ``name=JSON`` text (the template escapes it)."""
+    shown = record.to_json()
+    shown["detail_text"] = [(key, json.dumps(value, ensure_ascii=False)) for key, value in record.detail.items()]
+    return shown
 
 
 ROUTES = [

@@ -350,6 +350,10 @@ def test_the_audit_page_shows_records_escaped(studio_app):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text and "<script>alert" not in page.text
     assert 'value="script"' in page.text
+    studio_app.app.trail.write("POST /sessions", 201, user="<i>eve</i>", detail={"name": "<b>x</b>"}, code="print('<script>')")
+    page = studio_app.get("/audit").text
+    assert "name=&#34;&lt;b&gt;x&lt;/b&gt;&#34;" in page and "&lt;i&gt;eve&lt;/i&gt;" in page and "print(&#39;&lt;script&gt;&#39;)" in page
+    assert "<b>x" not in page and "<i>eve" not in page and "<script>" not in page.replace('<script src=', '')
     assert studio_app.get("/audit", params={"since": "<b>"}).status_code == 400
 
 

@@ -400,7 +400,8 @@ class Gate:
         )
 
     async def login(self, scope: Scope, receive: Receive, send: Send, method: str) -> None:
-        """GET shows the form; POST (a same-origin form) checks the token and sets the cookie."""
+        """GET shows the form; POST (a same-origin form) checks the user name and password (or a
+        personal token of that user; ``admin``: the studio's token) and sets the cookie."""
         request = Request(scope, receive)
         target = _safe_next(request.query_params.get("next", "/"))
         if method in ("GET", "HEAD"):

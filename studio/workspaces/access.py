@@ -100,10 +100,12 @@ def may_manage_workspace(actor: "Principal", owner: str | None) -> bool:
     return actor.is_admin or actor.name == owner
 
 
-def check_see_workspace(actor: "Principal", name: str, owner: str | None, collaborators: Iterable[str]) -> None:
+def check_see_workspace(actor: "Principal", asked: str, owner: str | None, collaborators: Iterable[str]) -> None:
+    """403 for one who may not see the workspace; the message names it as it was asked for (its id
+    or name) and tells nothing else about it (not its name, not its owner)."""
     if not may_see_workspace(actor, owner, collaborators):
         raise ForbiddenError(
-            f"{actor.name} may not use workspace '{name}': only its owner ({owner}), its collaborators and admins may."
+            f"{actor.name} may not use workspace {asked}: only its owner, its collaborators and admins may."
         )
 
 

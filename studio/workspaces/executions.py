@@ -346,8 +346,8 @@ class ExecutionManager:
         execution = self.get(execution_id)
         if not self.may_see(actor, execution):
             raise ForbiddenError(
-                f"{actor.name} may not see execution {execution.id}: only its owner ({execution.owner}), the people "
-                f"of its workspace '{execution.workspace}' and admins may."
+                f"{actor.name} may not see execution {execution.id}: only its owner, the people of its workspace "
+                "and admins may."
             )
         return execution
 
@@ -360,7 +360,8 @@ class ExecutionManager:
             raise ConflictError("studio serve is stopping; start the execution again after it restarts.")
         owner = actor.name
         workspace = self._workspace(body.workspace)
-        access.check_see_workspace(actor, workspace.name, workspace.owner, workspace.collaborators)
+        asked = str(body.workspace) if isinstance(body.workspace, int) or str(body.workspace).isdigit() else f"'{body.workspace}'"
+        access.check_see_workspace(actor, asked, workspace.owner, workspace.collaborators)
         in_use = sum(1 for e in self._executions.values() if e.owner == owner and not e.status.is_final)
         overrides = self.identity.quotas(owner) if self.identity is not None else None
         quotas.check(self.settings, owner, actor.role, "executions", in_use, overrides)

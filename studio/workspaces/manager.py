@@ -296,7 +296,7 @@ class WorkspaceManager:
     def get_for(self, actor: Principal, workspace_id: int | str) -> Workspace:
         """The workspace, if ``actor`` may see and use it (owner, collaborator, admin); else 403."""
         workspace = self.get(workspace_id)
-        access.check_see_workspace(actor, workspace.name, workspace.owner, workspace.collaborators)
+        access.check_see_workspace(actor, str(workspace.id), workspace.owner, workspace.collaborators)
         return workspace
 
     def get_to_manage(self, actor: Principal, workspace_id: int | str, what: str) -> Workspace:
@@ -701,7 +701,7 @@ class WorkspaceManager:
         known = workspace.kernel_token_sha256
         if not (secret and known and workspace.state.is_running and hmac.compare_digest(known, digest(secret))):
             raise ForbiddenError(
-                f"Only the kernels of workspace '{workspace.name}' while it runs may ask for its connection."
+                f"Only the kernels of workspace {workspace.id} while it runs may ask for its connection."
             )
         compute = self.computes.find(workspace.compute) if workspace.compute else None
         if compute is None:

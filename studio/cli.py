@@ -135,6 +135,10 @@ async def serve_app(
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         loop="auto",
         http=protocol_class(settings.header_timeout),
+        # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: any local process could then
+        # choose the client address the audit trail records. Only configured proxies are believed.
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips or None,
     )
     server = uvicorn.Server(config)
     budget.server_state = server.server_state

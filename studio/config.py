@@ -237,6 +237,12 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted, in bytes."
     )
+    forwarded_allow_ips: str = Field(
+        "",
+        description="Addresses of reverse proxies whose X-Forwarded-For/-Proto headers are believed (uvicorn's "
+        "forwarded_allow_ips, comma-separated, '*' for any). Empty: none, so a client cannot choose the address "
+        "that the audit trail records.",
+    )
     max_connections: int = Field(
         1000,
         ge=1,

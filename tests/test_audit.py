@@ -140,3 +140,14 @@ def test_studio_audit_and_the_json_lines_tell_the_same(studio, statement):
     lines = [json.loads(line) for line in (studio.state_dir / "audit.jsonl").read_text().splitlines()]
     assert lines == list(reversed(records(studio, limit=1000)))
     assert studio.token not in (studio.state_dir / "audit.jsonl").read_text()
+
+
+def test_a_client_cannot_choose_the_address_on_record(studio, livy):
+    """X-Forwarded-For from a local process is not believed (no proxy is configured)."""
+    since = time.time() - 1
+    spoofed = {"X-Forwarded-For": "203.0.113.9", "Authorization": f"Bearer {studio.token}"}
+    assert httpx.post(studio.url + "/api/workspaces", json={"name": ".x"}, headers=spoofed, trust_env=False, timeout=30).status_code == 400
+    assert httpx.get(livy.url + "/sessions", headers={"X-Forwarded-For": "203.0.113.9"}, trust_env=False, timeout=30).status_code == 401
+    found = records(studio, since=since)
+    assert {r["client"] for r in found if r["action"] in ("POST /api/workspaces", "GET /sessions")} == {"127.0.0.1"}
+    assert "203.0.113.9" not in (studio.state_dir / "audit.jsonl").read_text()

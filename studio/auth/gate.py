@@ -432,7 +432,10 @@ class Gate:
         )
         if principal is None:
             self.signed_in(scope, user, "failed", how)
-            log.warning("failed sign-in%s from %s", f" as {user[:64]!r}" if user else "", (scope.get("client") or ("?",))[0])
+            # The typed name goes to the log only when it is a user's: a name field can hold a
+            # password or a token pasted into the wrong box.
+            known = user.lower() == ADMIN or (self.directory is not None and self.directory.get_user(user.lower()) is not None)
+            log.warning("failed sign-in%s from %s", f" as {user.lower()!r}" if user and known else "", (scope.get("client") or ("?",))[0])
             await asyncio.sleep(0.2)  # a little friction for guessing (the token itself is 256 random bits)
             await login_page(self.settings.realm, target, failed=True, status_code=401, single_sign_on=self.sso_label)(
                 scope, receive, send

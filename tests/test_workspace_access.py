@@ -287,6 +287,25 @@ def test_a_collaborator_starts_and_opens_a_shared_workspace_and_then_it_is_their
     assert not directory.list_tokens(kind="kernel")
 
 
+def test_a_workspace_that_runs_for_someone_unshared_stops(people, spaces, directory):
+    """bo's browser holds the JupyterLab's token and bo's kernels a token of bo: removing bo from
+    the collaborators ends both."""
+    ana, bo = people["ana"], people["bo"]
+    wid = spaces["ana"]["id"]
+    shared = ana.workspace(wid)["collaborators"]
+    assert "bo" in shared
+    bo.started(wid)
+    try:
+        response = ana.http.put(f"/api/workspaces/{wid}/collaborators", json={"collaborators": [n for n in shared if n != "bo"]})
+        assert response.status_code == 200, response.text
+        idle = ana.wait_state(wid, ("Idle",))
+        assert idle["reason"] == "Stopped: it ran for bo, who is no longer one of its collaborators."
+        assert not directory.list_tokens(kind="kernel")
+        assert bo.http.get(f"/api/workspaces/{wid}").status_code == 403
+    finally:
+        assert ana.http.put(f"/api/workspaces/{wid}/collaborators", json={"collaborators": shared}).status_code == 200
+
+
 # -- executions ------------------------------------------------------------------------------------
 
 

@@ -448,8 +448,9 @@ class WorkspaceManager:
 
     def share(self, workspace_id: int | str, collaborators: object, actor: Principal) -> Workspace:
         """Set who besides its owner may use the workspace (its owner or an admin). Names must be
-        users of the directory; the owner is not listed as its own collaborator. Someone removed
-        while it runs for them keeps their running JupyterLab until it stops (as EMR Studio)."""
+        users of the directory; the owner is not listed as its own collaborator. A workspace that
+        runs for someone who may no longer use it is stopped: their browser holds its JupyterLab's
+        token and their kernels a token of theirs, and both must end with their access."""
         workspace = self.get_to_manage(actor, workspace_id, "share")
         names = access.check_user_names(collaborators, "collaborators", self.identity)
         names = [name for name in names if name != workspace.owner]
@@ -457,6 +458,15 @@ class WorkspaceManager:
         workspace.updated_at = time.time()
         self._save(workspace, collaborators=names, updated_at=workspace.updated_at)
         log.info("workspace %s: shared with %s by %s", workspace.name, ", ".join(names) or "nobody", actor.name)
+        runs_for = workspace.started_by
+        if (
+            workspace.state.is_running
+            and workspace.state is not WorkspaceState.STOPPING
+            and runs_for is not None
+            and runs_for not in (workspace.owner, *names)
+            and not (self.identity is not None and self.identity.role(runs_for) == "admin")
+        ):
+            self._begin_stop(workspace, f"Stopped: it ran for {runs_for}, who is no longer one of its collaborators.")
         return workspace
 
     # -- start and stop ---------------------------------------------------------------------

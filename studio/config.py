@@ -389,29 +389,12 @@ class Settings(BaseSettings):
         "(log rotation) is noticed at the next record, which starts a new one.",
     )
 
-    @field_validator("allowed_hosts", mode="before")
+    @field_validator(
+        "allowed_hosts", "oidc_allowed_domains", "oidc_allowed_groups", "view_users", "modify_users", mode="before"
+    )
     @classmethod
-    def _host_list(cls, value: object) -> object:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
-
-    @field_validator("oidc_allowed_domains", "oidc_allowed_groups", mode="before")
-    @classmethod
-    def _oidc_list(cls, value: object) -> object:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
-
-    @field_validator("view_users", "modify_users", mode="before")
-    @classmethod
-    def _user_list(cls, value: object) -> object:
+    def _list(cls, value: object) -> object:
+        """A list from the environment: JSON (``["a", "b"]``) or comma-separated (``a, b``)."""
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):

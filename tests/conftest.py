@@ -49,6 +49,25 @@ def shared_service(service: ServiceProcess, ready: int = WARM_POOL) -> Iterator[
                 http.delete(f"/{kind}/{item_id}")
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """Headless chromium under Playwright, one for the module that asks (see browser_helpers)."""
+    pytest.importorskip("playwright.sync_api", reason="the test extra installs playwright")
+    from browser_helpers import chromium
+
+    with chromium() as launched:
+        yield launched
+
+
+@pytest.fixture
+def context(browser):
+    """A fresh browser context (no cookies) with a laptop's viewport; actions wait up to 60 s."""
+    context = browser.new_context(viewport={"width": 1366, "height": 860})
+    context.set_default_timeout(60_000)
+    yield context
+    context.close()
+
+
 def _ids(http, kind: str) -> set[int]:
     response = http.get(f"/{kind}", params={"size": 10_000})
     assert response.status_code == 200, response.text

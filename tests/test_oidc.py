@@ -20,7 +20,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -30,22 +29,12 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from helpers import REPO, processes_under
-from workspace_helpers import StudioProcess
+from browser_helpers import artifacts, needs_chromium, shots_on_failure
+from helpers import REPO
+from workspace_helpers import StudioProcess, serving
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="the test extra installs playwright")
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ARTIFACTS = REPO / "test-artifacts" / "oidc-browser"
 CLIENT_ID = "spark-studio"
 CLIENT_SECRET = "oidc-client-secret-of-the-test"  # noqa: S105 - the test provider accepts any
 USERS = [
@@ -60,7 +49,7 @@ USERS = [
 ]
 
 pytestmark = [
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (scripts/test.sh installs it)"),
+    needs_chromium,
     # found, not imported: it imports authlib.jose, which warns that it is deprecated
     pytest.mark.skipif(importlib.util.find_spec("oidc_provider_mock") is None, reason="the test extra installs oidc-provider-mock"),
 ]
@@ -132,28 +121,14 @@ def provider(test_root):
 
 @pytest.fixture(scope="module")
 def studio(test_root, provider):
-    folder = test_root / "oidc-studio"
     env = {"STUDIO_POOL_WARMUP_SECONDS": "3", **oidc_env(provider.issuer)}
-    server = StudioProcess(folder, env=env, pool=1).start()
-    yield server
-    assert server.stop() == 0, server.log_tail()
-    left = processes_under(folder)
-    assert not left, f"processes left behind: {left}"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
+    with serving(test_root / "oidc-studio", env=env, pool=1) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def shots():
-    shutil.rmtree(ARTIFACTS, ignore_errors=True)
-    ARTIFACTS.mkdir(parents=True)
-    return ARTIFACTS
+    return artifacts("oidc-browser")
 
 
 # -- the flow over HTTP ------------------------------------------------------------------------------
@@ -305,27 +280,9 @@ def test_settings_without_a_rule_keep_studio_serve_from_starting(tmp_path, provi
 # -- the browser ---------------------------------------------------------------------------------------
 
 
-def wait_warm_pool(studio: StudioProcess, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        local = studio.get("/api/computes/local").json()
-        if (local.get("status") or {}).get("pool", {}).get("ready", 0) >= 1:
-            return
-        time.sleep(1)
-    raise AssertionError("the embedded session service's warm pool never filled")
-
-
-def test_a_user_signs_in_with_the_provider_and_runs_spark_as_themselves(studio, browser, shots):
-    context = browser.new_context(viewport={"width": 1366, "height": 860})
-    context.set_default_timeout(60_000)
-    try:
+def test_a_user_signs_in_with_the_provider_and_runs_spark_as_themselves(studio, context, shots):
+    with shots_on_failure(context, shots):
         browser_story(studio, context, shots)
-    except BaseException:
-        for number, page in enumerate(context.pages):
-            page.screenshot(path=shots / f"failure-{number}.png")
-        raise
-    finally:
-        context.close()
 
 
 def browser_story(studio: StudioProcess, context, shots: Path) -> None:
@@ -367,7 +324,7 @@ def browser_story(studio: StudioProcess, context, shots: Path) -> None:
     launcher_card.click()
     panel = lab.locator(".jp-NotebookPanel:visible")
     expect(panel.locator(".jp-Toolbar-kernelName")).to_contain_text("PySpark")
-    wait_warm_pool(studio)
+    studio.wait_warm_pool()
     panel.locator(".jp-Cell .cm-content").first.click()
     lab.keyboard.type("spark.sparkContext.sparkUser()")
     lab.keyboard.press("Shift+Enter")

@@ -17,87 +17,34 @@ from __future__ import annotations
 
 import http.server
 import re
-import shutil
 import threading
-import time
-from pathlib import Path
 
 import httpx
 import nbformat
 import pytest
 
-from helpers import REPO, processes_under
-from workspace_helpers import StudioProcess, wait_gone
+from browser_helpers import artifacts, needs_chromium, shots_on_failure
+from workspace_helpers import serving, wait_gone
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="the test extra installs playwright")
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ARTIFACTS = REPO / "test-artifacts" / "studio-browser"
-
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason="needs Debian's chromium (scripts/test.sh installs it)"
-)
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
 def studio(test_root):
-    folder = test_root / "browser"
-    server = StudioProcess(folder, env={"STUDIO_POOL_WARMUP_SECONDS": "3"}, pool=1).start()
-    yield server
-    assert server.stop() == 0, server.log_tail()
-    left = processes_under(folder)
-    assert not left, f"processes left behind: {left}"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
+    with serving(test_root / "browser", env={"STUDIO_POOL_WARMUP_SECONDS": "3"}, pool=1) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def shots():
-    shutil.rmtree(ARTIFACTS, ignore_errors=True)
-    ARTIFACTS.mkdir(parents=True)
-    return ARTIFACTS
-
-
-def wait_warm_pool(studio: StudioProcess, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        local = studio.get("/api/computes/local").json()
-        if (local.get("status") or {}).get("pool", {}).get("ready", 0) >= 1:
-            return
-        time.sleep(1)
-    raise AssertionError("the embedded session service's warm pool never filled")
-
-
-@pytest.fixture
-def context(browser):
-    context = browser.new_context(viewport={"width": 1366, "height": 860})
-    context.set_default_timeout(60_000)
-    yield context
-    context.close()
+    return artifacts("studio-browser")
 
 
 def test_a_user_runs_spark_in_a_new_workspace(studio, context, shots):
-    try:
+    with shots_on_failure(context, shots):
         user_story(studio, context, shots)
-    except BaseException:
-        for number, page in enumerate(context.pages):  # what the browser showed when a step failed
-            page.screenshot(path=shots / f"failure-{number}.png")
-        raise
 
 
 def user_story(studio, context, shots) -> None:
@@ -160,7 +107,7 @@ def user_story(studio, context, shots) -> None:
     lab.locator('.jp-LauncherCard[data-category="Notebook"]:visible', has_text="PySpark").click()
     panel = lab.locator(".jp-NotebookPanel:visible")
     expect(panel.locator(".jp-Toolbar-kernelName")).to_contain_text("PySpark")
-    wait_warm_pool(studio)
+    studio.wait_warm_pool()
     panel.locator(".jp-Cell .cm-content").first.click()
     lab.keyboard.type("spark.range(5).count()")
     lab.keyboard.press("Shift+Enter")

@@ -25,8 +25,9 @@ import pytest
 from livy import LivySession, SessionKind
 
 from conftest import shared_service
-from helpers import REPO, processes_under
-from workspace_helpers import StudioProcess
+from browser_helpers import chromium, needs_chromium
+from helpers import REPO
+from workspace_helpers import serving
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 ROLE_USER = "user"
@@ -61,12 +62,8 @@ def whoami(url: str, path: str, **kwargs) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def studio(test_root):
-    folder = test_root / "users"
-    server = StudioProcess(folder, pool=0).start()
-    yield server
-    assert server.stop() == 0, server.log_tail()
-    left = processes_under(folder)
-    assert not left, f"processes left behind: {left}"
+    with serving(test_root / "users", pool=0) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -141,77 +138,71 @@ def test_users_and_tokens_over_the_api_revoked_and_removed_at_once(studio, livy_
 
 # -- the pages in a real browser ---------------------------------------------------------------------
 
-CHROMIUM = "/usr/bin/chromium"
 
-
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (scripts/test.sh installs it)")
+@needs_chromium
 def test_the_users_and_tokens_pages_in_a_browser(studio):
     playwright_api = pytest.importorskip("playwright.sync_api", reason="the test extra installs playwright")
     expect = playwright_api.expect
     expect.set_options(timeout=20_000)
-    with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless", "--disable-gpu"])
-        try:
-            admin = browser.new_context()
-            page = admin.new_page()
-            page.goto(studio.url + "/users")
-            page.get_by_label("Password or token").fill(studio.token)  # admin: no user name, the studio's token
-            page.get_by_role("button", name="Sign in").click()
-            expect(page.get_by_role("heading", name="Users")).to_be_visible()
-            page.get_by_role("button", name="Add user").click()
-            form = page.locator("#user-form")
-            form.get_by_label("Name").fill("../etc")
-            form.get_by_role("button", name="Add user").click()
-            expect(form.locator(".form-error")).to_contain_text("not a valid user name")
-            form.get_by_label("Name").fill("wendy")
-            form.get_by_label("Password").fill("wendy's password")
-            form.get_by_role("button", name="Add user").click()
-            expect(page.locator("#secret-panel")).to_be_visible()
-            token = page.locator("#secret-value").input_value()
-            assert token.startswith("sst_")
-            assert whoami(studio.url, "/api/whoami", headers=bearer(token)) == (200, {"user": "wendy", "role": "user"})
-            row = page.locator("#user-rows tr[data-name=wendy]")
-            expect(row).to_contain_text("password or token")
-            row.get_by_label("Role of wendy").select_option("admin")
-            expect(page.locator("#flash")).to_contain_text("wendy is now an admin")
-            assert whoami(studio.url, "/api/whoami", headers=bearer(token))[1]["role"] == "admin"
-            page.locator("#user-rows tr[data-name=wendy]").get_by_role("button", name="Reset password").click()
-            page.locator("#password-dialog").get_by_role("button", name="Set password").click()  # empty: generated
-            expect(page.locator("#secret-panel [data-field=title]")).to_contain_text("New password of wendy")
-            generated = page.locator("#secret-value").input_value()
-            assert whoami(studio.url, "/api/whoami", auth=("wendy", generated))[0] == 200
-            assert whoami(studio.url, "/api/whoami", auth=("wendy", "wendy's password"))[0] == 401
+    with chromium() as browser:
+        admin = browser.new_context()
+        page = admin.new_page()
+        page.goto(studio.url + "/users")
+        page.get_by_label("Password or token").fill(studio.token)  # admin: no user name, the studio's token
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.get_by_role("heading", name="Users")).to_be_visible()
+        page.get_by_role("button", name="Add user").click()
+        form = page.locator("#user-form")
+        form.get_by_label("Name").fill("../etc")
+        form.get_by_role("button", name="Add user").click()
+        expect(form.locator(".form-error")).to_contain_text("not a valid user name")
+        form.get_by_label("Name").fill("wendy")
+        form.get_by_label("Password").fill("wendy's password")
+        form.get_by_role("button", name="Add user").click()
+        expect(page.locator("#secret-panel")).to_be_visible()
+        token = page.locator("#secret-value").input_value()
+        assert token.startswith("sst_")
+        assert whoami(studio.url, "/api/whoami", headers=bearer(token)) == (200, {"user": "wendy", "role": "user"})
+        row = page.locator("#user-rows tr[data-name=wendy]")
+        expect(row).to_contain_text("password or token")
+        row.get_by_label("Role of wendy").select_option("admin")
+        expect(page.locator("#flash")).to_contain_text("wendy is now an admin")
+        assert whoami(studio.url, "/api/whoami", headers=bearer(token))[1]["role"] == "admin"
+        page.locator("#user-rows tr[data-name=wendy]").get_by_role("button", name="Reset password").click()
+        page.locator("#password-dialog").get_by_role("button", name="Set password").click()  # empty: generated
+        expect(page.locator("#secret-panel [data-field=title]")).to_contain_text("New password of wendy")
+        generated = page.locator("#secret-value").input_value()
+        assert whoami(studio.url, "/api/whoami", auth=("wendy", generated))[0] == 200
+        assert whoami(studio.url, "/api/whoami", auth=("wendy", "wendy's password"))[0] == 401
 
-            # wendy signs in with that password and makes, then revokes, a token of her own
-            own = browser.new_context()
-            mine = own.new_page()
-            mine.goto(studio.url + "/tokens")
-            mine.get_by_label("User name").fill("wendy")
-            mine.get_by_label("Password or token").fill(generated)
-            mine.get_by_role("button", name="Sign in").click()
-            expect(mine.get_by_role("heading", name="Your tokens")).to_be_visible()
-            mine.get_by_role("button", name="New token").click()
-            mine.locator("#token-form").get_by_label("Note").fill("<b>laptop</b>")
-            mine.locator("#token-form").get_by_label("Expires after").fill("30")
-            mine.locator("#token-form").get_by_role("button", name="Create token").click()
-            expect(mine.locator("#secret-panel")).to_be_visible()
-            secret = mine.locator("#secret-value").input_value()
-            assert whoami(studio.url, "/api/whoami", auth=("wendy", secret))[0] == 200
-            row = mine.locator("#token-rows tr", has_text="<b>laptop</b>")  # text, not markup
-            expect(row).to_contain_text("in 30")
-            mine.on("dialog", lambda dialog: dialog.accept())
-            row.get_by_role("button", name="Revoke").click()
-            expect(mine.locator("#flash")).to_contain_text("revoked")
-            assert whoami(studio.url, "/api/whoami", auth=("wendy", secret))[0] == 401
+        # wendy signs in with that password and makes, then revokes, a token of her own
+        own = browser.new_context()
+        mine = own.new_page()
+        mine.goto(studio.url + "/tokens")
+        mine.get_by_label("User name").fill("wendy")
+        mine.get_by_label("Password or token").fill(generated)
+        mine.get_by_role("button", name="Sign in").click()
+        expect(mine.get_by_role("heading", name="Your tokens")).to_be_visible()
+        mine.get_by_role("button", name="New token").click()
+        mine.locator("#token-form").get_by_label("Note").fill("<b>laptop</b>")
+        mine.locator("#token-form").get_by_label("Expires after").fill("30")
+        mine.locator("#token-form").get_by_role("button", name="Create token").click()
+        expect(mine.locator("#secret-panel")).to_be_visible()
+        secret = mine.locator("#secret-value").input_value()
+        assert whoami(studio.url, "/api/whoami", auth=("wendy", secret))[0] == 200
+        row = mine.locator("#token-rows tr", has_text="<b>laptop</b>")  # text, not markup
+        expect(row).to_contain_text("in 30")
+        mine.on("dialog", lambda dialog: dialog.accept())
+        row.get_by_role("button", name="Revoke").click()
+        expect(mine.locator("#flash")).to_contain_text("revoked")
+        assert whoami(studio.url, "/api/whoami", auth=("wendy", secret))[0] == 401
 
-            # the admin removes her: her browser is signed out at its next request
-            page.on("dialog", lambda dialog: dialog.accept())
-            page.locator("#user-rows tr[data-name=wendy]").get_by_role("button", name="Remove").click()
-            expect(page.locator("#user-rows tr[data-name=wendy]")).to_have_count(0)
-            mine.reload()
-            expect(mine).to_have_url(re.compile(r"/login\?next=%2Ftokens$"))
-        finally:
-            browser.close()
+        # the admin removes her: her browser is signed out at its next request
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.locator("#user-rows tr[data-name=wendy]").get_by_role("button", name="Remove").click()
+        expect(page.locator("#user-rows tr[data-name=wendy]")).to_have_count(0)
+        mine.reload()
+        expect(mine).to_have_url(re.compile(r"/login\?next=%2Ftokens$"))
 
 
 # -- clients on the shared warm session service ------------------------------------------------------

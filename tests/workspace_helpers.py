@@ -8,6 +8,8 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +121,27 @@ class StudioProcess:
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
         url = path if path.startswith("http") else self.url + path
         return httpx.get(url, headers=auth_headers(self.token), timeout=kwargs.pop("timeout", 30), trust_env=False, **kwargs)
+
+    def wait_warm_pool(self, timeout: float = 300.0) -> None:
+        """Until the embedded session service has a warm worker ready."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            local = self.get("/api/computes/local").json()
+            if (local.get("status") or {}).get("pool", {}).get("ready", 0) >= 1:
+                return
+            time.sleep(1)
+        raise AssertionError("the embedded session service's warm pool never filled")
+
+
+@contextmanager
+def serving(folder: Path, **kwargs: Any) -> Iterator[StudioProcess]:
+    """A started `studio serve` (``kwargs`` as for StudioProcess) for a module's fixture: when the
+    module is done it must stop with exit code 0 and leave no process behind in ``folder``."""
+    server = StudioProcess(folder, **kwargs).start()
+    yield server
+    assert server.stop() == 0, server.log_tail()
+    left = server.leftovers()
+    assert not left, f"processes left behind: {left}"
 
 
 class StudioClient:

@@ -1,38 +1,9 @@
 // Spark Studio: the Users page (admins) and the Tokens page (everyone). Lists are server-rendered
 // fragments (/ui/users, /ui/tokens); actions go to the JSON API (same origin, JSON bodies) and show
 // its own {"msg"} when refused. A new token or password is shown once, in the secret panel, and
-// only ever put into an input's value (never into HTML).
+// only ever put into an input's value (never into HTML). $, api, flash, formError and toggleForm
+// come from common.js, loaded before this.
 "use strict";
-
-const $ = (selector, root = document) => root.querySelector(selector);
-
-async function api(method, url, body) {
-  const options = { method, headers: { Accept: "application/json" } };
-  if (body === undefined && method !== "GET" && method !== "DELETE") body = {};
-  if (body !== undefined) {
-    options.headers["Content-Type"] = "application/json";
-    options.body = JSON.stringify(body);
-  }
-  const response = await fetch(url, options);
-  let data = null;
-  try { data = await response.json(); } catch (_) { /* not JSON */ }
-  if (!response.ok) throw new Error((data && data.msg) || `${response.status} ${response.statusText}`);
-  return data;
-}
-
-const flashBox = $("#flash");
-function flash(message, kind = "error") {
-  flashBox.classList.toggle("info", kind === "info");
-  $(".flash-text", flashBox).textContent = message;
-  flashBox.hidden = false;
-}
-$(".flash-close", flashBox).addEventListener("click", () => { flashBox.hidden = true; });
-
-function formError(form, message) {
-  const box = $(".form-error", form);
-  box.textContent = message || "";
-  box.hidden = !message;
-}
 
 async function refreshRows() {
   const rows = $("[data-src]");
@@ -63,12 +34,6 @@ if (secretPanel) {
     $("#secret-value").value = "";
     secretPanel.hidden = true;
   });
-}
-
-function toggleForm(button, form, show) {
-  form.hidden = !show;
-  button.setAttribute("aria-expanded", String(show));
-  if (show) { formError(form, ""); $("input", form).focus(); }
 }
 
 // -- Users (admins) ----------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_a_notebook_is_told_before_its_idle_session_is_stopped_and_then_why(test
             assert http.get(f"/sessions/{new_id}").status_code == 404
             deleted = http.get(f"/studio/sessions/{new_id}").json()
             assert deleted == {
-                "id": new_id, "name": None, "owner": "admin", "state": "killed", "reason": "deleted by the client",
+                "id": new_id, "name": None, "owner": "admin", "proxyUser": "admin", "state": "killed", "reason": "deleted by the client",
                 "endedAt": deleted["endedAt"], "listed": False,
             }  # fmt: skip
             culled = http.get(f"/studio/sessions/{session_id}").json()

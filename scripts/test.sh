@@ -34,7 +34,7 @@ if ! "$SPARKMAGIC_VENV/bin/jupyter" kernelspec list 2>/dev/null | grep -q pyspar
     site="$("$SPARKMAGIC_VENV/bin/python" -c 'import os, sparkmagic; print(os.path.dirname(sparkmagic.__file__))')"
     "$SPARKMAGIC_VENV/bin/jupyter" kernelspec install "$site/kernels/pysparkkernel" --sys-prefix >/dev/null
 fi
-export STUDIO_SPARKMAGIC_PYTHON="$PWD/$SPARKMAGIC_VENV/bin/python"
+export STUDIO_SPARKMAGIC_PYTHON="$(cd "$SPARKMAGIC_VENV" && pwd)/bin/python"  # relative or absolute
 
 # Two test processes, a module each at a time (STUDIO_TEST_PROCESSES=0: all in this process, one after another).
 # pytest-benchmark, where some machine has it, refuses to run beside xdist with a warning, which

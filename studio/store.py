@@ -134,6 +134,21 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE computes ADD COLUMN allowed_users TEXT",
         ),
     ),
+    Migration(
+        5,
+        "applications as in EMR Serverless: their records, and the application of each session and batch (job run)",
+        (
+            # ``definition`` is the application's EMR-style definition as JSON (studio.livy.applications);
+            # ``id`` its EMR-style id (16 lowercase letters and digits). Sessions and batches of the
+            # versions before belong to the application ``default`` (NULL here).
+            """CREATE TABLE applications (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, state TEXT NOT NULL, state_details TEXT NOT NULL DEFAULT '',
+    definition TEXT NOT NULL, declared INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, updated_at REAL NOT NULL
+)""",
+            "ALTER TABLE sessions ADD COLUMN application_id TEXT",
+            "ALTER TABLE batches ADD COLUMN application_id TEXT",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -201,6 +216,7 @@ def migrate(db: sqlite3.Connection, path: Path, migrations: tuple[Migration, ...
 
 # table -> its columns that hold JSON (encoded on the way in, decoded on the way out)
 _JSON_COLUMNS: dict[str, tuple[str, ...]] = {
+    "applications": ("definition",),
     "sessions": ("request",),
     "batches": ("request",),
     "workspaces": ("process", "collaborators"),

@@ -390,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     from studio.auth.commands import add_parsers as add_user_parsers
 
     add_user_parsers(sub)  # studio users ..., studio tokens ...
+    from studio.applications_cli import add_parsers as add_application_parsers
+
+    add_application_parsers(sub)  # studio applications ..., studio jobs ...
 
     trail = sub.add_parser("audit", help="read the audit trail (newest first), as GET /api/audit does")
     trail.add_argument("--user", help="records of this user")

@@ -27,7 +27,7 @@ from studio.config import Settings
 from studio.kernel.install import write_kernelspec
 from studio.store import Store
 from studio.web import error_handlers
-from studio.workspaces import audit_routes, routes, ui
+from studio.workspaces import applications_routes, audit_routes, routes, ui
 from studio.workspaces.access import DirectoryIdentity, run_token_guard
 from studio.workspaces import users_routes
 from studio.workspaces.computes import LOCAL, ComputeManager
@@ -83,6 +83,8 @@ def create_app(settings: Settings, url: str = "") -> ASGIApp:
                     settings, settings.state_dir / "livy", port=settings.port, pool_size=settings.pool_size, token=token
                 )
                 computes.register_managed(LOCAL, await session_service.start(), ADMIN)
+            # Its applications' computes, at their URLs of this run, before workspaces attached to them are recovered.
+            await computes.sync_applications(force=True)
             manager = WorkspaceManager(
                 settings, store, computes, jupyter_dir, jupyter_config_dir, server_url=url, identity=identity
             )
@@ -111,7 +113,7 @@ def create_app(settings: Settings, url: str = "") -> ASGIApp:
             directory.close()
 
     app = Starlette(
-        routes=[*routes.ROUTES, *ui.ROUTES, *users_routes.ROUTES, *audit_routes.ROUTES],
+        routes=[*routes.ROUTES, *ui.ROUTES, *users_routes.ROUTES, *audit_routes.ROUTES, *applications_routes.ROUTES],
         lifespan=lifespan,
         exception_handlers=error_handlers(log),
     )

@@ -16,6 +16,13 @@ token of the person they act for instead (``sends_own_token``).
 Only admins register, change and remove computes. Each compute has ``allowed_users``: the users who
 may see it, attach workspaces to it and run on it (empty: everyone); admins may use every compute.
 Anyone else is told 403, and listings leave it out.
+
+Applications (EMR Serverless's, ``studio.livy.applications``) are computes too. The built-in ``local``
+is its session service's ``default`` application; every other application of that service is offered
+as a compute of the same name at ``<local URL>/applications/<name>`` (its own Livy endpoint), asked
+with the same credentials as ``local`` and usable by the same people (``allowed_users`` follows
+``local``'s). They are managed like ``local``: ``sync_applications`` registers, moves and forgets
+them from the service's ``GET /applications``, and nobody removes them through the API.
 """
 
 from __future__ import annotations
@@ -26,14 +33,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 
 from studio.auth.credentials import authorization
 from studio.auth.gate import Principal
 from studio.config import Settings
-from studio.errors import ComputeUnreachableError, ConflictError, ForbiddenError, NotFoundError
+from studio.errors import ComputeUnreachableError, ConflictError, ForbiddenError, InvalidRequestError, NotFoundError
 from studio.store import Store
 from studio.workspaces.access import may_use_compute
 from studio.workspaces.models import check_livy_url, check_name
@@ -41,6 +48,10 @@ from studio.workspaces.models import check_livy_url, check_name
 log = logging.getLogger("studio.workspaces.computes")
 
 LOCAL = "local"  # the compute `studio serve` registers itself: its embedded session service or --livy-url
+DEFAULT_APPLICATION = "default"  # the session service's application that `local` (its root URL) is
+# Seconds during which a listing of computes does not ask the session service for its applications
+# again: the Studio page polls the compute list every few seconds, and one ask per poll is plenty.
+APPLICATIONS_SYNC_SECONDS = 2.0
 
 
 @dataclass
@@ -67,6 +78,11 @@ class Compute:
             list(row.get("allowed_users") or []),
         )
 
+    @property
+    def application(self) -> str | None:
+        """The session service's application this compute is (None for `local` and registered computes)."""
+        return self.name if self.managed and self.name != LOCAL else None
+
     def to_json(self) -> dict[str, Any]:
         auth = self.auth or {}
         return {
@@ -75,6 +91,7 @@ class Compute:
             "url": self.url,
             "owner": self.owner,
             "managed": self.managed,
+            "application": self.application,
             "created_at": self.created_at,
             "auth": ("basic" if auth.get("user") else "bearer") if auth.get("token") else None,
             "allowed_users": list(self.allowed_users),
@@ -107,6 +124,9 @@ class ComputeManager:
         # `local_credential` is the studio's own token: kernels and runs send a token of their person instead.
         self.local_is_studio_token = local_is_studio_token
         self._http = httpx.AsyncClient(timeout=settings.compute_timeout, trust_env=False)
+        self._applications_synced = 0.0  # monotonic time of the last successful sync_applications
+        self._applications_lock = asyncio.Lock()
+        self._shadowed: set[str] = set()  # application names a registered compute already has (warned once)
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -144,9 +164,122 @@ class ComputeManager:
 
     def set_allowed_users(self, name: str, users: builtins.list[str]) -> Compute:
         compute = self.get(name)
+        if compute.application is not None:
+            raise ConflictError(
+                f"Compute '{name}' is an application of the session service of compute '{LOCAL}' and is usable by "
+                f"whoever may use '{LOCAL}'; change the allowed users of '{LOCAL}'."
+            )
         self.store.update("computes", compute.id, allowed_users=users)
+        if name == LOCAL and compute.managed:  # its applications follow
+            for other in self.list():
+                if other.application is not None:
+                    self.store.update("computes", other.id, allowed_users=users)
         log.info("compute %s: allowed to %s", name, ", ".join(users) or "everyone")
         return self.get(name)
+
+    # -- the local session service's applications --------------------------------------------
+
+    async def sync_applications(self, force: bool = False, missing: str | None = None) -> None:
+        """Make the computes match the applications of the session service behind ``local``.
+
+        Why here, and why when computes are looked at: the session service owns applications (they
+        are created, changed and deleted there, by ``studio applications``, its API or its config
+        file), so the Studio keeps no second truth about them; it mirrors the service's list into
+        managed compute records, because workspaces and executions name computes and a record is what
+        attaches, checks credentials and shows up in listings. Asking on every listing (at most every
+        ``APPLICATIONS_SYNC_SECONDS``), when a name that is not known yet is asked for (``missing``: an
+        application created a moment ago) and at start is enough, and costs nothing while nobody looks,
+        unlike a polling loop. A service that does not answer (restarting) or has no applications (a
+        plain Livy behind ``--livy-url``) changes nothing; only a successful listing forgets the computes
+        of applications that are gone.
+        """
+        if missing is not None:
+            if self.find(missing) is not None:
+                return
+            force = True
+        if not force and time.monotonic() - self._applications_synced < APPLICATIONS_SYNC_SECONDS:
+            return
+        async with self._applications_lock:
+            if not force and time.monotonic() - self._applications_synced < APPLICATIONS_SYNC_SECONDS:
+                return  # another request synced while this one waited
+            local = self.find(LOCAL)
+            if local is None or not local.managed:
+                return
+            applications = await self._applications(local)
+            if applications is None:
+                return
+            self._applications_synced = time.monotonic()
+            self._mirror(local, applications)
+
+    async def _applications(self, local: Compute) -> builtins.list[dict[str, Any]] | None:
+        """The service's application summaries (every page), or None when it cannot say."""
+        found: builtins.list[dict[str, Any]] = []
+        token: str | None = None
+        for _ in range(100):  # pages; a service that repeats its nextToken must not keep us here
+            path = "/applications?maxResults=50" + (f"&nextToken={quote(token, safe='')}" if token else "")
+            try:
+                body = await self._get_json(local.url, path, f"Compute '{LOCAL}' at {local.url}", self.authorization(local))
+            except ComputeUnreachableError as exc:
+                log.debug("applications of %s not synced: %s", local.url, exc.msg)
+                return None
+            items = body.get("applications") if isinstance(body, dict) else None
+            if not isinstance(items, list):
+                return None
+            found += [item for item in items if isinstance(item, dict)]
+            token = body.get("nextToken") if isinstance(body.get("nextToken"), str) else None
+            if not token:
+                break
+        # A summary does not say whether the application is for the Studio (interactiveConfiguration):
+        # its full record does. One that cannot be read now is taken as its summary says.
+        details = await asyncio.gather(*(self._application(local, item) for item in found))
+        return [{**item, **detail} for item, detail in zip(found, details)]
+
+    async def _application(self, local: Compute, summary: dict[str, Any]) -> dict[str, Any]:
+        key = summary.get("applicationId") or summary.get("id") or summary.get("name")
+        if not isinstance(key, str) or summary.get("name") == DEFAULT_APPLICATION:
+            return {}
+        try:
+            body = await self._get_json(
+                local.url, f"/applications/{quote(key, safe='')}", f"Compute '{LOCAL}' at {local.url}", self.authorization(local)
+            )
+        except ComputeUnreachableError:
+            return {}
+        detail = body.get("application") if isinstance(body, dict) else None
+        return detail if isinstance(detail, dict) else {}
+
+    def _mirror(self, local: Compute, applications: builtins.list[dict[str, Any]]) -> None:
+        wanted: dict[str, str] = {}
+        for item in applications:
+            name = item.get("name")
+            if not isinstance(name, str) or name == DEFAULT_APPLICATION or item.get("default") is True:
+                continue  # the default application is `local` itself
+            if item.get("state") == "TERMINATED":
+                continue
+            interactive = item.get("interactiveConfiguration")
+            if isinstance(interactive, dict) and (
+                interactive.get("studioEnabled") is False or interactive.get("livyEndpointEnabled") is False
+            ):
+                continue  # its operator keeps it out of the Studio (EMR's studioEnabled), or it has no Livy endpoint
+            try:
+                check_name(name, "Compute")
+            except InvalidRequestError:
+                continue  # an application name no compute may have: it stays reachable through its own URL only
+            wanted[name] = f"{local.url.rstrip('/')}/applications/{quote(name, safe='')}"
+        for compute in self.list():
+            if compute.application is not None and compute.name not in wanted:
+                self.store.delete("computes", compute.id)
+                log.info("compute %s forgotten: the application is gone", compute.name)
+        for name, url in wanted.items():
+            existing = self.find(name)
+            if existing is not None and not existing.managed:
+                if name not in self._shadowed:  # a registered compute has the name: it keeps it
+                    self._shadowed.add(name)
+                    log.warning("application %s is not offered as a compute: a registered compute has its name", name)
+                continue
+            if existing is None:
+                self._insert(name, url, local.owner or LOCAL, managed=True, allowed_users=local.allowed_users)
+            elif existing.url != url or existing.allowed_users != local.allowed_users:
+                self.store.update("computes", existing.id, url=url, allowed_users=list(local.allowed_users))
 
     async def register(
         self,
@@ -275,8 +408,32 @@ class ComputeManager:
 
     async def describe_all(self, actor: Principal | None = None) -> builtins.list[dict[str, Any]]:
         """Every compute (``actor`` may use) with its health and sessions."""
+        await self.sync_applications()
         found = self.list() if actor is None else self.visible(actor)
         return list(await asyncio.gather(*(self.describe(compute, actor) for compute in found)))
+
+    async def ask_local(self, method: str, path: str) -> tuple[int, Any]:
+        """(status, JSON body) of ``method path`` on the session service behind ``local``, sent with the
+        server's own credential (for the Studio's applications page: listing, start, stop). The service's
+        refusals come back as they are ({"msg"} with its status); ComputeUnreachableError when it does
+        not answer."""
+        local = self.get(LOCAL)
+        auth = self.authorization(local)
+        label = f"Compute '{LOCAL}' at {local.url}"
+        try:
+            response = await self._http.request(
+                method, local.url.rstrip("/") + path, headers={"Authorization": auth} if auth else None,
+                json={} if method == "POST" else None,
+            )
+        except httpx.TimeoutException:
+            raise ComputeUnreachableError(f"{label} did not answer {method} {path} within {self.settings.compute_timeout:g}s.") from None
+        except httpx.HTTPError as exc:
+            raise ComputeUnreachableError(f"{label} did not answer: {str(exc) or type(exc).__name__}.") from None
+        try:
+            body = response.json() if response.content else None
+        except ValueError:
+            body = {"msg": response.text.strip()[:500] or response.reason_phrase}
+        return response.status_code, body
 
     async def _get_json(self, url: str, path: str, label: str, auth: str | None = None) -> Any:
         try:

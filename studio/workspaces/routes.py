@@ -115,6 +115,8 @@ async def list_workspaces(request: Request) -> Response:
 async def create_workspace(request: Request) -> Response:
     body = parse_body(CreateWorkspace, await read_body(request))
     audit.note(request, compute=body.compute, repository_url=body.repository_url, start=body.start)
+    if body.compute:
+        await computes(request).sync_applications(missing=body.compute)  # an application created a moment ago
     workspace = await workspaces(request).create(body, actor(request))
     return _workspace_json(request, workspace, 201)
 
@@ -159,6 +161,7 @@ async def share_workspace(request: Request) -> Response:
 async def attach_workspace(request: Request) -> Response:
     body = parse_body(AttachCompute, await read_body(request))
     audit.note(request, compute=body.compute)
+    await computes(request).sync_applications(missing=body.compute)  # an application created a moment ago
     workspace = await workspaces(request).attach(request.path_params["workspace_id"], body.compute, actor(request))
     return _workspace_json(request, workspace)
 
@@ -193,6 +196,7 @@ async def list_computes(request: Request) -> Response:
     """The computes the user may use, with their health and sessions (a user's own sessions only;
     ``?check=false``: only the records, at once). Never a credential."""
     manager, user = computes(request), actor(request)
+    await manager.sync_applications()  # the session service's applications are computes
     if "check" in request.query_params and not _flag(request, "check"):
         items = [compute.to_json() for compute in manager.visible(user)]
     else:
@@ -218,6 +222,7 @@ async def create_compute(request: Request) -> Response:
 
 async def get_compute(request: Request) -> Response:
     manager, user = computes(request), actor(request)
+    await manager.sync_applications(missing=request.path_params["name"])
     item = await manager.describe(manager.get_for(user, request.path_params["name"]), user)
     item["workspaces"] = workspaces(request).attached_to(item["name"], user)
     return JSONResponse(item)
@@ -253,6 +258,8 @@ async def list_executions(request: Request) -> Response:
 async def start_execution(request: Request) -> Response:
     body = parse_body(StartExecution, await read_body(request))
     audit.note(request, notebook=body.notebook, workspace=body.workspace, compute=body.compute, parameters=sorted(body.parameters))
+    if body.compute:
+        await computes(request).sync_applications(missing=body.compute)  # an application created a moment ago
     execution = await executions(request).start(body, actor(request))
     audit.note(request, target=f"/api/executions/{execution.id}")
     return JSONResponse(execution.to_json(), status_code=201)

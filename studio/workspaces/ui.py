@@ -107,6 +107,7 @@ def _execution_rows(request: Request, latest: int = 50) -> list[dict[str, Any]]:
 
 
 async def page(request: Request) -> Response:
+    await computes(request).sync_applications()  # the session service's applications are computes
     context = _context(request)
     context.update(
         computes=await computes(request).describe_all(actor(request)),

@@ -93,7 +93,7 @@ def _read_json(source: str) -> dict[str, Any]:
     text: str
     if source == "-":
         text = sys.stdin.read()
-    elif source.lstrip().startswith("{"):
+    elif source.lstrip().startswith(("{", "[")):
         text = source
     else:
         path = Path(source.removeprefix("file://")).expanduser()

@@ -1,5 +1,5 @@
 // Spark Studio: the Applications page. Polls GET /api/applications and builds the rows with
-// textContent only (application and job run names come from users: never innerHTML with data).
+// textContent only (application and job run names come from users: data is never parsed as HTML).
 // Admins get Start/Stop, which go to POST /api/applications/{name}/start|stop and show the
 // service's own {"msg"} when refused. $, api and flash come from common.js, loaded before this.
 "use strict";

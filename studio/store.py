@@ -149,6 +149,22 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE batches ADD COLUMN application_id TEXT",
         ),
     ),
+    Migration(
+        6,
+        "job runs as in EMR Serverless: a batch's job run state, its reason, its StartJobRun request and times",
+        (
+            # A batch is a job run (studio.livy.batches): ``run_state`` is its EMR state (SUBMITTED ...
+            # CANCELLED), the one stored truth its Livy ``state`` is derived from; ``state_details``
+            # says why in words; ``job_run`` is the StartJobRun request as JSON (NULL for a Livy
+            # batch); ``client_token`` makes a StartJobRun retried after a lost answer start one run.
+            "ALTER TABLE batches ADD COLUMN run_state TEXT",
+            "ALTER TABLE batches ADD COLUMN state_details TEXT",
+            "ALTER TABLE batches ADD COLUMN job_run TEXT",
+            "ALTER TABLE batches ADD COLUMN client_token TEXT",
+            "ALTER TABLE batches ADD COLUMN updated_at REAL",
+            "ALTER TABLE batches ADD COLUMN started_at REAL",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -218,7 +234,7 @@ def migrate(db: sqlite3.Connection, path: Path, migrations: tuple[Migration, ...
 _JSON_COLUMNS: dict[str, tuple[str, ...]] = {
     "applications": ("definition",),
     "sessions": ("request",),
-    "batches": ("request",),
+    "batches": ("request", "job_run"),
     "workspaces": ("process", "collaborators"),
     "computes": ("auth", "allowed_users"),
     "executions": ("parameters", "warnings", "process"),

@@ -115,6 +115,7 @@ async def serve_app(
 
     import uvicorn
 
+    from studio import events
     from studio.http_limits import ConnectionBudget, protocol_class
 
     # uvicorn re-raises the signal that stopped it once it has shut down; with these handlers
@@ -142,6 +143,14 @@ async def serve_app(
     )
     server = uvicorn.Server(config)
     budget.server_state = server.server_state
+    loop, uvicorn_exit = asyncio.get_running_loop(), server.handle_exit
+
+    def handle_exit(sig: int, frame: Any) -> None:
+        # Open event streams (GET /events) end at once: uvicorn waits for open responses before it stops.
+        loop.call_soon_threadsafe(events.server_stopping)
+        uvicorn_exit(sig, frame)
+
+    server.handle_exit = handle_exit  # type: ignore[method-assign]
     startup = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not startup.done():
         await asyncio.sleep(0.05)
@@ -169,6 +178,7 @@ def cmd_livy(args: argparse.Namespace) -> int:
         state_dir="state_dir",
         insecure_no_auth="insecure_no_auth",
         stop_sessions_on_exit="stop_sessions_on_exit",
+        applications="applications_file",
     )
     check_bind(settings, settings.host)
     check_database(settings)
@@ -288,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     livy.add_argument("--port", type=int, help="port (default 8998; 0 picks a free one)")
     livy.add_argument("--pool", type=int, help="warm workers to keep ready (default 1; 0 = cold sessions only)")
     livy.add_argument("--master", help="spark.master for sessions and batches (default local[*])")
+    livy.add_argument(
+        "--applications",
+        type=Path,
+        help="a JSON or TOML file of applications (EMR Serverless's definitions) to create or update at start",
+    )
     livy.add_argument("--state-dir", type=Path, help="database and logs (default ~/.local/state/spark-studio)")
     livy.add_argument(
         "--insecure-no-auth",

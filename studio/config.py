@@ -286,6 +286,21 @@ class Settings(BaseSettings):
         "their owners and admins (Livy's livy.server.access-control.modify-users): a comma-separated list or JSON.",
     )
 
+    # --- applications (studio.livy.applications) -------------------------------------------
+    applications_file: Path | None = Field(
+        None,
+        description="A JSON or TOML file of application definitions (EMR Serverless's fields: name, driverConfiguration, "
+        "initialCapacity, maximumCapacity, autoStopConfiguration, ...), created or brought up to date at every start.",
+    )
+
+    # --- observability (GET /metrics, GET /events; studio.events) ---------------------------
+    event_webhooks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="http(s) URLs that get every state-change event (applications, sessions, job runs, workspaces, "
+        "executions) as a JSON POST, as GET /events shows them: a comma-separated list or JSON. Checked at start; a "
+        "receiver that fails or is slow (5 s) loses events, which is logged (without the URL's credentials or query).",
+    )
+
     # --- storage -------------------------------------------------------------------------
     state_dir: Path = Field(
         default_factory=default_state_dir,
@@ -390,7 +405,8 @@ class Settings(BaseSettings):
     )
 
     @field_validator(
-        "allowed_hosts", "oidc_allowed_domains", "oidc_allowed_groups", "view_users", "modify_users", mode="before"
+        "allowed_hosts", "oidc_allowed_domains", "oidc_allowed_groups", "view_users", "modify_users", "event_webhooks",
+        mode="before",
     )
     @classmethod
     def _list(cls, value: object) -> object:

@@ -31,9 +31,14 @@ from studio.livy import sparkconf
 from studio.auth.users import Directory
 from studio.livy.access import Access
 from studio.livy.batches import BatchManager
+from studio.livy import observe
+from studio.livy import jobruns
+from studio.events import EventBus
+from studio.livy.applications import Application, Applications
 from studio.livy.cds import CdsArchive
 from studio.livy.pool import WorkerPool
-from studio.livy.routes import ROUTES
+from studio.livy import application_routes
+from studio.livy.routes import APPLICATION_LIVY_ROUTES, ROUTES
 from studio.livy.sessions import SessionManager
 from studio.livy.workers import WorkerProcess, WorkerSpec
 from studio.store import Store
@@ -78,10 +83,29 @@ class Service:
         if closed:
             log.info("marked %d batches of an earlier run dead", closed)
         self.cds = CdsArchive(settings)
-        self.pool = WorkerPool(settings, lambda: self.new_worker(WorkerSpec(self.base_conf(), WARM_APP_NAME, True)))
-        self.sessions = SessionManager(settings, self.store, self.pool, self.new_worker, self.base_conf)
-        self.batches = BatchManager(settings, self.store, self.base_conf, self.sessions.live_count)
+        self.events = EventBus()
+        self.applications = Applications(settings, self.store, self._pool_for, self.events)
+        if settings.applications_file is not None:
+            self.applications.declare(settings.applications_file)
+        self.sessions = SessionManager(settings, self.store, self.applications, self.new_worker, self.base_conf, self.events)
+        self.batches = BatchManager(settings, self.store, self.base_conf, self.sessions.live_count, self.applications, self.events)
         self._tasks: list[asyncio.Task[Any]] = []
+
+    @property
+    def pool(self) -> WorkerPool:
+        """The default application's pool."""
+        return self.applications.default.pool
+
+    def _pool_for(self, app: Application) -> WorkerPool:
+        """An application's warm pool: drivers of its shape, never more than its maximumCapacity holds."""
+
+        def new_warm_worker() -> WorkerProcess:
+            conf = sparkconf.overlay(self.base_conf(), app.driver_conf())
+            return self.new_worker(WorkerSpec(conf, WARM_APP_NAME, True, application_id=app.id, shape=app.shape()))
+
+        pool = WorkerPool(self.settings, new_warm_worker, size=app.initial_capacity, name=app.name)
+        pool.has_room = lambda: app.room_for(app.driver_memory_mb(), app.driver_cores()) is None
+        return pool
 
     def base_conf(self) -> dict[str, str]:
         return sparkconf.base_conf(self.settings, self.cds.java_options())
@@ -123,7 +147,16 @@ class Service:
         unwanted += await self.sessions.restore(sessions, by_session)
         attached = await asyncio.gather(*(self._attach_pooled(w) for w in pooled))
         unwanted += [w for w, ok in zip(pooled, attached) if not ok]
-        unwanted += await self.pool.adopt([w for w, ok in zip(pooled, attached) if ok])
+        candidates = [w for w, ok in zip(pooled, attached) if ok]
+        for app in self.applications.list():
+            if not app.accepts_work:
+                continue
+            # A warm worker goes back to the pool of its application if that still wants drivers of its shape.
+            default_id = self.applications.default.id
+            mine = [w for w in candidates if (w.spec.application_id or default_id) == app.id and w.spec.shape in ("", app.shape())]
+            candidates = [w for w in candidates if w not in mine]
+            unwanted += await app.pool.adopt(mine)
+        unwanted += candidates
         for worker in unwanted:
             log.info("stopping worker %s (pid %s): no session or pool place wants it", worker.id, worker.pid)
         await asyncio.gather(*(w.stop() for w in unwanted), return_exceptions=True)
@@ -141,7 +174,7 @@ class Service:
 
     async def start(self) -> None:
         await self.restore()
-        self.pool.start()
+        self.applications.start_pools()
         self._tasks.append(asyncio.create_task(self._cull_forever(), name="culler"))
         if self.cds.enabled and not self.cds.exists():
             self._tasks.append(asyncio.create_task(self._build_cds(), name="cds"))
@@ -164,10 +197,12 @@ class Service:
                     self.settings.worker_orphan_timeout,
                 )
         await self.batches.shutdown()
-        if self.settings.stop_sessions_on_exit:
-            await self.pool.shutdown()
-        else:
-            await self.pool.detach()
+        await self.applications.close()
+        for pool in self.applications.pools():
+            if self.settings.stop_sessions_on_exit:
+                await pool.shutdown()
+            else:
+                await pool.detach()
         await asyncio.sleep(0)  # the exit callbacks of the last stopped workers write their records first
         self.store.close()
         os.close(self._lock)  # the next service on this state directory may start now
@@ -180,6 +215,10 @@ class Service:
                     await manager.cull()
                 except Exception:  # noqa: BLE001 - the culler must survive anything
                     log.exception("culling failed")
+            try:
+                await self.applications.stop_idle()
+            except Exception:  # noqa: BLE001
+                log.exception("stopping idle applications failed")
 
     async def _build_cds(self) -> None:
         # Filling the pool comes first: the training run would only slow it down.
@@ -233,21 +272,25 @@ def create_app(settings: Settings) -> ASGIApp:
         app.state.sessions = service.sessions
         app.state.batches = service.batches
         app.state.pool = service.pool
+        app.state.applications = service.applications
+        app.state.events = service.events
         app.state.cds = service.cds
         app.state.access = Access.for_settings(settings)
         app.state.directory = Directory.for_settings(settings)  # users' own quotas (the gate keeps its own)
+        observe.install(app.state)  # /metrics and /events: the bus, the registry, the sessions' hooks, webhooks
         await service.start()
         try:
             yield
         finally:
             await service.stop()
+            await observe.close(app.state)
             app.state.directory.close()
 
     app = Starlette(
-        routes=ROUTES,
+        routes=[*ROUTES, *application_routes.ROUTES, *APPLICATION_LIVY_ROUTES, *observe.ROUTES, *jobruns.ROUTES],
         lifespan=lifespan,
         exception_handlers=error_handlers(log),
     )
     # Livy's own clients authenticate with HTTP Basic (LDAP mode), so the service invites it too.
     gated = gate(_AcceptVersion(app), settings, realm="Spark Studio session service", bound_host=settings.host, basic_challenge=True)
-    return audit.middleware(gated, settings, "livy", ROUTES)  # outermost: it also records what the gate refuses
+    return audit.middleware(gated, settings, "livy", app.routes)  # outermost: it also records what the gate refuses

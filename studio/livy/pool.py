@@ -10,6 +10,12 @@ a broken installation does not spin.
 Ready workers outlive the service like session workers do: ``detach`` leaves them running when
 the service stops keeping its sessions, and the next start takes them back (``adopt``), so a restart
 costs no refill (a JVM start that would compete with the sessions for the cores).
+
+There is one pool per application (``studio.livy.applications``): its workers have the
+application's driver shape, it never starts one that would not fit in the application's
+``maximumCapacity`` (``has_room``), and stopping the application ``release``s them. A session that
+finds no ready worker while one is on its way ``claim``s that one instead of starting a second JVM
+beside it (two JVM starts on two cores take as long as each alone would, twice over).
 """
 
 from __future__ import annotations
@@ -37,12 +43,15 @@ def available_memory_mb() -> int | None:
 
 
 class WorkerPool:
-    def __init__(self, settings: Settings, new_worker: Callable[[], WorkerProcess]) -> None:
+    def __init__(self, settings: Settings, new_worker: Callable[[], WorkerProcess], size: int | None = None, name: str = "default") -> None:
         self.settings = settings
-        self.size = settings.pool_size
+        self.size = settings.pool_size if size is None else size
+        self.name = name
         self._new_worker = new_worker
         self.is_busy: Callable[[], bool] = lambda: False  # set by the session manager
+        self.has_room: Callable[[], bool] = lambda: True  # set by the application: one more warm driver fits
         self._ready: list[WorkerProcess] = []
+        self._claims: list[asyncio.Future[WorkerProcess]] = []
         self._starting: WorkerProcess | None = None
         self._wanted = asyncio.Event()
         self._closed = False
@@ -54,9 +63,68 @@ class WorkerPool:
     # -- public ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.size > 0:
-            self._task = asyncio.create_task(self._fill(), name="pool-fill")
-            self._wanted.set()
+        """Start filling (again, after ``release``)."""
+        self._closed = False
+        self.failures = 0
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._fill(), name=f"pool-fill-{self.name}")
+        self._wanted.set()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done() and not self._closed
+
+    def wake(self) -> None:
+        """Capacity may have come free: look again whether a refill fits."""
+        self._wanted.set()
+
+    def resize(self, size: int) -> None:
+        self.size = size
+        self._wanted.set()
+
+    def ready_count(self) -> int:
+        return len(self._ready)
+
+    def warm_count(self) -> int:
+        """Drivers the pool holds: ready ones and the one starting, unless a session claimed it."""
+        return len(self._ready) + (1 if self._starting is not None and not self._claims else 0)
+
+    def unclaimed_starting(self) -> bool:
+        return self._starting is not None and not self._claims
+
+    def claim(self) -> "asyncio.Future[WorkerProcess] | None":
+        """The next worker this pool starts, promised to a session that waits for it; None when the
+        pool cannot start one (no places, stopped, or failing). Cancel the future to give it up."""
+        if self.size <= 0 or not self.running or self.failures >= self.settings.worker_restart_limit:
+            return None
+        if len(self._claims) >= self.size:
+            return None
+        claim: asyncio.Future[WorkerProcess] = asyncio.get_running_loop().create_future()
+        self._claims.append(claim)
+        if self._starting is not None:
+            self._starting.renice(0)  # a session waits for it now
+        self._wanted.set()
+        return claim
+
+    def release_one(self) -> bool:
+        """Stop one ready worker now to make room for a driver of another shape; False when none is ready."""
+        if not self._ready:
+            return False
+        worker = self._ready.pop()
+        worker.log.append("released from the warm pool to make room")
+        asyncio.create_task(worker.stop())
+        return True
+
+    async def release(self) -> None:
+        """The application stops: its warm workers go, and nothing refills until ``start``."""
+        await self._close()
+        for claim in self._claims:
+            if not claim.done():
+                claim.cancel()
+        self._claims = []
+        workers = self._ready + ([self._starting] if self._starting else [])
+        self._ready = []
+        await asyncio.gather(*(worker.stop() for worker in workers), return_exceptions=True)
 
     def take(self) -> WorkerProcess | None:
         """A ready worker on loan, or None. Follow with ``commit`` or ``give_back``."""
@@ -89,6 +157,7 @@ class WorkerPool:
         return {
             "size": self.size,
             "ready": len(self._ready),
+            "claimed": len(self._claims),
             "starting": 1 if self._starting else 0,
             "handedOut": self.handed_out,
             "failuresInARow": self.failures,
@@ -104,6 +173,15 @@ class WorkerPool:
                 for w in self._ready
             ],
         }
+
+    async def wait_until_settled(self, timeout: float) -> bool:
+        """Wait until the pool is full, or holds all that its application's capacity leaves room for."""
+        deadline = time.monotonic() + timeout
+        while len(self._ready) < self.size and (self.has_room() or self._starting is not None or self._claims):
+            if time.monotonic() > deadline or self.failures >= self.settings.worker_restart_limit:
+                return False
+            await asyncio.sleep(0.2)
+        return True
 
     async def wait_until_full(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -157,21 +235,25 @@ class WorkerPool:
         while not self._closed:
             await self._wanted.wait()
             self._wanted.clear()
-            while not self._closed and len(self._ready) < self.size:
+            while not self._closed and (len(self._ready) < self.size or self._claims):
                 if self.failures >= self.settings.worker_restart_limit:
                     log.error(
                         "warm pool: %d workers failed to start in a row; not refilling (last error: %s)",
                         self.failures,
                         self.last_error,
                     )
+                    self._fail_claims(WorkerError(f"warm drivers fail to start: {self.last_error}"))
                     break
                 free = available_memory_mb()
                 if free is not None and free < self.settings.min_available_memory_mb:
                     log.warning("warm pool: only %d MB of memory available; waiting before refilling", free)
                     await asyncio.sleep(10)
                     continue
-                await self._wait_for_quiet()
-                if len(self._ready) < self.size:  # a loaned worker may have come back meanwhile
+                if not self._claims:
+                    if not self.has_room():
+                        break  # the application's maximumCapacity is used up; ``wake`` looks again
+                    await self._wait_for_quiet()
+                if self._claims or (len(self._ready) < self.size and self.has_room()):  # a loaned worker may have come back
                     await self._start_one()
 
     async def _wait_for_quiet(self) -> None:
@@ -180,7 +262,7 @@ class WorkerPool:
         seconds the refill starts anyway."""
         deadline = time.monotonic() + self.settings.pool_refill_max_delay
         quiet_since = time.monotonic() if not self.is_busy() else None
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self._claims:
             if self.is_busy():
                 quiet_since = None
             elif quiet_since is None:
@@ -193,13 +275,14 @@ class WorkerPool:
         worker = self._new_worker()
         self._starting = worker
         try:
-            await worker.start(nice=self.settings.pool_nice)
+            await worker.start(nice=0 if self._claims else self.settings.pool_nice)
             await worker.wait_ready()
         except (WorkerError, OSError) as exc:
             self.failures += 1
             self.last_error = getattr(exc, "msg", str(exc))
-            log.warning("warm pool: worker %s failed to start: %s", worker.id, self.last_error)
+            log.warning("warm pool %s: worker %s failed to start: %s", self.name, worker.id, self.last_error)
             await worker.stop(now=True)
+            self._fail_claims(WorkerError(self.last_error))
             await asyncio.sleep(min(30.0, 2.0**self.failures))
             return
         except asyncio.CancelledError:
@@ -208,9 +291,21 @@ class WorkerPool:
         finally:
             self._starting = None
         self.failures = 0
+        log.info("warm pool %s: worker %s ready in %.1fs", self.name, worker.id, worker.ready_at - worker.started_at)
+        while self._claims:
+            claim = self._claims.pop(0)
+            if not claim.done():
+                self.handed_out += 1
+                claim.set_result(worker)
+                return
         self._ready.append(worker)
         worker.exited.add_done_callback(lambda _: self._forget(worker))
-        log.info("warm pool: worker %s ready in %.1fs", worker.id, worker.ready_at - worker.started_at)
+
+    def _fail_claims(self, error: Exception) -> None:
+        claims, self._claims = self._claims, []
+        for claim in claims:
+            if not claim.done():
+                claim.set_exception(error)
 
     def _forget_when_gone(self, worker: WorkerProcess) -> None:
         worker.exited.add_done_callback(lambda _: self._forget(worker))

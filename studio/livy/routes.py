@@ -13,7 +13,8 @@ from starlette.routing import Route
 import studio
 from studio import audit
 from studio.auth import quotas
-from studio.errors import InvalidRequestError
+from studio.errors import InvalidRequestError, NotFoundError
+from studio.livy.applications import Application, Applications
 from studio.livy.access import Access, Owned, Parties, quota_overrides
 from studio.livy.batches import Batch, BatchManager
 from studio.livy.models import (
@@ -73,12 +74,25 @@ def _visible(request: Request) -> Callable[[Owned], bool]:
     return lambda item: access.may_view(caller, item)
 
 
+def _application(request: Request) -> Application:
+    """The application whose Livy endpoint the request is on: ``/applications/{application}/...`` (by
+    id or name), else the service's root, which is the application ``default``."""
+    applications: Applications = request.app.state.applications
+    key = request.path_params.get("application")
+    if key is None:
+        return applications.default
+    application = applications.get(key)
+    if not application.definition.interactiveConfiguration.livyEndpointEnabled:
+        raise NotFoundError(f"Application '{application.name}' has no Livy endpoint (interactiveConfiguration.livyEndpointEnabled is false).")
+    return application
+
+
 def _session(request: Request, modify: bool = False) -> Session:
     """The session in the path, if the caller may view it (``modify``: change it), else 403. Any
     request about it that passes refreshes its heartbeat (Livy)."""
     manager = _sessions(request)
     key = request.path_params["session_id"]
-    session = manager.get(key, _visible(request))
+    session = manager.in_application(manager.get(key, _visible(request)), _application(request))
     _access(request).check(request.user, session, f"session '{key}'", modify)
     manager.heartbeat(session)
     return session
@@ -86,7 +100,7 @@ def _session(request: Request, modify: bool = False) -> Session:
 
 def _batch(request: Request, modify: bool = False) -> Batch:
     key = request.path_params["batch_id"]
-    batch = _batches(request).get(key, _visible(request))
+    batch = _batches(request).get(key, _visible(request), application=_application(request))
     _access(request).check(request.user, batch, f"batch '{key}'", modify)
     return batch
 
@@ -158,7 +172,7 @@ async def status(request: Request) -> Response:
 async def list_sessions(request: Request) -> Response:
     start = _int_param(request, "from", 0) or 0
     size = _int_param(request, "size", 100)
-    total, page = _sessions(request).list(start, 100 if size is None else size, _visible(request))
+    total, page = _sessions(request).list(start, 100 if size is None else size, _visible(request), _application(request))
     base = _base_url(request)
     # Livy echoes ``from`` as given, also a negative one (its page then starts at 0).
     return JSONResponse({"from": start, "total": total, "sessions": [s.to_json(base) for s in page]})
@@ -172,7 +186,7 @@ def _owner(request: Request) -> str:
 async def create_session(request: Request) -> Response:
     body = parse_body(CreateSession, await read_body(request))
     body = body.model_copy(update={"proxyUser": _spark_user(request, body.proxyUser)})
-    session = await _sessions(request).create(body, owner=_owner(request), quota=_quota(request))
+    session = await _sessions(request).create(body, owner=_owner(request), quota=_quota(request), application=_application(request))
     audit.note(request, target=f"/sessions/{session.id}", kind=body.kind, name=body.name, proxyUser=body.proxyUser, conf=body.conf or None)
     return JSONResponse(session.to_json(_base_url(request)), status_code=201, headers={"Location": f"/{session.id}"})
 
@@ -339,7 +353,7 @@ async def completion(request: Request) -> Response:
 async def list_batches(request: Request) -> Response:
     start = _int_param(request, "from", 0) or 0
     size = _int_param(request, "size", 100)
-    total, page = _batches(request).list(start, 100 if size is None else size, _visible(request))
+    total, page = _batches(request).list(start, 100 if size is None else size, _visible(request), application=_application(request))
     base = _base_url(request)
     return JSONResponse({"from": start, "total": total, "sessions": [b.to_json(base) for b in page]})
 
@@ -347,7 +361,7 @@ async def list_batches(request: Request) -> Response:
 async def create_batch(request: Request) -> Response:
     body = parse_body(CreateBatch, await read_body(request))
     body = body.model_copy(update={"proxyUser": _spark_user(request, body.proxyUser)})
-    batch = await _batches(request).create(body, owner=_owner(request), quota=_quota(request))
+    batch = await _batches(request).create(body, owner=_owner(request), quota=_quota(request), application=_application(request))
     audit.note(request, target=f"/batches/{batch.id}", name=body.name, file=body.file, className=body.className, proxyUser=body.proxyUser, conf=body.conf or None)
     return JSONResponse(batch.to_json(_base_url(request)), status_code=201, headers={"Location": f"/{batch.id}"})
 
@@ -405,6 +419,14 @@ ROUTES = [
     Route("/batches/{batch_id}", delete_batch, methods=["DELETE"]),
     Route("/batches/{batch_id}/state", batch_state, methods=["GET"]),
     Route("/batches/{batch_id}/log", batch_log, methods=["GET"]),
+    # Every application's own Livy endpoint: the same routes under /applications/{application} (added below).
     Route("/ui/session/{session_id}/log", session_log_text, methods=["GET"]),
     Route("/ui/batch/{batch_id}/log", batch_log_text, methods=["GET"]),
+]
+
+# The Livy API of each application, as EMR Serverless gives each application its own endpoint.
+APPLICATION_LIVY_ROUTES = [
+    Route(f"/applications/{{application}}{route.path}", route.endpoint, methods=sorted(route.methods or ()))
+    for route in ROUTES
+    if route.path.startswith(("/sessions", "/batches"))
 ]

@@ -45,7 +45,9 @@ from studio.errors import (
     TooManySessionsError,
     WorkerError,
 )
+from studio.events import Event, EventBus
 from studio.livy import sparkconf
+from studio.livy.applications import Application, Applications, memory_mb
 from studio.livy.access import Parties
 from studio.livy.logs import LogFile, RetainedLogs
 from studio.livy.models import (
@@ -179,6 +181,12 @@ class Session:
         self.sql_num_rows: int | None = None
         self.resumed: set[int] = set()  # statements an earlier run of the service sent to the worker
         self.unacked: set[int] = set()  # finished statements whose record a full disk holds back (the worker keeps them)
+        self.application_id = ""  # the application it runs in (studio.livy.applications)
+        self.application_name = "default"
+        self.driver_memory_mb = 1024  # what its driver counts against its application's maximumCapacity
+        self.driver_cores = 1.0
+        self.first_result = False  # a statement of it has finished (the time to first result is measured once)
+        self.on_change: Callable[["Session", SessionState, SessionState], None] | None = None
 
     @property
     def spark_user(self) -> str | None:
@@ -195,10 +203,12 @@ class Session:
 
     def set_state(self, new: SessionState) -> None:
         check_transition(SESSION_TRANSITIONS, self.state, new, f"session {self.id}")
-        self.state = new
+        old, self.state = self.state, new
         if new.is_final:
             self.ended = time.monotonic()
             self.stopped.set()
+        if self.on_change is not None:
+            self.on_change(self, old, new)
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
@@ -226,6 +236,7 @@ class Session:
             "proxyUser": self.spark_user,  # as Livy with impersonation on: whom the driver runs as
             "state": self.state.value,
             "kind": self.kind.value,
+            "application": self.application_name,  # an extension: the application it runs in
             "appInfo": {
                 "driverLogUrl": f"{base_url}ui/session/{self.id}/log",
                 "sparkUiUrl": self.spark_ui_url,
@@ -254,13 +265,15 @@ class SessionManager:
         self,
         settings: Settings,
         store: Store,
-        pool: WorkerPool,
+        applications: Applications,
         new_worker: Callable[[WorkerSpec], WorkerProcess],
         base_conf: Callable[[], dict[str, str]],
+        events: EventBus | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
-        self.pool = pool
+        self.applications = applications
+        self.events = events
         self._new_worker = new_worker
         self._base_conf = base_conf
         self.sessions: dict[int, Session] = {}
@@ -269,14 +282,43 @@ class SessionManager:
         self._creating_names: set[str] = set()
         self.retained_logs = RetainedLogs()
         self._background: set[asyncio.Task[Any]] = set()
-        pool.is_busy = self.any_busy
+        self._pending: dict[int, tuple[str, int, float]] = {}  # creates under way: (application id, MB, cores)
+        # Hooks for the metrics (studio.livy.observe): seconds from create to first result, and per statement.
+        self.on_first_result: Callable[[Session, float], None] = lambda session, seconds: None
+        self.on_statement_done: Callable[[Session, Statement, float], None] = lambda session, statement, seconds: None
+        applications.session_usage = self.usage_of
+        applications.pools_busy = self.any_busy
+
+    @property
+    def pool(self) -> WorkerPool:
+        """The default application's pool (the one pool of the versions before applications)."""
+        return self.applications.default.pool
+
+    def usage_of(self, app: Application) -> builtins.list[tuple[int, float]]:
+        """(driver MB, cores) of each live session of ``app`` and each create under way in it."""
+        live = [(s.driver_memory_mb, s.driver_cores) for s in self.sessions.values() if s.live and s.application_id == app.id]
+        return live + [(mb, cores) for app_id, mb, cores in self._pending.values() if app_id == app.id]
 
     # -- lookup ---------------------------------------------------------------------------
 
-    def list(self, start: int, size: int, visible: Callable[[Session], bool] | None = None) -> tuple[int, list[Session]]:
-        """A page of the sessions ``visible`` keeps (all without it), in id order, and how many it keeps."""
-        ordered = [self.sessions[k] for k in sorted(self.sessions) if visible is None or visible(self.sessions[k])]
+    def list(
+        self, start: int, size: int, visible: Callable[[Session], bool] | None = None, application: Application | None = None
+    ) -> tuple[int, list[Session]]:
+        """A page of the sessions ``visible`` keeps (all without it), in id order, and how many it keeps;
+        with ``application``, only that application's."""
+        ordered = [
+            self.sessions[k]
+            for k in sorted(self.sessions)
+            if (visible is None or visible(self.sessions[k])) and (application is None or self.sessions[k].application_id == application.id)
+        ]
         return len(ordered), view(ordered, start, size)
+
+    def in_application(self, session: Session, application: Application | None) -> Session:
+        """``session`` when it runs in ``application`` (None: any), else 404 as if it did not exist:
+        each application's Livy endpoint shows only its own sessions."""
+        if application is not None and session.application_id != application.id:
+            raise NotFoundError(f"Session '{session.id}' not found in application '{application.name}'.")
+        return session
 
     def get(self, key: str | int, visible: Callable[[Session], bool] | None = None) -> Session:
         """A session by id, or by name (Livy accepts both in every /sessions/{id} route).
@@ -332,22 +374,38 @@ class SessionManager:
         _int_conf(sparkconf.split_service_conf(requested)[1], "livy.rsc.sql.num-rows")
         return kind, requested
 
-    async def create(self, body: CreateSession, owner: str | None = None, quota: Callable[[], None] | None = None) -> Session:
-        """Start a session for ``owner``; ``body.proxyUser`` is its Spark user, checked by the caller
-        (``studio.livy.access``). ``quota`` raises QuotaExceededError when the owner has no room left
-        (it reads ``held_by``); it is asked after the request is found valid and before anything starts."""
+    async def create(
+        self,
+        body: CreateSession,
+        owner: str | None = None,
+        quota: Callable[[], None] | None = None,
+        application: Application | None = None,
+    ) -> Session:
+        """Start a session for ``owner`` in ``application`` (the default one without it); ``body.proxyUser``
+        is its Spark user, checked by the caller (``studio.livy.access``). ``quota`` raises
+        QuotaExceededError when the owner has no room left (it reads ``held_by``); it is asked after the
+        request is found valid and before anything starts. A stopped application with auto-start on
+        starts (``Applications.ensure_started``)."""
+        app = application or self.applications.default
         kind, requested = self.validate(body)
         if body.name is not None and (body.name in self._creating_names or self._live_named(body.name)):
             raise InvalidRequestError(f"Rejected, Reason: a session named '{body.name}' already exists.")
+        spark_conf, service_conf = sparkconf.split_service_conf(requested)
+        beyond = sparkconf.beyond_shape(spark_conf, app.driver_conf())
+        if sparkconf.needs_own_jvm(beyond) and app.definition.interactiveConfiguration.offShapeSessions == "REFUSE":
+            raise InvalidRequestError(
+                f"Rejected, Reason: application '{app.name}' runs only drivers of its own shape, and this session asks for "
+                f"{', '.join(sorted(k for k in beyond if not k.startswith('spark.sql.')))}; use an application of that shape."
+            )
         if quota is not None:
             quota()
-        spark_conf, service_conf = sparkconf.split_service_conf(requested)
         live = self.live_count() + self._creating
         if live >= self.settings.max_sessions:
             raise TooManySessionsError(
                 f"Rejected, too many sessions: {live} of {self.settings.max_sessions} are live "
                 "(STUDIO_MAX_SESSIONS); delete one first."
             )
+        await self.applications.ensure_started(app)
         # The name and the capacity are held from here: creating can wait on a worker, and a second
         # request meanwhile must not take the same name or the last place.
         if body.name is not None:
@@ -355,7 +413,7 @@ class SessionManager:
         self._creating += 1
         self._creating_by[owner or ""] += 1
         try:
-            return await self._create(body, owner, kind, requested, spark_conf, service_conf)
+            return await self._create(body, owner, kind, requested, beyond, service_conf, app)
         finally:
             self._creating -= 1
             self._creating_by[owner or ""] -= 1
@@ -369,82 +427,181 @@ class SessionManager:
         requested: dict[str, str],
         spark_conf: dict[str, str],
         service_conf: dict[str, str],
+        app: Application,
     ) -> Session:
+        """``spark_conf`` is what the session asks for beyond its application's driver shape."""
         session_id = self.store.next_id("session")
         session = Session(session_id, body, kind, requested)
         session.owner = owner
         session.sql_num_rows = _int_conf(service_conf, "livy.rsc.sql.num-rows")
+        session.application_id, session.application_name = app.id, app.name
+        driver = sparkconf.overlay(app.driver_conf(), spark_conf)
+        session.driver_memory_mb = memory_mb(driver.get("spark.driver.memory", "1g"), "spark.driver.memory") or 1024
+        session.driver_cores = float(driver.get("spark.driver.cores", "1"))
 
         own_jvm = sparkconf.needs_own_jvm(spark_conf)
-        worker = self.pool.take() if self.pool.size and not own_jvm else None
-        if worker is not None:
-            reply = await self._activate(worker, spark_conf, session_id, session.spark_user)
-            if reply is None:
-                worker = None
-            elif reply.get("identity_error"):
-                # Its conf is applied and its identity half set: it cannot serve this session or go back.
-                log.warning("warm worker %s could not take the user %s (%s); starting a cold one", worker.id, session.spark_user, reply["identity_error"])
-                self.pool.discard(worker)
-                worker = None
-            elif reply.get("error"):
-                self.pool.give_back(worker)
-                raise InvalidRequestError(f"Rejected, Reason: invalid conf: {reply['error']}")
-            elif not reply.get("ok"):
-                log.info("session %d needs its own JVM for %s", session_id, ", ".join(reply.get("static", [])))
-                self.pool.give_back(worker)
-                worker = None
-        if worker is None:
-            free = available_memory_mb()
-            if free is not None and free < self.settings.min_available_memory_mb:
-                raise CapacityError(
-                    f"Not enough memory to start another Spark session: {free} MB available, "
-                    f"{self.settings.min_available_memory_mb} MB needed (STUDIO_MIN_AVAILABLE_MEMORY_MB)."
-                )
+        # While it is created it holds its place in the application's capacity (another create must not take it).
+        self._pending[session_id] = (app.id, session.driver_memory_mb, session.driver_cores)
         try:
-            self.store.insert(
-                "sessions",
-                {
-                    "id": session_id,
-                    "name": body.name,
-                    "kind": kind.value,
-                    "owner": owner,
-                    "state": session.state.value,
-                    "request": body.model_dump(),
-                },
-            )
-        except StorageFullError:
-            if worker is not None:
-                self.pool.discard(worker)  # activated for this session: it cannot go back to the pool
-            raise
-        self.sessions[session_id] = session
+            worker, claim = await self._warm_worker(session, app, spark_conf, own_jvm)
+            if worker is None and claim is None:
+                self._pending.pop(session_id, None)
+                self.applications.admit_session(app, session.driver_memory_mb, session.driver_cores, warm=False)
+                self._pending[session_id] = (app.id, session.driver_memory_mb, session.driver_cores)
+                app.pool_misses += 1
+                free = available_memory_mb()
+                if free is not None and free < self.settings.min_available_memory_mb:
+                    raise CapacityError(
+                        f"Not enough memory to start another Spark session: {free} MB available, "
+                        f"{self.settings.min_available_memory_mb} MB needed (STUDIO_MIN_AVAILABLE_MEMORY_MB)."
+                    )
+            try:
+                self.store.insert(
+                    "sessions",
+                    {
+                        "id": session_id,
+                        "name": body.name,
+                        "kind": kind.value,
+                        "owner": owner,
+                        "state": session.state.value,
+                        "request": body.model_dump(),
+                        "application_id": app.id,
+                    },
+                )
+            except StorageFullError:
+                if worker is not None:
+                    app.pool.discard(worker)  # activated for this session: it cannot go back to the pool
+                if claim is not None:
+                    claim.cancel()
+                raise
+            session.on_change = self._state_changed
+            self.sessions[session_id] = session
+        finally:
+            self._pending.pop(session_id, None)
+        self._publish(session, None, session.state)
         if worker is not None:
-            self.pool.commit(worker)
-            session.warm = True
-            self._attach(session, worker)
-            worker.log.append(f"handed out of the warm pool to session {session_id}")
-            worker.renice(0)
-            self._became_ready(session)
+            app.pool.commit(worker)
+            app.pool_hits += 1
+            self._hand_over(session, worker)
+        elif claim is not None:
+            self._spawn(self._start_claimed(session, app, claim, spark_conf))
         else:
-            spec = WorkerSpec(
-                conf=sparkconf.overlay(self._base_conf(), {**spark_conf, **sparkconf.user_conf(session.spark_user)}),
-                app_name=body.name or f"livy-session-{session_id}",
-                warmup=False,
-                env=sparkconf.user_env(session.spark_user),
-                user=session.spark_user,
-            )
-            worker = self._new_worker(spec)
-            self._attach(session, worker)
-            self._spawn(self._start_cold(session, worker))
+            self._start_own(session, app, spark_conf)
         session.runner = asyncio.create_task(self._run_statements(session), name=f"session-{session_id}")
         return session
 
-    async def _activate(self, worker: WorkerProcess, conf: dict[str, str], session_id: int, user: str | None) -> dict[str, Any] | None:
+    async def _warm_worker(
+        self, session: Session, app: Application, spark_conf: dict[str, str], own_jvm: bool
+    ) -> tuple[WorkerProcess | None, "asyncio.Future[WorkerProcess] | None"]:
+        """A warm worker of the application's shape, activated for the session; else the promise of the
+        one its pool is starting (``claim``); else neither (the session needs a driver of its own)."""
+        if own_jvm or not app.pool.size:
+            return None, None
+        worker = app.pool.take()
+        if worker is not None:
+            if await self._activate_for(session, app, worker, spark_conf):
+                return worker, None
+            return None, None
+        transfer = app.pool.unclaimed_starting()  # that driver is counted already; a new one must fit
+        if not transfer and app.room_for(session.driver_memory_mb, session.driver_cores) is not None:
+            return None, None
+        return None, app.pool.claim()
+
+    async def _activate_for(self, session: Session, app: Application, worker: WorkerProcess, spark_conf: dict[str, str]) -> bool:
+        """Give a warm worker the session's runtime conf and user: True when it took them; False when it
+        cannot serve this session (it went back to the pool, or was stopped). Bad conf raises."""
+        reply = await self._activate(app, worker, spark_conf, session.id, session.spark_user)
+        if reply is None:
+            return False
+        if reply.get("identity_error"):
+            # Its conf is applied and its identity half set: it cannot serve this session or go back.
+            log.warning("warm worker %s could not take the user %s (%s); starting a cold one", worker.id, session.spark_user, reply["identity_error"])
+            app.pool.discard(worker)
+            return False
+        if reply.get("error"):
+            app.pool.give_back(worker)
+            raise InvalidRequestError(f"Rejected, Reason: invalid conf: {reply['error']}")
+        if not reply.get("ok"):
+            log.info("session %d needs its own JVM for %s", session.id, ", ".join(reply.get("static", [])))
+            app.pool.give_back(worker)
+            return False
+        return True
+
+    def _hand_over(self, session: Session, worker: WorkerProcess) -> None:
+        session.warm = True
+        self._attach(session, worker)
+        worker.log.append(f"handed out of the warm pool to session {session.id}")
+        worker.renice(0)
+        self._became_ready(session)
+
+    def _start_own(self, session: Session, app: Application, spark_conf: dict[str, str]) -> None:
+        """A cold driver of the session's own: the application's shape with the session's settings over it."""
+        spec = WorkerSpec(
+            conf=sparkconf.overlay(self._base_conf(), app.driver_conf(), {**spark_conf, **sparkconf.user_conf(session.spark_user)}),
+            app_name=session.name or f"livy-session-{session.id}",
+            warmup=False,
+            env=sparkconf.user_env(session.spark_user),
+            user=session.spark_user,
+            application_id=app.id,
+        )
+        worker = self._new_worker(spec)
+        self._attach(session, worker)
+        self._spawn(self._start_cold(session, worker))
+
+    async def _start_claimed(self, session: Session, app: Application, claim: "asyncio.Future[WorkerProcess]", spark_conf: dict[str, str]) -> None:
+        """The session waits for the warm worker its application's pool is starting; if that fails, or
+        the worker cannot take the session, it gets a cold one after all."""
+        try:
+            worker: WorkerProcess | None = await asyncio.wait_for(asyncio.shield(claim), self.settings.worker_start_timeout)
+        except (WorkerError, OSError, asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            claim.cancel()
+            if session.state is SessionState.STARTING:
+                log.info("session %d: the warm driver it waited for did not come (%s); starting one of its own", session.id, exc or type(exc).__name__)
+            worker = None
+        if session.state is not SessionState.STARTING:  # deleted meanwhile
+            if worker is not None:
+                app.pool.give_back(worker)
+            return
+        try:
+            ok = worker is not None and await self._activate_for(session, app, worker, spark_conf)
+        except InvalidRequestError as exc:
+            self._finish(session, SessionState.DEAD, exc.msg)
+            return
+        if session.state is not SessionState.STARTING:
+            if worker is not None and ok:
+                app.pool.discard(worker)
+            return
+        if ok and worker is not None:
+            app.pool_hits += 1
+            self._hand_over(session, worker)
+        else:
+            app.pool_misses += 1
+            self._start_own(session, app, spark_conf)
+
+    async def _activate(
+        self, app: Application, worker: WorkerProcess, conf: dict[str, str], session_id: int, user: str | None
+    ) -> dict[str, Any] | None:
         try:
             return await asyncio.wait_for(worker.activate(conf, session_id, user), 30)
         except (WorkerError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
             log.warning("warm worker %s failed on hand-out (%s); starting a cold one", worker.id, exc)
-            self.pool.discard(worker)
+            app.pool.discard(worker)
             return None
+
+    def _state_changed(self, session: Session, old: SessionState, new: SessionState) -> None:
+        self._publish(session, old, new)
+        if new.is_final:
+            app = self.applications.find(session.application_id)
+            if app is not None:
+                self.applications.touch(app)  # its idle time (auto-stop) counts from its last session's end
+            self._spawn(self.applications.notify_room())
+
+    def _publish(self, session: Session, old: SessionState | None, new: SessionState) -> None:
+        if self.events is not None:
+            reason = session.reason if new.is_final else ""
+            self.events.publish(
+                Event("session", str(session.id), new.value, old.value if old else None, reason, name=session.name, owner=session.owner, application=session.application_name)
+            )
 
     def _attach(self, session: Session, worker: WorkerProcess) -> None:
         session.worker = worker
@@ -617,6 +774,7 @@ class SessionManager:
                 )
                 recorded = self._record(session, statement)
                 self._evict(session, keep=statement.id)
+                self._measure(session, statement)
             if recorded:
                 worker.ack(statement.id)  # recorded: the worker may forget it
             else:
@@ -624,6 +782,16 @@ class SessionManager:
                 # gets it from there) until the record is written (``acknowledge_recorded``).
                 session.unacked.add(statement.id)
             self._maybe_idle(session)
+
+    def _measure(self, session: Session, statement: Statement) -> None:
+        try:
+            if statement.started:
+                self.on_statement_done(session, statement, max(0.0, (now_ms() - statement.started) / 1000))
+            if not session.first_result:
+                session.first_result = True
+                self.on_first_result(session, time.monotonic() - session.created)
+        except Exception:  # noqa: BLE001 - metrics never fail a statement
+            log.exception("measuring statement %d of session %d failed", statement.id, session.id)
 
     def _record(self, session: Session, statement: Statement) -> bool:
         """Write a statement's state (and, once final, its output and what it printed) to the store;
@@ -791,8 +959,8 @@ class SessionManager:
     def _finish(self, session: Session, final: SessionState, reason: str) -> None:
         if session.state.is_final:
             return
-        session.set_state(final)
         session.reason = reason
+        session.set_state(final)
         for statement in session.statements.values():
             if statement.state is StatementState.RUNNING:
                 statement.set_state(StatementState.CANCELLING)
@@ -870,6 +1038,12 @@ class SessionManager:
         session = Session(int(row["id"]), body, SessionKind(row["kind"]), requested)
         session.owner = row.get("owner")
         session.app_id = row.get("app_id")
+        app = self.applications.find(row.get("application_id")) or self.applications.default
+        session.application_id, session.application_name = app.id, app.name
+        driver = sparkconf.overlay(app.driver_conf(), sparkconf.beyond_shape(sparkconf.split_service_conf(requested)[0], app.driver_conf()))
+        session.driver_memory_mb = memory_mb(driver.get("spark.driver.memory", "1g"), "spark.driver.memory") or 1024
+        session.driver_cores = float(driver.get("spark.driver.cores", "1"))
+        session.on_change = self._state_changed
         session.sql_num_rows = _int_conf(sparkconf.split_service_conf(requested)[1], "livy.rsc.sql.num-rows")
         session.created_epoch = float(row["created_at"])
         session.created = _monotonic(session.created_epoch)
@@ -897,6 +1071,7 @@ class SessionManager:
             session.statements[statement.id] = statement
             last = max(last, statement.started / 1000, statement.completed / 1000, float(record["created_at"]))
         session.next_statement_id = max(session.statements, default=-1) + 1
+        session.first_result = any(st.state.is_final for st in session.statements.values())
         session.last_activity = _monotonic(last)  # GETs never counted; statements did
         self.sessions[session.id] = session
         return session
@@ -1034,6 +1209,9 @@ class SessionManager:
             "reason": session.reason or None,
             "endedAt": time.time() - (now - session.ended) if session.ended is not None else None,
             "listed": True,
+            "application": session.application_name,
+            "warm": session.warm,
+            "driverMemoryMB": session.driver_memory_mb,
             "idleSeconds": round(idle, 1),
             "idleTimeout": idle_timeout or None,
             "idleTimeoutSource": source,

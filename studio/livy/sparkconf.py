@@ -8,6 +8,7 @@ the session to a cold worker of its own (see ``SessionManager.create``).
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any
 
@@ -169,10 +170,40 @@ def base_conf(settings: Settings, java_options: str) -> dict[str, str]:
     return conf
 
 
-def overlay(base: dict[str, str], own: dict[str, str]) -> dict[str, str]:
-    """The session's conf over the base; JVM options are appended, not replaced."""
-    merged = {**base, **own}
+def overlay(base: dict[str, str], *layers: dict[str, str]) -> dict[str, str]:
+    """Each layer's conf over the ones before (the session's over its application's over the base);
+    JVM options are appended, not replaced."""
+    merged = dict(base)
     key = "spark.driver.extraJavaOptions"
-    if key in base and key in own:
-        merged[key] = merge_java_options(base[key], own[key])
+    for own in layers:
+        options = merge_java_options(merged[key], own[key]) if key in merged and key in own else None
+        merged.update(own)
+        if options is not None:
+            merged[key] = options
     return merged
+
+
+_LIST_KEYS = frozenset({*_LIST_FIELDS.values(), "spark.jars.packages", "spark.jars.excludes", "spark.jars.repositories"})
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)b?\s*$", re.IGNORECASE)
+
+
+def _same(key: str, wanted: str, has: str | None) -> bool:
+    """Whether a driver with ``has`` for ``key`` already is what ``wanted`` asks (2g is 2048m; a list
+    of jars in another order is the same list)."""
+    if has is None:
+        return False
+    if key in MEMORY_KEYS:
+        a, b = _SIZE.match(wanted), _SIZE.match(has)
+        if a and b:
+            scale = {"k": 1, "": 1024, "m": 1024, "g": 1024**2, "t": 1024**3}  # KB; a bare number is MB as Spark reads it
+            return int(a.group(1)) * scale[a.group(2).lower()] == int(b.group(1)) * scale[b.group(2).lower()]
+    if key in _LIST_KEYS:
+        return sorted(x.strip() for x in wanted.split(",") if x.strip()) == sorted(x.strip() for x in has.split(",") if x.strip())
+    return wanted.strip() == has.strip()
+
+
+def beyond_shape(requested: dict[str, str], shape: dict[str, str]) -> dict[str, str]:
+    """The part of a session's conf that its application's drivers do not have already: a session that
+    asks for its application's shape (``driverMemory: 2g`` in an application of 2g drivers) asks for
+    nothing a warm driver lacks."""
+    return {k: v for k, v in requested.items() if not _same(k, v, shape.get(k))}

@@ -49,6 +49,8 @@ class WorkerSpec:
     warmup: bool
     env: dict[str, str] = field(default_factory=dict)
     user: str | None = None  # the Spark user of a cold worker's session (a warm one learns it on activate)
+    application_id: str | None = None  # the application whose pool or session it serves
+    shape: str = ""  # a warm worker's driver shape (a digest of its conf): the pool takes back only its own
 
 
 def describe_worker_exit(code: int | None, adopted: bool) -> str:
@@ -100,6 +102,8 @@ class WorkerProcess:
             "process": record.to_json() if record else None,
             "app_name": self.spec.app_name,
             "warmup": self.spec.warmup,
+            "application_id": self.spec.application_id,
+            "shape": self.spec.shape,
             "started_at": time.time() - (time.monotonic() - self.started_at),
         }
 
@@ -192,7 +196,13 @@ class WorkerProcess:
         process = ChildProcess.adopt(record.get("process"), name=f"worker {worker_id}", stop_timeout=settings.stop_timeout)
         if process is None:
             return None
-        spec = WorkerSpec(conf={}, app_name=str(record.get("app_name") or ""), warmup=bool(record.get("warmup")))
+        spec = WorkerSpec(
+            conf={},
+            app_name=str(record.get("app_name") or ""),
+            warmup=bool(record.get("warmup")),
+            application_id=record.get("application_id"),
+            shape=str(record.get("shape") or ""),
+        )
         worker = cls(settings, spec, worker_id)
         worker.process = process
         worker.adopted = True

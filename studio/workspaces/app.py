@@ -27,7 +27,7 @@ from studio.config import Settings
 from studio.kernel.install import write_kernelspec
 from studio.store import Store
 from studio.web import error_handlers
-from studio.workspaces import applications_routes, audit_routes, routes, ui
+from studio.workspaces import applications_routes, audit_routes, observe, routes, ui
 from studio.workspaces.access import DirectoryIdentity, run_token_guard
 from studio.workspaces import users_routes
 from studio.workspaces.computes import LOCAL, ComputeManager
@@ -62,6 +62,7 @@ def create_app(settings: Settings, url: str = "") -> ASGIApp:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         files.secure_state_dir(settings.state_dir, log)  # 0700, loose modes left by anyone fixed and logged
         settings.root.mkdir(parents=True, exist_ok=True)
+        events = observe.start(app.state, settings)  # GET /events and webhooks: before anything changes state
         store = Store(settings.database_path)
         # Users and their tokens (shared with the embedded session service): a running workspace's
         # kernels and a notebook run act for a person with a token of theirs, revoked when they end.
@@ -88,9 +89,11 @@ def create_app(settings: Settings, url: str = "") -> ASGIApp:
             manager = WorkspaceManager(
                 settings, store, computes, jupyter_dir, jupyter_config_dir, server_url=url, identity=identity
             )
+            manager.events = events
             await manager.recover()
             parts["workspaces"] = manager
             executions = ExecutionManager(settings, store, manager, computes, identity)
+            executions.events = events
             await executions.recover()
             app.state.settings = settings
             app.state.store = store
@@ -111,9 +114,10 @@ def create_app(settings: Settings, url: str = "") -> ASGIApp:
             await computes.close()
             store.close()
             directory.close()
+            await observe.close(app.state)
 
     app = Starlette(
-        routes=[*routes.ROUTES, *ui.ROUTES, *users_routes.ROUTES, *audit_routes.ROUTES, *applications_routes.ROUTES],
+        routes=[*routes.ROUTES, *ui.ROUTES, *users_routes.ROUTES, *audit_routes.ROUTES, *applications_routes.ROUTES, *observe.ROUTES],
         lifespan=lifespan,
         exception_handlers=error_handlers(log),
     )
@@ -126,4 +130,6 @@ def create_app(settings: Settings, url: str = "") -> ASGIApp:
         extra_tokens=kernel_principal,
         oidc=oidc.login_for(settings, token),  # single sign-on, when configured (the session service has none)
     )
-    return audit.middleware(gated, settings, "serve", app.routes, trail)  # outermost: it also records what the gate refuses
+    audited = audit.middleware(gated, settings, "serve", app.routes, trail)  # outermost: it also records what the gate refuses
+    observe.install(app, gated)  # GET /metrics; sign-ins counted on their way to the trail
+    return audited

@@ -50,6 +50,7 @@ from studio.auth.credentials import without_secrets
 from studio.auth.gate import ADMIN, Principal
 from studio.config import Settings
 from studio.errors import ConflictError, ForbiddenError, InvalidRequestError, NotFoundError
+from studio.events import Event, EventBus
 from studio.execution import RunError, inject_parameters, json_safe, read_notebook
 from studio.execution import events as ev
 from studio.process import ChildProcess, describe_exit, python_command
@@ -194,6 +195,7 @@ class ExecutionManager:
         self.identity = identity  # the users' directory: a run's token acting for its owner, quotas
         self._executions: dict[int, Execution] = {}
         self._closing = False
+        self.events: EventBus | None = None  # every status change is published here (GET /events, webhooks)
 
     def _folder(self, execution_id: int) -> Path:
         return self.settings.state_dir / "executions" / str(execution_id)
@@ -393,6 +395,7 @@ class ExecutionManager:
         self.store.insert("executions", row)
         execution = Execution(row, self._folder(execution_id))
         self._executions[execution_id] = execution
+        self._publish(execution, execution.status.value, execution.reason or "", None)
         log.info("execution %s: %s in workspace %s on %s", execution_id, execution.notebook, workspace.name, compute.name)
         self._schedule()
         return execution
@@ -711,6 +714,7 @@ class ExecutionManager:
     def _set(self, execution: Execution, status: ExecutionStatus, reason: str, **fields: Any) -> None:
         check_execution_transition(execution.id, execution.status, status)
         log.info("execution %s: %s -> %s (%s)", execution.id, execution.status.value, status.value, reason)
+        self._publish(execution, status.value, reason, execution.status.value)
         execution.status = status
         execution.reason = reason
         execution.state_changed_at = time.time()
@@ -726,6 +730,10 @@ class ExecutionManager:
 
     def _save(self, execution: Execution, **fields: Any) -> None:
         self.store.update("executions", execution.id, **fields)
+
+    def _publish(self, execution: Execution, new: str, reason: str, old: str | None) -> None:
+        if self.events is not None:
+            self.events.publish(Event("execution", str(execution.id), new, old, reason, name=execution.name or None, owner=execution.owner))
 
 
 def _int(value: Any, default: Any) -> Any:

@@ -52,6 +52,7 @@ from studio.errors import (
     NotFoundError,
     StudioError,
 )
+from studio.events import Event, EventBus
 from studio.process import describe_exit
 from studio.store import Store
 from studio.workspaces import access, folders, git
@@ -165,6 +166,7 @@ class WorkspaceManager:
         self._workspaces: dict[int, Workspace] = {}
         self._creating: set[str] = set()  # names reserved while their repository is cloned
         self._culler: asyncio.Task[None] | None = None
+        self.events: EventBus | None = None  # every state change is published here (GET /events, webhooks)
 
     # -- startup and shutdown --------------------------------------------------------------
 
@@ -221,6 +223,7 @@ class WorkspaceManager:
 
     def _restore(self, workspace: Workspace, state: WorkspaceState, reason: str) -> None:
         """Set a state found at startup; not a transition, so the table does not apply."""
+        self._publish(workspace, state.value, reason)
         workspace.state = state
         workspace.reason = reason
         workspace.state_changed_at = time.time()
@@ -353,6 +356,7 @@ class WorkspaceManager:
             self._creating.discard(name)
         workspace = Workspace(self.store.get("workspaces", workspace_id) or row, self.root)
         self._workspaces[workspace.id] = workspace
+        self._publish(workspace, state.value, reason or "Created.", old=None)
         log.info("workspace %s created in %s (%s)", name, folder, state.value)
         if body.start and state is WorkspaceState.IDLE:
             self.start(workspace.id, actor)
@@ -437,6 +441,7 @@ class WorkspaceManager:
             raise StudioError(f"Deleting the files of workspace '{workspace.name}' failed: {exc}") from None
         self.store.delete("workspaces", workspace.id)
         del self._workspaces[workspace.id]
+        self._publish(workspace, "Deleted", "Deleted" + (" with its files." if remove_files else "; its files are kept."))
         log.info("workspace %s deleted (%s)", workspace.name, "files removed" if remove_files else f"files kept in {folder}")
         return {
             "msg": "deleted",
@@ -820,6 +825,7 @@ class WorkspaceManager:
                 f"Workspace '{workspace.name}' cannot go from {workspace.state.value} to {state.value}."
             )
         log.info("workspace %s: %s -> %s%s", workspace.name, workspace.state.value, state.value, f" ({reason})" if reason else "")
+        self._publish(workspace, state.value, reason)
         workspace.state = state
         workspace.reason = reason
         workspace.state_changed_at = time.time()
@@ -829,6 +835,12 @@ class WorkspaceManager:
 
     def _save(self, workspace: Workspace, **fields: Any) -> None:
         self.store.update("workspaces", workspace.id, **fields)
+
+    def _publish(self, workspace: Workspace, new: str, reason: str | None, old: str | None = "") -> None:
+        """The event of a state change (``old`` "": its current state; None: it is new)."""
+        if self.events is not None:
+            was = workspace.state.value if old == "" else old
+            self.events.publish(Event("workspace", str(workspace.id), new, was, reason or "", name=workspace.name, owner=workspace.owner))
 
     def _state_dir(self, workspace: Workspace) -> Path:
         return self.settings.state_dir / "workspaces" / str(workspace.id)

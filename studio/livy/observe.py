@@ -75,6 +75,9 @@ def _by_id(state: State) -> dict[str, str]:
 
 def application_name(state: State, item: Any, names: dict[str, str] | None = None) -> str:
     """The name of the application a session or job run belongs to (``default`` when it names none)."""
+    named = getattr(item, "application_name", None)
+    if isinstance(named, str) and named:
+        return named
     app = getattr(item, "application", None)
     if app is not None and getattr(app, "name", None):
         return str(app.name)

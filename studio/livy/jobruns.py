@@ -180,7 +180,7 @@ async def start_job_run(request: Request) -> Response:
         owner=caller,
         quota=_quota(request),
         application=application,
-        job=body.model_dump(exclude_none=True),
+        job=body.model_dump(exclude_unset=True, exclude_none=True),  # echoed as the client gave it
         client_token=body.clientToken,
         spark_name=spark_name,
     )

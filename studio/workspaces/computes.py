@@ -366,7 +366,27 @@ class ComputeManager:
 
     async def check(self, compute: Compute) -> dict[str, Any]:
         """The health of a registered compute (with its credentials)."""
+        if compute.application is not None:
+            return await self._application_health(compute)
         return await self.health(compute.url, compute.name, self.authorization(compute))
+
+    async def _application_health(self, compute: Compute) -> dict[str, Any]:
+        """An application's endpoint: its session listing (the endpoint and the credentials work), the
+        service's version from its root (an application's endpoint serves the Livy API of sessions and
+        batches) and, as its status, the application's state and capacity (``GET /applications/{name}``)."""
+        label = f"Compute '{compute.name}' at {compute.url}"
+        auth = self.authorization(compute)
+        local = self.get(LOCAL)
+        version, _, record = await asyncio.gather(
+            self._get_json(local.url, "/version", label, auth),
+            self._get_json(compute.url, "/sessions?size=1", label, auth),
+            self._get_json(local.url, f"/applications/{quote(compute.name, safe='')}", label, auth),
+        )
+        application = record.get("application") if isinstance(record, dict) else None
+        status = None
+        if isinstance(application, dict):
+            status = {key: application.get(key) for key in ("applicationId", "state", "stateDetails", "capacity")}
+        return {"version": version.get("version") if isinstance(version, dict) else None, "status": status}
 
     async def health(self, url: str, name: str = "", auth: str | None = None) -> dict[str, Any]:
         """``/version`` (required), a session listing (so that wrong credentials show now, not at the first

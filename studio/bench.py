@@ -108,9 +108,10 @@ def group_pids(pgid: int) -> list[int]:
 class BenchService:
     """A `studio livy` child process for the bench."""
 
-    def __init__(self, state_dir: Path, pool: int, env: dict[str, str] | None = None) -> None:
+    def __init__(self, state_dir: Path, pool: int, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
         self.state_dir = state_dir
         self.pool = pool
+        self.args = args or []
         self.token = secrets.token_urlsafe(32)  # each bench service has its own; passed in its environment
         self.env = {**os.environ, **(env or {}), "STUDIO_TOKEN": self.token}
         self.launcher: ServiceLauncher
@@ -120,7 +121,7 @@ class BenchService:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.launcher = ServiceLauncher(
             "livy",
-            ["--port", "0", "--pool", str(self.pool), "--state-dir", str(self.state_dir), "--stop-sessions-on-exit"],
+            ["--port", "0", "--pool", str(self.pool), "--state-dir", str(self.state_dir), "--stop-sessions-on-exit", *self.args],
             ready_file=self.state_dir / "ready.json",
             log_path=self.state_dir / "service.log",
             env=self.env,
@@ -360,6 +361,16 @@ def main(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"master": settings.master, "machine": {"cpus": os.cpu_count()}}
     results["cds"] = ensure_cds(settings)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    if args.applications:
+        from studio.bench_applications import applications_figures, print_applications_table
+
+        results["applications"] = applications_figures(args, state_root, log, env)
+        print_applications_table(results["applications"])
+        text = json.dumps(results, indent=2)
+        print(text)
+        if args.json:
+            Path(args.json).write_text(text + "\n")
+        return 0 if results["applications"]["maximum_capacity"]["held"] else 1
     if args.load:
         results["load"] = load_figures(args, state_root, log)
         print_load_table(results["load"])

@@ -363,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead: many notebooks at once (sessions x statements over REST, plus kernels); round trips beside one client alone, and the books",
     )
+    bench.add_argument(
+        "--applications",
+        action="store_true",
+        help="instead: applications (a session of its application's shape warm vs cold, auto-stop and auto-start, "
+        "maximum capacity under 20 concurrent requests)",
+    )
     bench.add_argument("--load-sessions", type=int, default=10, help="sessions of --load, each with a client of its own (default 10)")
     bench.add_argument("--load-statements", type=int, default=100, help="statements each --load client sends (default 100)")
     bench.add_argument("--load-kernels", type=int, default=4, help="PySpark kernels running a notebook during --load (default 4)")

@@ -263,6 +263,10 @@ def _lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
+# Every route of the service (the security tests walk this list: each must refuse a request without credentials).
+ALL_ROUTES = [*ROUTES, *application_routes.ROUTES, *APPLICATION_LIVY_ROUTES, *observe.ROUTES, *jobruns.ROUTES]
+
+
 def create_app(settings: Settings) -> ASGIApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -287,7 +291,7 @@ def create_app(settings: Settings) -> ASGIApp:
             app.state.directory.close()
 
     app = Starlette(
-        routes=[*ROUTES, *application_routes.ROUTES, *APPLICATION_LIVY_ROUTES, *observe.ROUTES, *jobruns.ROUTES],
+        routes=ALL_ROUTES,
         lifespan=lifespan,
         exception_handlers=error_handlers(log),
     )

@@ -419,6 +419,7 @@ class Application:
             "capacity": {"used": self.usage(), "maximum": self.limits(), "initialDrivers": self.initial_capacity},
             "poolHits": self.pool_hits,
             "poolMisses": self.pool_misses,
+            "pool": self.pool.status(),  # its warm drivers (pids, ages), as /studio/status shows the default one's
         }
 
 

@@ -428,5 +428,6 @@ ROUTES = [
 APPLICATION_LIVY_ROUTES = [
     Route(f"/applications/{{application}}{route.path}", route.endpoint, methods=sorted(route.methods or ()))
     for route in ROUTES
-    if route.path.startswith(("/sessions", "/batches"))
+    # and what our own clients ask a Livy endpoint first (is it the studio's? whoami, check, describe)
+    if route.path.startswith(("/sessions", "/batches", "/version", "/studio/"))
 ]

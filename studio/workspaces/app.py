@@ -38,6 +38,10 @@ from studio.workspaces.session_service import EmbeddedSessionService
 
 log = logging.getLogger("studio.workspaces")
 
+# Every route of the server (the security tests walk this list: each must refuse a request without credentials).
+ALL_ROUTES = [*routes.ROUTES, *ui.ROUTES, *users_routes.ROUTES, *audit_routes.ROUTES, *applications_routes.ROUTES, *observe.ROUTES]
+
+
 def create_app(settings: Settings, url: str = "") -> ASGIApp:
     """The workspace server; ``url`` is where it listens (its workspaces' kernels call it back there)."""
     token = settings_token(settings)
@@ -117,7 +121,7 @@ def create_app(settings: Settings, url: str = "") -> ASGIApp:
             await observe.close(app.state)
 
     app = Starlette(
-        routes=[*routes.ROUTES, *ui.ROUTES, *users_routes.ROUTES, *audit_routes.ROUTES, *applications_routes.ROUTES, *observe.ROUTES],
+        routes=ALL_ROUTES,
         lifespan=lifespan,
         exception_handlers=error_handlers(log),
     )

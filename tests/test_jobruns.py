@@ -114,8 +114,7 @@ def test_a_job_run_goes_from_submitted_to_success(http, service, app_id):
     batch = http.get(f"/batches/{run_id}").json()
     assert batch["id"] == int(run_id) and batch["state"] == "success" and batch["appId"] == run["sparkApplicationId"]
     routed = http.get(f"/applications/{APP}/batches/{run_id}")
-    if routed.status_code != 404:  # once the per-application Livy routes are there
-        assert routed.json()["state"] == "success"
+    assert routed.status_code == 200 and routed.json()["state"] == "success", routed.text
     # A finished run has nothing to cancel.
     assert http.delete(f"/applications/{APP}/jobruns/{run_id}").status_code == 409
 
@@ -235,3 +234,41 @@ def test_unknown_applications_runs_and_filters_are_answered_clearly(http):
     assert "'states' must be job run states" in http.get(f"/applications/{APP}/jobruns", params={"states": "DONE"}).json()["msg"]
     assert "createdAtAfter" in http.get(f"/applications/{APP}/jobruns", params={"createdAtAfter": "yesterday"}).json()["msg"]
     assert "maxResults" in http.get(f"/applications/{APP}/jobruns", params={"maxResults": "0"}).json()["msg"]
+
+
+def test_runs_of_an_application_get_its_conf_auto_start_it_and_queue_within_its_maximum(http):
+    created = http.post(
+        "/applications",
+        json={
+            "name": "etl",
+            "runtimeConfiguration": [{"classification": "spark-defaults", "properties": {"spark.sql.shuffle.partitions": "6"}}],
+            "maximumCapacity": {"drivers": 1},
+        },
+    )
+    assert created.status_code == 200, created.text
+    app_id = created.json()["applicationId"]
+    assert http.get("/applications/etl").json()["application"]["state"] == "CREATED"
+    first = http.post("/applications/etl/jobruns", json={"name": "one", "jobDriver": driver("batch_count.py", "5", params=f"--py-files {FILES / 'batch_helper.py'}")})
+    second = http.post(f"/applications/{app_id}/jobruns", json={"name": "two", "jobDriver": driver("batch_count.py", "6", params=f"--py-files {FILES / 'batch_helper.py'}")})
+    assert first.status_code == 200 and second.status_code == 200, (first.text, second.text)
+    assert http.get("/applications/etl").json()["application"]["state"] in ("STARTING", "STARTED")  # auto-started
+    ids = [first.json()["jobRunId"], second.json()["jobRunId"]]
+    assert http.get(f"/applications/etl/jobruns/{ids[1]}").json()["jobRun"]["state"] == "QUEUED"
+    for run_id in ids:
+        run = wait_run_in(http, "etl", run_id)
+        assert run["state"] == "SUCCESS" and run["applicationId"] == app_id, run
+    log = http.get(f"/applications/etl/jobruns/{ids[0]}/log").text
+    assert "spark.sql.shuffle.partitions=6" in log, log[-3000:]
+    # Runs of etl are not the default application's, and the reverse.
+    assert http.get(f"/applications/{APP}/jobruns/{ids[0]}").status_code == 404
+    assert [b["id"] for b in http.get("/applications/etl/batches").json()["sessions"]] == [int(i) for i in ids]
+
+
+def wait_run_in(http, app, run_id, timeout=240):
+    deadline = time.monotonic() + timeout
+    while True:
+        run = http.get(f"/applications/{app}/jobruns/{run_id}").json()["jobRun"]
+        if run["state"] in ("SUCCESS", "FAILED", "CANCELLED"):
+            return run
+        assert time.monotonic() < deadline, run
+        time.sleep(0.3)

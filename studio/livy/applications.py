@@ -606,12 +606,9 @@ class Applications:
             raise InvalidRequestError("Rejected, Reason: initialCapacity's drivers need more memory than maximumCapacity.memory.")
 
     async def create(self, data: Any) -> Application:
-        app = self._add(parse_definition(data))
-        if app.definition.autoStartConfiguration.enabled and app.initial_capacity:
-            # As EMR: an application with pre-initialized capacity is started right away only on request;
-            # here auto-start covers the first session or job run, so nothing starts yet.
-            pass
-        return app
+        # As in EMR, a new application is CREATED and holds nothing: it starts on request, or with the
+        # first session or job run when auto-start is on.
+        return self._add(parse_definition(data))
 
     def _replace_definition(self, app: Application, definition: ApplicationDefinition) -> None:
         app.definition = definition
@@ -734,25 +731,6 @@ class Applications:
         for app in self._apps.values():
             app.pool.wake()
 
-    async def wait_for_room(self, app: Application, memory: int, cores: float, timeout: float | None = None) -> bool:
-        """Wait until one more driver fits (job runs queue this way); False on timeout."""
-        async def fits() -> bool:
-            return app.room_for(memory, cores) is None or (
-                app.room_for(memory, cores, counting_warm=False) is None and app.pool.release_one()
-            )
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        async with self._room:
-            while not await fits():
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                try:
-                    await asyncio.wait_for(self._room.wait(), min(remaining or 5.0, 5.0))
-                except asyncio.TimeoutError:
-                    pass
-        return True
-
     def touch(self, app: Application) -> None:
         """Work in ``app`` ended or began: its idle time starts again from now."""
         app.idle_since = time.monotonic()
@@ -787,8 +765,6 @@ class Applications:
     def pools(self) -> builtins.list[WorkerPool]:
         return [a.pool for a in self._apps.values()]
 
-    def by_pool_shape(self) -> dict[str, Application]:
-        return {a.id: a for a in self._apps.values()}
 
 
 def read_declarations(path: Path) -> builtins.list[ApplicationDefinition]:

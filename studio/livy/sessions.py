@@ -502,9 +502,14 @@ class SessionManager:
             if await self._activate_for(session, app, worker, spark_conf):
                 return worker, None
             return None, None
-        transfer = app.pool.unclaimed_starting()  # that driver is counted already; a new one must fit
-        if not transfer and app.room_for(session.driver_memory_mb, session.driver_cores) is not None:
-            return None, None
+        if not app.pool.unclaimed_starting():  # that driver is counted already; a new one must fit
+            held = self._pending.pop(session.id, None)  # (the session's own place is the one asked about)
+            try:
+                if app.room_for(session.driver_memory_mb, session.driver_cores) is not None:
+                    return None, None
+            finally:
+                if held is not None:
+                    self._pending[session.id] = held
         return None, app.pool.claim()
 
     async def _activate_for(self, session: Session, app: Application, worker: WorkerProcess, spark_conf: dict[str, str]) -> bool:

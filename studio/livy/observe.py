@@ -29,19 +29,15 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any, Iterator, cast
+from typing import Any, Iterator
 
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.datastructures import State
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from studio import metrics
-from studio.errors import InvalidRequestError
-from studio.events import Event, EventBus, EventStream, Webhooks, kinds_param, server_stopping
+from studio.events import Event, EventBus, Webhooks, server_stopping
 from studio.livy.access import Parties
 from studio.livy.models import SessionState
 
@@ -249,24 +245,4 @@ def may_see(state: State, caller: Any, event: Event) -> bool:
     return event.owner is not None and event.owner == caller.name
 
 
-async def metrics_endpoint(request: Request) -> Response:
-    return metrics.metrics_response(request.app.state.metrics)
-
-
-async def events_endpoint(request: Request) -> Response:
-    try:
-        kinds = kinds_param(request.query_params.get("kinds"))
-    except ValueError as exc:
-        raise InvalidRequestError(str(exc)) from None
-    state, caller = request.app.state, request.user
-
-    def visible(event: Event) -> bool:
-        return (kinds is None or event.kind in kinds) and may_see(state, caller, event)
-
-    return cast(Response, EventStream(state.events, visible))
-
-
-ROUTES = [
-    Route("/metrics", metrics_endpoint, methods=["GET"]),
-    Route("/events", events_endpoint, methods=["GET"]),
-]
+ROUTES = metrics.observability_routes(may_see)

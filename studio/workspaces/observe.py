@@ -17,19 +17,16 @@ its owner and collaborators, an execution's to its owner and whoever may see its
 from __future__ import annotations
 
 from collections import Counter as Tally
-from typing import TYPE_CHECKING, Any, Iterator, cast
+from typing import TYPE_CHECKING, Any, Iterator
 
 from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.datastructures import State
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from studio import metrics
-from studio.errors import InvalidRequestError, NotFoundError
-from studio.events import Event, EventBus, EventStream, Webhooks, kinds_param, server_stopping
+from studio.errors import NotFoundError
+from studio.events import Event, EventBus, Webhooks, server_stopping
 from studio.workspaces import access
 from studio.workspaces.models import ExecutionStatus, WorkspaceState
 
@@ -125,24 +122,4 @@ def may_see(state: State, actor: Any, event: Event) -> bool:
     return event.owner is not None and event.owner == actor.name
 
 
-async def metrics_endpoint(request: Request) -> Response:
-    return metrics.metrics_response(request.app.state.metrics)
-
-
-async def events_endpoint(request: Request) -> Response:
-    try:
-        kinds = kinds_param(request.query_params.get("kinds"))
-    except ValueError as exc:
-        raise InvalidRequestError(str(exc)) from None
-    state, actor = request.app.state, request.user
-
-    def visible(event: Event) -> bool:
-        return (kinds is None or event.kind in kinds) and may_see(state, actor, event)
-
-    return cast(Response, EventStream(state.events, visible))
-
-
-ROUTES = [
-    Route("/metrics", metrics_endpoint, methods=["GET"]),
-    Route("/events", events_endpoint, methods=["GET"]),
-]
+ROUTES = metrics.observability_routes(may_see)

@@ -659,6 +659,7 @@ class Applications:
         full = await app.pool.wait_until_settled(timeout) if app.initial_capacity else True
         async with app.transition_lock:
             if app.state is S.STARTING:
+                app.idle_since = time.monotonic()  # a full idle period from when its capacity is up
                 if not full:
                     reason += f"; not all its warm drivers are up ({app.pool.last_error or 'no room or still starting'})"
                 self._set_state(app, S.STARTED, reason)

@@ -102,7 +102,8 @@ class WorkerPool:
         claim: asyncio.Future[WorkerProcess] = asyncio.get_running_loop().create_future()
         self._claims.append(claim)
         if self._starting is not None:
-            self._starting.renice(0)  # a session waits for it now
+            self._starting.renice(0)  # a session waits for it now: full priority, no more warm-up
+            self._starting.hurry()
         self._wanted.set()
         return claim
 
@@ -274,6 +275,8 @@ class WorkerPool:
     async def _start_one(self) -> None:
         worker = self._new_worker()
         self._starting = worker
+        if self._claims:
+            worker.hurry()  # sent with its start message
         try:
             await worker.start(nice=0 if self._claims else self.settings.pool_nice)
             await worker.wait_ready()

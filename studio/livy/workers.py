@@ -90,6 +90,7 @@ class WorkerProcess:
         self._stopping = False  # stop() was called: a start still under way must not leave a process
         self._spawning = False
         self._spawned = asyncio.Event()
+        self._hurry_on_connect = False
 
     @property
     def pid(self) -> int | None:
@@ -180,6 +181,8 @@ class WorkerProcess:
                 "session": self.session_id,
             }
         )
+        if self._hurry_on_connect:  # claimed before it could be told
+            self._send({"op": "hurry"})
 
     async def _connect(self) -> None:
         with protocol.socket_address(self.workdir) as address:
@@ -309,6 +312,13 @@ class WorkerProcess:
             self._send({"op": "ack", "id": statement_id})
         except (ConnectionError, OSError):
             pass
+
+    def hurry(self) -> None:
+        """A session waits for this starting pool worker: it skips the rest of its warm-up."""
+        try:
+            self._send({"op": "hurry"})
+        except (ConnectionError, OSError):
+            self._hurry_on_connect = True
 
     def cancel(self, statement_id: int) -> None:
         try:

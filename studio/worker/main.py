@@ -174,6 +174,7 @@ class Worker:
     def __init__(self, listener: socket.socket, orphan_timeout: float) -> None:
         self.config: dict[str, Any] = {}
         self.started = threading.Event()  # the start message arrived
+        self.hurry = threading.Event()  # a session waits for this pool worker: no (more) warm-up
         self.queue: queue.Queue[dict[str, Any]] = queue.Queue()
         self.main_thread: int = threading.main_thread().ident or 0  # started, so never None
         self.current: int | None = None  # statement running on the main thread
@@ -268,6 +269,8 @@ class Worker:
         deadline = time.monotonic() + budget
         self.sc.setJobGroup("warm-up", "warm-up of a pooled session", True)
         for i in range(120):
+            if self.hurry.is_set():  # a session waits: its first statement pays the first job, as a cold one's does
+                break
             self.spark.range(1).count()
             if i % 3 == 0:
                 self.spark.sql("SELECT 1").collect()
@@ -278,7 +281,8 @@ class Worker:
             self.sc.setLocalProperty(key, None)  # type: ignore[arg-type]
         # The warm-up's garbage would otherwise stay in the heap while the worker waits idle.
         assert self.sc._jvm is not None  # set once the context is up
-        self.sc._jvm.System.gc()
+        if not self.hurry.is_set():
+            self.sc._jvm.System.gc()
 
     # -- threads ----------------------------------------------------------------------------
 
@@ -308,6 +312,8 @@ class Worker:
             if not self.started.is_set():
                 self.config = message
                 self.started.set()
+        elif op == "hurry":
+            self.hurry.set()
         elif op == "attach":
             self._attach()
         elif op == "ack":

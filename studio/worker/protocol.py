@@ -23,6 +23,7 @@ service → worker
     ``cancel``    {id}: stop that statement's Spark jobs and interrupt its Python code
     ``complete``  {req, code, cursor}: completion candidates for the text before ``cursor``
     ``inspect``   {req, code, cursor, detail_level}: type, signature and docstring at ``cursor``
+    ``hurry``     {}: a session waits for this starting pool worker: cut its warm-up short
     ``shutdown``  {}: stop Spark and exit
 
 worker → service

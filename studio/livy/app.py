@@ -79,9 +79,13 @@ class Service:
         files.secure_state_dir(settings.state_dir, log)  # 0700, loose modes left by anyone fixed and logged
         self._lock = _lock_state_dir(settings.state_dir)
         self.store = Store(settings.database_path)
-        closed = self.store.mark_unfinished("batches", "dead", "the service stopped before it finished")
-        if closed:
-            log.info("marked %d batches of an earlier run dead", closed)
+        # Batches (job runs) do not outlive the service: their records say so in both views (Livy's and EMR's).
+        unfinished = self.store.unfinished("batches")
+        for row in unfinished:
+            reason = "the service stopped before it finished"
+            self.store.update("batches", row["id"], state="dead", run_state="FAILED", state_details=reason, reason=reason, ended_at=time.time())
+        if unfinished:
+            log.info("marked %d batches (job runs) of an earlier run failed", len(unfinished))
         self.cds = CdsArchive(settings)
         self.events = EventBus()
         self.applications = Applications(settings, self.store, self._pool_for, self.events)

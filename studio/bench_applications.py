@@ -165,7 +165,11 @@ def applications_figures(args: argparse.Namespace, state_root: Path, log: Any, e
                 "auto_start_first_result_s": auto_start[0],
                 "auto_start_over_plain_pyspark": auto_start[0] / statistics.median(plain),
             }
-            napper.wait(lambda a: a["state"] == "STOPPED" or a["capacity"]["used"]["sessions"] == 0, timeout=60)
+            napper.wait(lambda a: a["capacity"]["used"]["sessions"] == 0, timeout=60)
+            napper.stop()  # its refill would be counted among tiny's driver processes below
+            deadline = time.monotonic() + 120
+            while _workers(service) and time.monotonic() < deadline:
+                time.sleep(0.2)
 
             # 3. Maximum capacity under 20 concurrent requests.
             tiny.start()

@@ -50,6 +50,7 @@ log = logging.getLogger("studio.livy.applications")
 DEFAULT = "default"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ID_ALPHABET = string.ascii_lowercase + string.digits
+_ID = re.compile(r"^00[a-z0-9]{14}$")
 _CPU = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:vCPU)?\s*$", re.IGNORECASE)
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)b?\s*$", re.IGNORECASE)
 _MEMORY_UNITS = {"k": 1 / 1024, "m": 1, "": 1, "g": 1024, "t": 1024 * 1024}  # to MB (a bare number is MB, as Spark reads it)
@@ -196,6 +197,8 @@ class ApplicationDefinition(_Part):
     def _name(cls, value: str) -> str:
         if not _NAME.match(value):
             raise ValueError("an application name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        if _ID.match(value):  # routes take a name or an id: a name must never read as an id
+            raise ValueError("an application name must not look like an application id (00 and 14 letters or digits)")
         return value
 
     @field_validator("type")
@@ -450,7 +453,6 @@ class Applications:
         self._new_pool = new_pool
         self.events = events
         self._apps: dict[str, Application] = {}
-        self._room = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
         # Set by the session manager: the (driver MB, cores) of an application's live sessions, and
         # whether any session is running a statement (a refill waits for quiet).
@@ -726,9 +728,8 @@ class Applications:
         raise TooManySessionsError(f"Rejected, Reason: application '{app.name}' has no room for another driver: {why}.")
 
     async def notify_room(self) -> None:
-        """Something let go of capacity: queued job runs and the pools look again."""
-        async with self._room:
-            self._room.notify_all()
+        """Something let go of capacity: the pools look again whether a refill fits (queued job runs
+        look again on their own, every second and when a run ends)."""
         for app in self._apps.values():
             app.pool.wake()
 

@@ -236,7 +236,6 @@ class Session:
             "proxyUser": self.spark_user,  # as Livy with impersonation on: whom the driver runs as
             "state": self.state.value,
             "kind": self.kind.value,
-            "application": self.application_name,  # an extension: the application it runs in
             "appInfo": {
                 "driverLogUrl": f"{base_url}ui/session/{self.id}/log",
                 "sparkUiUrl": self.spark_ui_url,

@@ -66,7 +66,7 @@ def service(test_root):
         "applications-service",
         # A second of JIT warm-up per pooled driver (10 by default): the tests time nothing, and each saved
         # second is a core's on a 2-core machine.
-        env={"STUDIO_POOL_SIZE": "0", "STUDIO_CULL_INTERVAL": "1", "STUDIO_STOP_SESSIONS_ON_EXIT": "false", "STUDIO_POOL_WARMUP_SECONDS": "1"},
+        env={"STUDIO_POOL_SIZE": "0", "STUDIO_CULL_INTERVAL": "1", "STUDIO_STOP_SESSIONS_ON_EXIT": "false", "STUDIO_POOL_WARMUP_SECONDS": "1", "STUDIO_WORKER_START_TIMEOUT": "600"},
         args=["--applications", str(folder / "applications.json")],
     )
     yield svc
@@ -92,7 +92,7 @@ def application(http, name):
     return response.json()["application"]
 
 
-def wait_application(http, name, states, timeout=240, warm=None):
+def wait_application(http, name, states, timeout=600, warm=None):
     deadline = time.monotonic() + timeout
     while True:
         app = application(http, name)
@@ -102,7 +102,7 @@ def wait_application(http, name, states, timeout=240, warm=None):
         time.sleep(0.3)
 
 
-def wait_session(http, base, session_id, states=("idle",), timeout=300):
+def wait_session(http, base, session_id, states=("idle",), timeout=600):
     deadline = time.monotonic() + timeout
     while True:
         session = http.get(f"{base}/sessions/{session_id}").json()
@@ -234,7 +234,7 @@ def test_auto_stop_releases_the_warm_driver_and_the_next_request_auto_starts(htt
     http.post("/applications/napper/start")
     started = wait_application(http, "napper", ("STARTED",), warm=1)
     assert started["capacity"]["used"]["warm"] == 1
-    stopped = wait_application(http, "napper", ("STOPPED",), timeout=60)
+    stopped = wait_application(http, "napper", ("STOPPED",), timeout=120)
     assert "idle" in stopped["stateDetails"] and stopped["capacity"]["used"]["drivers"] == 0
 
     # The next session starts the application again and gets the driver its pool starts (one JVM, not two).

@@ -302,3 +302,15 @@ class Webhooks:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+
+async def close_server(state: Any) -> None:
+    """A server stops (either one): open event streams end, its bus closes, its webhooks stop (what
+    they hold is dropped)."""
+    server_stopping()
+    bus = getattr(state, "events", None)
+    if bus is not None:
+        bus.close()
+    webhooks = getattr(state, "webhooks", None)
+    if webhooks is not None:
+        await webhooks.close()

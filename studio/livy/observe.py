@@ -37,7 +37,7 @@ from prometheus_client.registry import Collector
 from starlette.datastructures import State
 
 from studio import metrics
-from studio.events import Event, EventBus, Webhooks, server_stopping
+from studio.events import close_server, Event, EventBus, Webhooks
 from studio.livy.access import Parties
 from studio.livy.models import SessionState
 
@@ -215,15 +215,8 @@ def install(state: State) -> None:
 
 
 async def close(state: State) -> None:
-    """At the service's stop: open event streams end, the bus closes, the webhooks stop (what they
-    hold is dropped)."""
-    server_stopping()
-    bus = getattr(state, "events", None)
-    if bus is not None:
-        bus.close()
-    webhooks = getattr(state, "webhooks", None)
-    if webhooks is not None:
-        await webhooks.close()
+    """At the server's stop (``studio.events.close_server``)."""
+    await close_server(state)
 
 
 # -- routes -----------------------------------------------------------------------------------

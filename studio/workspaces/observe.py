@@ -26,7 +26,7 @@ from starlette.datastructures import State
 
 from studio import metrics
 from studio.errors import NotFoundError
-from studio.events import Event, EventBus, Webhooks, server_stopping
+from studio.events import close_server, Event, EventBus, Webhooks
 from studio.workspaces import access
 from studio.workspaces.models import ExecutionStatus, WorkspaceState
 
@@ -91,14 +91,8 @@ def start(state: State, settings: "Settings") -> EventBus:
 
 
 async def close(state: State) -> None:
-    """At the server's stop: open event streams end, the bus closes, the webhooks stop."""
-    server_stopping()
-    bus = getattr(state, "events", None)
-    if bus is not None:
-        bus.close()
-    webhooks = getattr(state, "webhooks", None)
-    if webhooks is not None:
-        await webhooks.close()
+    """At the server's stop (``studio.events.close_server``)."""
+    await close_server(state)
 
 
 # -- routes -----------------------------------------------------------------------------------

@@ -6,13 +6,18 @@ its own pool paid that again. A module takes it through ``shared_service``, whic
 warm workers the module counts on and, at the module's end, deletes the sessions and batches the
 module left, so the next module finds the service as this one did. Modules whose tests need their
 own settings (limits, timeouts, misbehaving workers, another working folder) start their own.
+
+Every service's drivers use one class-data archive (``class_data_archive``), and the modules start
+heaviest first (``pytest_collection_modifyitems``), so that the two test processes end together.
 """
 
+import asyncio
+import threading
 from collections.abc import Iterator
 
 import pytest
 
-from helpers import ServiceProcess
+from helpers import CACHE_DIR, ServiceProcess
 
 WARM_POOL = 2  # warm workers of the shared service
 
@@ -82,3 +87,59 @@ def no_process_left_behind(test_root):
 
     left = processes_under(test_root)
     assert not left, f"processes left behind: {left}"
+
+
+# Modules heaviest first (their minutes in a full run on 2 cores, roughly: JVMs to start, timeouts
+# to run out), then the rest in their usual order, the fast tier's seconds-long ones filling the end.
+# scripts/test.sh deals modules out to two processes (--dist loadfile), each taking the next when it
+# is nearly done with its own: a heavy module dealt out last would leave the other process idle for
+# its whole length. xdist's own order (most tests first) would deal the heaviest, which have few
+# tests, last; pytest_configure turns that off.
+HEAVIEST_FIRST = (
+    "test_load.py",
+    "test_applications.py",
+    "test_restart.py",
+    "test_executions.py",
+    "test_livy_api.py",
+    "test_kernel.py",
+    "test_batches.py",
+    "test_studio_browser.py",
+    "test_jobruns.py",
+    "test_workspaces_api.py",
+    "test_hardening.py",
+    "test_run.py",
+    "test_livy_access.py",
+    "test_standalone_cluster.py",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's --loadscope-reorder (on by default)
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: n for n, name in enumerate(HEAVIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module's own order stays
+
+
+@pytest.fixture(scope="session", autouse=True)
+def class_data_archive(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The class-data archive (AppCDS) every test service's drivers use (helpers.CACHE_DIR), built
+    in the background at the start of the first run that starts services, as `studio livy` itself
+    would on its first start (but at normal priority: a driver started meanwhile goes without it).
+    Kept between runs; the run that builds it waits for the build at its end (a minute or two)."""
+    if all(item.path.parent.name == "fast" for item in request.session.items):
+        yield
+        return
+    from studio.config import Settings
+    from studio.livy.cds import CdsArchive
+
+    archive = CdsArchive(Settings(cds=True, cache_dir=CACHE_DIR))
+    builder = None
+    if archive.enabled and not archive.exists():  # another test process may be building it: then this one's build returns at once
+        builder = threading.Thread(target=lambda: asyncio.run(archive.build(nice=0)), name="class-data archive", daemon=True)
+        builder.start()
+    yield
+    if builder is not None:
+        builder.join(660)

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import psutil
 
-from helpers import REPO, auth_headers, processes_under
+from helpers import CACHE_DIR, REPO, auth_headers, processes_under
 from kernelhelpers import Result
 from studio.errors import ServiceStartError
 from studio.launcher import ServiceLauncher
@@ -45,8 +45,8 @@ class StudioProcess:
         self.state_dir = folder / "state"
         self.env = {
             **os.environ,
-            "STUDIO_CDS": "false",
-            "STUDIO_CACHE_DIR": str(folder / "cache"),
+            "STUDIO_CDS": "true",
+            "STUDIO_CACHE_DIR": str(CACHE_DIR),  # the suite's one class-data archive (helpers.CACHE_DIR)
             # Its session service stops what it started; a test of restarts keeps sessions with "false".
             "STUDIO_STOP_SESSIONS_ON_EXIT": "true",
             **(env or {}),

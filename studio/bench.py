@@ -371,6 +371,16 @@ def main(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(text + "\n")
         return 0 if results["applications"]["maximum_capacity"]["held"] else 1
+    if args.density:
+        from studio.bench_density import density_figures, density_ok, print_density_table
+
+        results["density"] = density_figures(args, state_root, log)
+        print_density_table(results["density"])
+        text = json.dumps(results, indent=2)
+        print(text)
+        if args.json:
+            Path(args.json).write_text(text + "\n")
+        return 0 if density_ok(results["density"]) else 1
     if args.load:
         results["load"] = load_figures(args, state_root, log)
         print_load_table(results["load"])

@@ -369,6 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: applications (a session of its application's shape warm vs cold, auto-stop and auto-start, "
         "maximum capacity under 20 concurrent requests)",
     )
+    bench.add_argument(
+        "--density",
+        action="store_true",
+        help="instead: shared-driver sessions (Spark Connect) vs dedicated drivers: memory of N idle sessions, a new "
+        "session's first result from the warm pool and with an empty one, N sessions aggregating at once, paired statement latency",
+    )
+    bench.add_argument("--sessions", type=int, default=50, help="idle shared sessions of --density (default 50)")
+    bench.add_argument("--dedicated-sessions", type=int, default=3, help="dedicated sessions --density measures beside them (default 3)")
+    bench.add_argument("--latency-rounds", type=int, default=7, help="paired shared/dedicated rounds of --density's statement latency (default 7)")
+    bench.add_argument("--settle-seconds", type=float, default=15.0, help="--density: idle seconds before memory is measured (default 15)")
+    bench.add_argument("--wave", type=int, default=10, help="--density: sessions asked for at once while the N are created (default 10)")
     bench.add_argument("--load-sessions", type=int, default=10, help="sessions of --load, each with a client of its own (default 10)")
     bench.add_argument("--load-statements", type=int, default=100, help="statements each --load client sends (default 100)")
     bench.add_argument("--load-kernels", type=int, default=4, help="PySpark kernels running a notebook during --load (default 4)")

@@ -28,7 +28,7 @@ from pathlib import Path
 from collections import OrderedDict
 from typing import Any, Callable, TextIO
 
-from studio.worker import identity, lean, protocol
+from studio.worker import identity, lean, protocol, shared
 from studio.worker.helpers import StudioHelpers, completions, inspection
 from studio.worker.packages import SessionPackages, bind_to_context
 from studio.worker.progress import ProgressReporter, job_group
@@ -191,6 +191,11 @@ class Worker:
         self.cancelled_early: set[int] = set()  # cancelled before they started
         self.started_ms: dict[int, int] = {}  # when each statement it has not forgotten started (epoch ms)
         self.output: OutputStream | None = None
+        # Set by start_spark: a classic session or a Connect one, and what goes with it.
+        self.spark: Any
+        self.sc: Any  # the SparkContext, or shared.SharedContext
+        self.progress: ProgressReporter | shared.ConnectProgress
+        self.shared = False  # a Spark Connect session on the user's shared driver (mode "shared"), no JVM of its own
         self.link = Link(listener, self._on_message, orphan_timeout, self._orphaned)
 
     def send(self, message: dict[str, Any]) -> None:
@@ -204,6 +209,9 @@ class Worker:
 
     def start_spark(self) -> None:
         started = time.monotonic()
+        if self.config.get("mode") == "shared":
+            self._start_shared(started)
+            return
         lean.patch_numpy_converters()
         from pyspark.sql import SparkSession, SQLContext
 
@@ -260,6 +268,50 @@ class Worker:
             self.ready_message = ready
             self.send(ready)
 
+    def _start_shared(self, started: float) -> None:
+        """A Spark Connect session on the user's shared driver: no JVM here, ``sc`` only for packages."""
+        config = self.config
+        self.shared = True
+        self.jvm = None
+        self.spark = shared.connect(config)
+        shared.install_readable_errors()
+        if config.get("user"):
+            self.user = str(config["user"])
+        if config.get("session") is not None:
+            self.session = int(config["session"])
+        shared.apply_conf(self.spark, dict(config.get("conf") or {}), log)
+        signal.signal(signal.SIGINT, self._on_sigint)
+        packages = SessionPackages(None, Path.cwd(), connect_session=self.spark)
+        self.sc = shared.SharedContext(packages)
+        main = types.ModuleType("__main__")
+        # sqlContext is the session itself: its sql/table/read are what old notebooks call on it.
+        main.__dict__.update({"__builtins__": builtins, "spark": self.spark, "sc": self.sc, "sqlContext": self.spark})
+        sys.modules["__main__"] = main
+        self.namespace = main.__dict__
+        self.repl = PythonRepl(self.namespace, int(config.get("max_output_bytes", 10 * 1024 * 1024)))
+        self.namespace["__studio__"] = StudioHelpers(
+            self.spark, Path.cwd() / RESULTS_DIR, lambda: self.current, self.repl.publish, packages
+        )
+        if config.get("warmup"):
+            shared.warm_up(self.spark, self.hurry, float(config.get("warmup_seconds", 10.0)))
+        self.progress = shared.ConnectProgress(self.spark, self.send)
+        self.output = OutputStream(self.send, self.repl.max_output_bytes, lock=self.lock)
+        seconds = time.monotonic() - started
+        log(f"Spark Connect session {self.spark.session_id} on the shared driver of app {config.get('app_id')} ready in {seconds:.1f}s")
+        ready = {
+            "op": "ready",
+            "mode": "shared",
+            "app_id": config.get("app_id"),
+            "spark_ui_url": config.get("spark_ui_url"),
+            "spark_version": self.spark.version,
+            "jvm_pid": None,
+            "python_pid": os.getpid(),
+            "startup_seconds": seconds,
+        }
+        with self.lock:
+            self.ready_message = ready
+            self.send(ready)
+
     def _warm_up(self, budget: float) -> None:
         """Run small jobs until the JIT has compiled the job path (or the budget is spent).
 
@@ -278,7 +330,7 @@ class Worker:
                 break
         for key in ("spark.jobGroup.id", "spark.job.description"):
             # None removes the property, as Spark documents; pyspark's annotation says str only.
-            self.sc.setLocalProperty(key, None)  # type: ignore[arg-type]
+            self.sc.setLocalProperty(key, None)
         # The warm-up's garbage would otherwise stay in the heap while the worker waits idle.
         assert self.sc._jvm is not None  # set once the context is up
         if not self.hurry.is_set():
@@ -409,7 +461,10 @@ class Worker:
             if cancelled:
                 raise KeyboardInterrupt
             first_line = code.strip().splitlines()[0][:120] if code.strip() else ""
-            self.sc.setJobGroup(job_group(statement_id), self._job_description(statement_id, first_line, message.get("user")), True)
+            if self.shared:
+                self.spark.addTag(shared.statement_tag(statement_id))
+            else:
+                self.sc.setJobGroup(job_group(statement_id), self._job_description(statement_id, first_line, message.get("user")), True)
             self.progress.begin(statement_id)
             self.output.begin(statement_id)
             self.in_user_code = True
@@ -426,6 +481,10 @@ class Worker:
             self.in_user_code = False
             self.cancel_target = None
             self.progress.end()
+            if self.shared:
+                self._end_shared_statement(statement_id)
+        if self.shared:
+            output = shared.explain_failure(output, str(self.config.get("connect_url", "")))
         result = {"op": "result", "id": statement_id, "output": output}
         with self.lock:
             self.current = None
@@ -434,6 +493,15 @@ class Worker:
             self.statements[statement_id] = "done"
             self.unacked[statement_id] = {"result": result, "stream": stream, "unstreamed": unstreamed}
             self.send(result)
+
+    def _end_shared_statement(self, statement_id: int) -> None:
+        """The statement's tag off the session's operations (a statement may have added tags of its own)."""
+        tag = shared.statement_tag(statement_id)
+        try:
+            if tag in self.spark.getTags():  # absent when the statement was cancelled before it started
+                self.spark.removeTag(tag)
+        except Exception as exc:  # noqa: BLE001 - a client-side set; never fails the statement
+            log(f"removing the statement's tag failed: {type(exc).__name__}: {exc}")
 
     def _job_description(self, statement_id: int, first_line: str, sender: Any = None) -> str:
         """What the Spark UI shows for a statement's jobs: who sent it (else the session's Spark user),
@@ -454,7 +522,9 @@ class Worker:
             self.send({"op": "activated", "ok": False, "static": [], "error": str(exc)})
             return
         user = message.get("user")
-        if user and not static:
+        if user and not static and self.shared:
+            self.user = str(user)  # the shared driver already runs as its user: nothing to become
+        elif user and not static:
             try:
                 identity.become(self.spark, str(user), log)
             except Exception as exc:  # noqa: BLE001 - the service starts a cold worker instead
@@ -506,7 +576,10 @@ class Worker:
         last_interrupt = 0.0
         while self.current == statement_id and time.monotonic() < deadline:
             try:
-                self.sc.cancelJobGroup(job_group(statement_id))
+                if self.shared:
+                    self.spark.interruptTag(shared.statement_tag(statement_id))  # this session's operations only
+                else:
+                    self.sc.cancelJobGroup(job_group(statement_id))
             except Exception:  # noqa: BLE001, S110 - tried again in 100 ms, then the interrupt follows
                 pass
             now = time.monotonic()

@@ -14,6 +14,10 @@ from inside a virtualenv it means the *base* interpreter's packages, not the ser
 The session's site-packages go first on the driver's ``sys.path`` and onto the ``PYTHONPATH``
 that PySpark hands to executors' Python workers with every task (``sc.environment``), so UDFs
 import it too, in local mode and on a standalone cluster on the same host.
+
+A shared-driver session (Spark Connect) has no ``sc.environment``: after each change its own
+site-packages go to the server as a zip, a Connect ``pyfile`` artifact of this session only, under
+a new name every time (Connect refuses other content under a name it has).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import re
 import subprocess
 import sys
 import sysconfig
+import time
+import zipfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -34,9 +40,11 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class SessionPackages:
-    def __init__(self, sc: Any, root: Path) -> None:
+    def __init__(self, sc: Any, root: Path, connect_session: Any = None) -> None:
         self.sc = sc
         self.venv = root / ".studio-venv"
+        self.connect_session = connect_session  # a shared-driver session: UDFs see packages through artifacts
+        self._published: list[tuple[str, int]] | None = None  # site-packages as last sent to the server
 
     # -- EMR's API ----------------------------------------------------------------------------
 
@@ -59,6 +67,9 @@ class SessionPackages:
         if not isinstance(package, str) or not _NAME.match(package.strip()):
             raise ValueError(f"invalid package name: {package!r}")
         self.pip(["uninstall", "-y", package.strip()])
+        if self.connect_session is not None:
+            print("Note: the shared driver keeps every package artifact a session sent (Spark Connect cannot remove "
+                  "one), so UDFs of this session may still import the uninstalled package until the session ends.", flush=True)
 
     def list_packages(self) -> None:
         """Print the packages this session sees: the base environment's and its own."""
@@ -100,7 +111,7 @@ class SessionPackages:
         if not python.exists():
             venv = [sys.executable, "-P", "-m", "venv", "--without-pip", str(self.venv)]
             subprocess.run(venv, check=True, capture_output=True)  # noqa: S603 - a fixed command
-            layer = Path(self.site_packages()) / "_studio_session_base.pth"
+            layer = Path(self.site_packages()) / _BASE_LAYER
             layer.write_text(_base_layer(exclude=str(self.venv)))
         return python
 
@@ -113,9 +124,47 @@ class SessionPackages:
         if site not in sys.path:
             sys.path.insert(0, site)
         importlib.invalidate_caches()
+        if self.connect_session is not None:
+            self._publish_artifact(Path(site))
+            return
         paths = [p for p in self.sc.environment.get("PYTHONPATH", "").split(os.pathsep) if p]
         if site not in paths:
             self.sc.environment["PYTHONPATH"] = os.pathsep.join([site, *paths])
+
+    def _publish_artifact(self, site: Path) -> None:
+        """Send the session's own site-packages (not the base environment) to its Connect session."""
+        state = sorted((entry.name, entry.stat().st_mtime_ns) for entry in site.iterdir())
+        if state == self._published:  # pip list, or nothing changed
+            return
+        own = [entry for entry in site.iterdir() if entry.name not in (_BASE_LAYER, "__pycache__")]
+        folder = self.venv.parent / ".studio-artifacts"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        archive = folder / f"session-packages-{time.time_ns()}.zip"
+        compiled = set()
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as bundle:
+            for entry in own:
+                for path in [entry] if entry.is_file() else sorted(entry.rglob("*")):
+                    if path.is_file() and "__pycache__" not in path.parts:
+                        bundle.write(path, path.relative_to(site))
+                        if path.suffix in (".so", ".pyd"):
+                            compiled.add(entry.name)
+        try:
+            self.connect_session.addArtifacts(str(archive), pyfile=True)
+        except Exception as exc:  # noqa: BLE001 - the driver side has the package; say what UDFs miss
+            print(f"Installed for this session's driver-side Python, but not for its UDFs: the shared driver "
+                  f"refused the package artifact ({type(exc).__name__}: {exc}).", flush=True)
+            return
+        finally:
+            archive.unlink(missing_ok=True)
+        self._published = state
+        if compiled:
+            print(f"Note: {', '.join(sorted(compiled))} contain compiled extensions: importable on the driver side, "
+                  "but UDFs of a shared-driver session load packages from a zip, where Python cannot import "
+                  "compiled modules. Use a DEDICATED application for them.", flush=True)
+        print(f"UDFs of this session import its packages from the artifact {archive.name} (this session only).", flush=True)
+
+
+_BASE_LAYER = "_studio_session_base.pth"
 
 
 def _base_layer(exclude: str) -> str:

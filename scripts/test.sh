@@ -37,6 +37,7 @@ fi
 export STUDIO_SPARKMAGIC_PYTHON="$(cd "$SPARKMAGIC_VENV" && pwd)/bin/python"  # relative or absolute
 
 # Two test processes, a module each at a time (STUDIO_TEST_PROCESSES=0: all in this process, one after another).
+# tests/conftest.py deals the heaviest modules out first, so that both processes end at about the same time.
 # pytest-benchmark, where some machine has it, refuses to run beside xdist with a warning, which
 # this suite turns into an error; the suite has no benchmarks (studio bench measures), so it is off.
 exec "$PYTHON" -m pytest -n "${STUDIO_TEST_PROCESSES:-2}" --dist loadfile -p no:benchmark "$@"

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from helpers import CACHE_DIR, ServiceProcess
+from helpers import CACHE_DIR, DRIVER_JAVA_OPTIONS, ServiceProcess
 
 WARM_POOL = 2  # warm workers of the shared service
 
@@ -135,7 +135,7 @@ def class_data_archive(request: pytest.FixtureRequest) -> Iterator[None]:
     from studio.config import Settings
     from studio.livy.cds import CdsArchive
 
-    archive = CdsArchive(Settings(cds=True, cache_dir=CACHE_DIR))
+    archive = CdsArchive(Settings(cds=True, cache_dir=CACHE_DIR, java_options=DRIVER_JAVA_OPTIONS))
     builder = None
     if archive.enabled and not archive.exists():  # another test process may be building it: then this one's build returns at once
         builder = threading.Thread(target=lambda: asyncio.run(archive.build(nice=0)), name="class-data archive", daemon=True)

@@ -16,7 +16,10 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from conftest import shared_service
-from helpers import REPO, TEST_TOKEN, processes_under
+from helpers import CACHE_DIR, DRIVER_JAVA_OPTIONS, REPO, TEST_TOKEN, processes_under
+
+# A run's embedded service (no --livy-url) starts its driver as the tests' services do (helpers).
+DRIVERS = {"STUDIO_CACHE_DIR": str(CACHE_DIR), "STUDIO_JAVA_OPTIONS": DRIVER_JAVA_OPTIONS}
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +122,7 @@ def test_a_cell_timeout_fails_the_run(service, tmp_path):
 def test_ctrl_c_stops_the_run_and_leaves_nothing_behind(tmp_path):
     """The default path: an embedded service for the run, stopped with everything it started."""
     notebook = write(tmp_path / "long.ipynb", "x = 1", "import time\ntime.sleep(600)", "print('after')")
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env = {**os.environ, **DRIVERS, "TMPDIR": str(tmp_path)}
     process = subprocess.Popen(
         [sys.executable, "-m", "studio", "run", str(notebook), "--record", str(tmp_path / "rec")],
         stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
@@ -209,7 +212,7 @@ def test_a_stop_in_the_first_moments_ends_cleanly(tmp_path):
     """SIGINT as soon as the run starts (before its service and kernel): exit 130, the output
     notebook written with every cell pending, no traceback, nothing left running."""
     notebook = write(tmp_path / "early.ipynb", "x = 1", "print('never')")
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env = {**os.environ, **DRIVERS, "TMPDIR": str(tmp_path)}
     process = subprocess.Popen(
         [sys.executable, "-m", "studio", "run", str(notebook), "--record", str(tmp_path / "rec")],
         stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,

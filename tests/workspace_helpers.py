@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import psutil
 
-from helpers import CACHE_DIR, REPO, auth_headers, processes_under
+from helpers import CACHE_DIR, DRIVER_JAVA_OPTIONS, REPO, auth_headers, processes_under
 from kernelhelpers import Result
 from studio.errors import ServiceStartError
 from studio.launcher import ServiceLauncher
@@ -47,6 +47,7 @@ class StudioProcess:
             **os.environ,
             "STUDIO_CDS": "true",
             "STUDIO_CACHE_DIR": str(CACHE_DIR),  # the suite's one class-data archive (helpers.CACHE_DIR)
+            "STUDIO_JAVA_OPTIONS": DRIVER_JAVA_OPTIONS,  # C1 only (helpers.DRIVER_JAVA_OPTIONS)
             # Its session service stops what it started; a test of restarts keeps sessions with "false".
             "STUDIO_STOP_SESSIONS_ON_EXIT": "true",
             **(env or {}),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -194,6 +194,37 @@ class Settings(BaseSettings):
         default_factory=_default_max_sessions,
         ge=1,
         description="Live sessions at most; more are refused with a clear message (default: one per 1.5 GiB of RAM).",
+    )
+    driver_mode: Literal["dedicated", "shared"] = Field(
+        "dedicated",
+        description="How the default application runs sessions: `dedicated`, a Spark driver (JVM) of its own per "
+        "session; `shared`, lean sessions on one Spark Connect driver per user (about a third of the memory per "
+        "idle session; no `sc` or RDDs). Other applications say it in their `driverMode`.",
+    )
+    shared_pool_size: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="Shared-driver mode: lean sessions kept ready (Spark Connect session made) per user's driver.",
+    )
+    shared_driver_idle_minutes: float = Field(
+        15.0,
+        gt=0,
+        description="Shared-driver mode of the default application: a user's driver with no session stops after "
+        "this many idle minutes (other applications use their autoStopConfiguration.idleTimeoutMinutes).",
+    )
+    connect_port: int = Field(
+        15002,
+        ge=-1,
+        le=65535,
+        description="Port of the Spark Connect endpoint (sc://host:port) through which any Connect client reaches "
+        "its user's shared driver with the studio's credentials; 0 picks a free port, -1 turns it off.",
+    )
+    memory_budget_mb: int | None = Field(
+        None,
+        ge=256,
+        description="Memory that sessions and drivers may take together, in MB (default: 80% of this machine's "
+        "RAM). Admission counts the footprints measured of live sessions and drivers against it.",
     )
     min_available_memory_mb: int = Field(
         600,

@@ -568,6 +568,13 @@ class PySparkKernel(IPythonKernel):
         if described.get("state") in FINAL_SESSION_STATES or not described.get("listed", True):
             self.remote.forget(str(described.get("reason") or ""))
             return
+        if described.get("driverMode") == "shared":
+            print(
+                f"Session {session_id} runs on {described.get('sharedDriverUser')}'s shared Spark driver (Spark Connect, application "
+                f"{described.get('application')}): `spark` and the DataFrame API work; `sc` and RDDs do not (an application with "
+                "driverMode DEDICATED gives a driver of its own).",
+                flush=True,
+            )
         limit, left = described.get("idleTimeout"), described.get("stopsInSeconds")
         if not limit:
             print(f"Session {session_id} is never stopped for idleness.", flush=True)

@@ -18,12 +18,12 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from studio.auth.gate import gate
+from studio.auth.gate import ADMIN, Principal, gate
 from studio import audit, files
 from studio.config import Settings
 from studio.errors import StudioError
@@ -40,6 +40,9 @@ from studio.livy.pool import WorkerPool
 from studio.livy import application_routes
 from studio.livy.routes import APPLICATION_LIVY_ROUTES, ROUTES
 from studio.livy.sessions import SessionManager
+from studio.livy.connect_drivers import ConnectDrivers
+from studio.livy.connect_endpoint import ConnectEndpoint
+from studio.livy.shared import MemoryAdmission, SharedSessions
 from studio.livy.workers import WorkerProcess, WorkerSpec
 from studio.store import Store
 from studio.web import JSONResponse, error_handlers
@@ -92,7 +95,15 @@ class Service:
         if settings.applications_file is not None:
             self.applications.declare(settings.applications_file)
         self.sessions = SessionManager(settings, self.store, self.applications, self.new_worker, self.base_conf, self.events)
-        self.batches = BatchManager(settings, self.store, self.base_conf, self.sessions.live_count, self.applications, self.events)
+        self.drivers = ConnectDrivers(settings, self.base_conf, self.store)
+        self.shared = SharedSessions(settings, self.applications, self.drivers, self.new_worker, MemoryAdmission(settings))
+        self.shared.is_busy = self.sessions.any_busy
+        self.sessions.shared = self.shared
+        self.applications.equip_shared = self.shared.equip
+        self.applications.release_shared = lambda app: self.shared.stop_application(app.id)
+        self.connect_endpoint: ConnectEndpoint | None = None
+        self.connect_port: int | None = None  # where the Connect endpoint listens, once it does
+        self.batches = BatchManager(settings, self.store, self.base_conf, self.sessions.dedicated_count, self.applications, self.events)
         self._tasks: list[asyncio.Task[Any]] = []
 
     @property
@@ -176,12 +187,31 @@ class Service:
             return False
         return state.get("session") is None and not state.get("statements")
 
-    async def start(self) -> None:
+    async def start(self, authenticate: Callable[[str], Principal | None] | None = None) -> None:
+        await self.drivers.restore()  # users' shared drivers first: the lean sessions restored next run on them
         await self.restore()
         self.applications.start_pools()
         self._tasks.append(asyncio.create_task(self._cull_forever(), name="culler"))
         if self.cds.enabled and not self.cds.exists():
             self._tasks.append(asyncio.create_task(self._build_cds(), name="cds"))
+        if self.settings.connect_port >= 0 and authenticate is not None:
+            await self._start_connect_endpoint(authenticate)
+
+    async def _start_connect_endpoint(self, authenticate: Callable[[str], Principal | None]) -> None:
+        """The Spark Connect endpoint: any Connect client reaches its user's shared driver with the studio's
+        credentials. A port in use leaves the service up without it (and says so)."""
+
+        def application_for(name: str | None) -> Application:
+            return self.applications.get(name) if name else self.applications.default
+
+        endpoint = ConnectEndpoint(self.settings, self.drivers, authenticate, application_for)
+        try:
+            port = await endpoint.start()
+        except (OSError, RuntimeError) as exc:
+            log.warning("the Spark Connect endpoint could not listen on %s:%s (%s); it is off (STUDIO_CONNECT_PORT)", self.settings.host, self.settings.connect_port, exc)
+            return
+        self.connect_endpoint, self.connect_port = endpoint, port
+        log.info("Spark Connect endpoint: sc://%s:%d (shared-driver applications; the studio's credentials as the token)", connect_host(self.settings.host), port)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -201,12 +231,15 @@ class Service:
                     self.settings.worker_orphan_timeout,
                 )
         await self.batches.shutdown()
+        if self.connect_endpoint is not None:
+            await self.connect_endpoint.stop()
         await self.applications.close()
         for pool in self.applications.pools():
             if self.settings.stop_sessions_on_exit:
                 await pool.shutdown()
             else:
                 await pool.detach()
+        await self.shared.shutdown(keep=not self.settings.stop_sessions_on_exit)
         await asyncio.sleep(0)  # the exit callbacks of the last stopped workers write their records first
         self.store.close()
         os.close(self._lock)  # the next service on this state directory may start now
@@ -223,6 +256,10 @@ class Service:
                 await self.applications.stop_idle()
             except Exception:  # noqa: BLE001
                 log.exception("stopping idle applications failed")
+            try:
+                await self.shared.stop_idle()
+            except Exception:  # noqa: BLE001
+                log.exception("stopping idle shared drivers failed")
 
     async def _build_cds(self) -> None:
         # Filling the pool comes first: the training run would only slow it down.
@@ -235,6 +272,26 @@ class Service:
 
 
 LOCK_WAIT_SECONDS = 60.0
+
+
+def connect_host(host: str) -> str:
+    """The host a Connect client names: pyspark sends a token without TLS only to ``localhost``."""
+    return "localhost" if host in ("127.0.0.1", "::1", "localhost") else host
+
+
+def connect_authenticator(settings: Settings, principal_for: Callable[[str], Principal | None]) -> Callable[[str], Principal | None]:
+    """The Connect endpoint's check of a bearer secret: what the gate accepts, for a principal that may
+    start sessions (a token scoped to other routes may not reach a driver)."""
+
+    def authenticate(secret: str) -> Principal | None:
+        if settings.insecure_no_auth:
+            return Principal(ADMIN, kind="unauthenticated")
+        principal = principal_for(secret) if secret else None
+        if principal is None or not principal.may("POST", "/sessions"):
+            return None
+        return principal
+
+    return authenticate
 
 
 def _lock_state_dir(state_dir: Path) -> int:
@@ -286,7 +343,7 @@ def create_app(settings: Settings) -> ASGIApp:
         app.state.access = Access.for_settings(settings)
         app.state.directory = Directory.for_settings(settings)  # users' own quotas (the gate keeps its own)
         observe.install(app.state)  # /metrics and /events: the bus, the registry, the sessions' hooks, webhooks
-        await service.start()
+        await service.start(connect_authenticator(settings, gated.principal_for))
         try:
             yield
         finally:

@@ -14,6 +14,7 @@ Any signed-in user may see the applications (they choose among them); only admin
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -21,7 +22,7 @@ from starlette.routing import Route
 
 from studio import audit
 from studio.errors import ForbiddenError, InvalidRequestError
-from studio.livy.applications import Applications, ApplicationState
+from studio.livy.applications import Application, Applications, ApplicationState
 from studio.web import JSONResponse, read_body
 
 MAX_RESULTS = 50  # EMR's default page
@@ -48,6 +49,22 @@ async def _json(request: Request) -> object:
 
 def _base(request: Request) -> str:
     return str(request.base_url)
+
+
+def connect_string(request: Request, app: Application) -> str | None:
+    """How a Spark Connect client reaches its user's driver of ``app`` (shared mode), with a placeholder
+    where the caller's own secret goes (an API response never carries one)."""
+    port = getattr(request.app.state.service, "connect_port", None)
+    if not app.shared or port is None:
+        return None
+    from studio.livy.app import connect_host  # the app module imports this one
+
+    target = "" if app.is_default else f";x-studio-application={app.name}"
+    return f"sc://{connect_host(request.url.hostname or '127.0.0.1')}:{port}/;token=<your studio token>{target}"
+
+
+def _described(request: Request, app: Application) -> dict[str, Any]:
+    return {**app.to_json(_base(request)), "sparkConnect": connect_string(request, app)}
 
 
 async def create_application(request: Request) -> Response:
@@ -81,14 +98,14 @@ async def list_applications(request: Request) -> Response:
 
 async def get_application(request: Request) -> Response:
     app = _applications(request).get(request.path_params["application"])
-    return JSONResponse({"application": app.to_json(_base(request))})
+    return JSONResponse({"application": _described(request, app)})
 
 
 async def update_application(request: Request) -> Response:
     _admin(request, "update")
     app = await _applications(request).update(request.path_params["application"], await _json(request))
     audit.note(request, target=f"/applications/{app.id}", name=app.name)
-    return JSONResponse({"application": app.to_json(_base(request))})
+    return JSONResponse({"application": _described(request, app)})
 
 
 async def start_application(request: Request) -> Response:

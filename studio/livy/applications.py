@@ -30,7 +30,7 @@ import time
 import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Awaitable, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -191,6 +191,10 @@ class ApplicationDefinition(_Part):
     interactiveConfiguration: InteractiveConfiguration = Field(default_factory=InteractiveConfiguration)
     schedulerConfiguration: SchedulerConfiguration = Field(default_factory=SchedulerConfiguration)
     tags: dict[str, str] = Field(default_factory=dict)
+    # Not EMR's: how its interactive sessions run. DEDICATED, a driver JVM per session (the pool holds warm
+    # ones); SHARED, lean Spark Connect sessions on one driver per user (studio.livy.shared). Job runs
+    # always get a driver of their own.
+    driverMode: Literal["DEDICATED", "SHARED"] = "DEDICATED"
 
     @field_validator("name")
     @classmethod
@@ -313,6 +317,10 @@ class Application:
         self.running_jobs = 0  # job runs holding a driver now (the batch manager keeps it)
         self.queued_jobs = 0
         self.live_sessions: Callable[[], list[tuple[int, float]]] = lambda: []  # (memory MB, cores) per live session
+        # Shared-driver mode (set by studio.livy.shared): its users' drivers running, and the MB measured of
+        # those drivers and its lean sessions together.
+        self.shared_drivers: Callable[[], int] = lambda: 0
+        self.shared_memory_mb: Callable[[], int] = lambda: 0
         self.idle_since: float | None = time.monotonic()
         self.transition_lock = asyncio.Lock()
 
@@ -335,8 +343,13 @@ class Application:
 
     @property
     def initial_capacity(self) -> int:
+        """Warm dedicated drivers its pool keeps (none in shared mode: sessions there share a user's driver)."""
         capacity = self.definition.initialCapacity.get("DRIVER")
-        return capacity.workerCount if capacity else 0
+        return capacity.workerCount if capacity and not self.shared else 0
+
+    @property
+    def shared(self) -> bool:
+        return self.definition.driverMode == "SHARED"
 
     @property
     def accepts_work(self) -> bool:
@@ -349,9 +362,14 @@ class Application:
     def usage(self) -> dict[str, Any]:
         sessions = self.live_sessions()
         warm = self.pool.warm_count()
-        drivers = len(sessions) + self.running_jobs + warm
-        memory = sum(m for m, _ in sessions) + (self.running_jobs + warm) * self.driver_memory_mb()
-        cores = sum(c for _, c in sessions) + (self.running_jobs + warm) * self.driver_cores()
+        if self.shared:  # sessions share their users' drivers: those are the drivers, their footprint is measured
+            drivers = self.shared_drivers() + self.running_jobs + warm
+            memory = self.shared_memory_mb() + (self.running_jobs + warm) * self.driver_memory_mb()
+            cores = (self.shared_drivers() + self.running_jobs + warm) * self.driver_cores()
+        else:
+            drivers = len(sessions) + self.running_jobs + warm
+            memory = sum(m for m, _ in sessions) + (self.running_jobs + warm) * self.driver_memory_mb()
+            cores = sum(c for _, c in sessions) + (self.running_jobs + warm) * self.driver_cores()
         return {
             "drivers": drivers,
             "sessions": len(sessions),
@@ -458,6 +476,10 @@ class Applications:
         # whether any session is running a statement (a refill waits for quiet).
         self.session_usage: Callable[[Application], builtins.list[tuple[int, float]]] = lambda app: []
         self.pools_busy: Callable[[], bool] = lambda: False
+        # Set by the shared-driver side (studio.livy.shared): its view of an application, and what an
+        # application's stop lets go of besides its pool (its users' drivers).
+        self.equip_shared: Callable[[Application], None] = lambda app: None
+        self.release_shared: Callable[[Application], Awaitable[None]] | None = None
         self.default = self._load()
 
     # -- lookup -----------------------------------------------------------------------------
@@ -487,6 +509,7 @@ class Applications:
             initialCapacity={"DRIVER": WorkerTypeCapacity(workerCount=self.settings.pool_size)},
             maximumCapacity=MaximumCapacity(drivers=self.settings.max_sessions + self.settings.pool_size),
             autoStopConfiguration=AutoStopConfiguration(enabled=False),
+            driverMode="SHARED" if self.settings.driver_mode == "shared" else "DEDICATED",
         )
 
     def _load(self) -> Application:
@@ -533,6 +556,7 @@ class Applications:
         app.pool = self._new_pool(app)
         app.pool.is_busy = lambda: self.pools_busy()
         app.live_sessions = lambda: self.session_usage(app)
+        self.equip_shared(app)
 
     def _save(self, app: Application, new: bool = False) -> None:
         row = {
@@ -689,6 +713,8 @@ class Applications:
                 )
             self._set_state(app, S.STOPPING, reason)
             await app.pool.release()
+            if self.release_shared is not None:
+                await self.release_shared(app)
             self._set_state(app, S.STOPPED, reason)
         await self.notify_room()
         return app

@@ -89,6 +89,11 @@ class WorkerPool:
         """Drivers the pool holds: ready ones and the one starting, unless a session claimed it."""
         return len(self._ready) + (1 if self._starting is not None and not self._claims else 0)
 
+    def pids(self) -> list[int]:
+        """The worker processes it holds (ready and starting), for the memory they take."""
+        workers = self._ready + ([self._starting] if self._starting is not None else [])
+        return [w.pid for w in workers if w.pid is not None]
+
     def unclaimed_starting(self) -> bool:
         return self._starting is not None and not self._claims
 

@@ -16,6 +16,7 @@ from studio.auth import quotas
 from studio.errors import InvalidRequestError, NotFoundError
 from studio.livy.applications import Application, Applications
 from studio.livy.access import Access, Owned, Parties, quota_overrides
+from studio.livy.application_routes import connect_string
 from studio.livy.batches import Batch, BatchManager
 from studio.livy.models import (
     CompletionRequest,
@@ -162,6 +163,12 @@ async def status(request: Request) -> Response:
             "liveBatches": state.batches.live_count(),
             "maxSessions": state.settings.max_sessions,
             "classDataArchive": str(state.cds.path) if state.cds.exists() else None,
+            "driverMode": "shared" if _application(request).shared else "dedicated",
+            "sparkConnect": connect_string(request, _application(request)),
+            "memoryBudgetMB": state.service.shared.admission.budget_mb,
+            "sharedDrivers": [
+                d for d in state.service.shared.status() if request.user.is_admin or d["user"] == request.user.name
+            ],
         }
     )
 

@@ -66,6 +66,7 @@ from studio.livy.models import (
     view,
 )
 from studio.livy.pool import WorkerPool, available_memory_mb
+from studio.livy.shared import SharedSessions
 from studio.livy.workers import WorkerProcess, WorkerSpec, describe_worker_exit
 from studio.store import Store
 
@@ -186,6 +187,7 @@ class Session:
         self.driver_memory_mb = 1024  # what its driver counts against its application's maximumCapacity
         self.driver_cores = 1.0
         self.first_result = False  # a statement of it has finished (the time to first result is measured once)
+        self.shared_user: str | None = None  # shared-driver mode: the user whose driver it runs on
         self.on_change: Callable[["Session", SessionState, SessionState], None] | None = None
 
     @property
@@ -276,7 +278,8 @@ class SessionManager:
         self._new_worker = new_worker
         self._base_conf = base_conf
         self.sessions: dict[int, Session] = {}
-        self._creating = 0  # creates under way (they hold a place against max_sessions)
+        self._creating = 0  # creates under way (they hold a place against their owner's quota and the memory)
+        self._creating_dedicated = 0  # and those of dedicated drivers against max_sessions
         self._creating_by: Counter[str] = Counter()  # and against their owner's quota
         self._creating_names: set[str] = set()
         self.retained_logs = RetainedLogs()
@@ -287,6 +290,7 @@ class SessionManager:
         self.on_statement_done: Callable[[Session, Statement, float], None] = lambda session, statement, seconds: None
         applications.session_usage = self.usage_of
         applications.pools_busy = self.any_busy
+        self.shared: SharedSessions | None = None  # shared-driver mode (set by the service)
 
     @property
     def pool(self) -> WorkerPool:
@@ -348,6 +352,27 @@ class SessionManager:
     def live_count(self) -> int:
         return sum(1 for s in self.sessions.values() if s.live)
 
+    def dedicated_count(self) -> int:
+        """Live sessions with a driver of their own: what STUDIO_MAX_SESSIONS counts."""
+        return sum(1 for s in self.sessions.values() if s.live and s.shared_user is None)
+
+    def _admit_memory(self, app: Application, spark_user: str | None) -> None:
+        """The session's footprint fits in the memory budget with everything that runs (measured), or 400."""
+        shared = self.shared
+        if shared is None:
+            return
+        admission = shared.admission
+        live = [(s.worker.pid if s.worker else None, "lean" if s.shared_user else "dedicated") for s in self.sessions.values() if s.live]
+        pooled = [(pid, "dedicated") for pool in self.applications.pools() for pid in pool.pids()]
+        pending = admission.estimate("lean") * (self._creating - self._creating_dedicated) + admission.estimate("dedicated") * self._creating_dedicated
+        if app.shared:
+            user = shared.user_of(spark_user)
+            needed = admission.estimate("lean") + (admission.estimate("driver") if shared.needs_driver(app, user) else 0)
+            what = "a shared-driver session" + (" and its user's driver" if shared.needs_driver(app, user) else "")
+        else:
+            needed, what = admission.estimate("dedicated"), "a session with a driver of its own"
+        admission.admit(shared.used_mb([*live, *pooled]) + pending, needed, what)
+
     def held_by(self, owner: str) -> int:
         """Live sessions of ``owner`` and its creates under way: what its quota counts."""
         return sum(1 for s in self.sessions.values() if s.live and s.owner == owner) + self._creating_by[owner]
@@ -391,6 +416,13 @@ class SessionManager:
             raise InvalidRequestError(f"Rejected, Reason: a session named '{body.name}' already exists.")
         spark_conf, service_conf = sparkconf.split_service_conf(requested)
         beyond = sparkconf.beyond_shape(spark_conf, app.driver_conf())
+        if app.shared and sparkconf.needs_own_jvm(beyond):
+            raise InvalidRequestError(
+                f"Rejected, Reason: application '{app.name}' runs sessions on a shared Spark driver (driverMode SHARED), "
+                f"whose settings are the application's; this session asks for "
+                f"{', '.join(sorted(k for k in beyond if not k.startswith('spark.sql.')))}. Only runtime SQL conf "
+                "(spark.sql.*) may differ per session; use an application with driverMode DEDICATED for a driver of your own."
+            )
         if sparkconf.needs_own_jvm(beyond) and app.definition.interactiveConfiguration.offShapeSessions == "REFUSE":
             raise InvalidRequestError(
                 f"Rejected, Reason: application '{app.name}' runs only drivers of its own shape, and this session asks for "
@@ -398,8 +430,9 @@ class SessionManager:
             )
         if quota is not None:
             quota()
-        live = self.live_count() + self._creating
-        if live >= self.settings.max_sessions:
+        self._admit_memory(app, body.proxyUser or owner)
+        live = self.dedicated_count() + self._creating_dedicated
+        if not app.shared and live >= self.settings.max_sessions:
             raise TooManySessionsError(
                 f"Rejected, too many sessions: {live} of {self.settings.max_sessions} are live "
                 "(STUDIO_MAX_SESSIONS); delete one first."
@@ -410,11 +443,13 @@ class SessionManager:
         if body.name is not None:
             self._creating_names.add(body.name)
         self._creating += 1
+        self._creating_dedicated += 0 if app.shared else 1
         self._creating_by[owner or ""] += 1
         try:
             return await self._create(body, owner, kind, requested, beyond, service_conf, app)
         finally:
             self._creating -= 1
+            self._creating_dedicated -= 0 if app.shared else 1
             self._creating_by[owner or ""] -= 1
             self._creating_names.discard(body.name or "")
 
@@ -438,6 +473,8 @@ class SessionManager:
         session.driver_memory_mb = memory_mb(driver.get("spark.driver.memory", "1g"), "spark.driver.memory") or 1024
         session.driver_cores = float(driver.get("spark.driver.cores", "1"))
 
+        if app.shared:
+            return await self._create_shared(session, body, kind, spark_conf, app)
         own_jvm = sparkconf.needs_own_jvm(spark_conf)
         # While it is created it holds its place in the application's capacity (another create must not take it).
         self._pending[session_id] = (app.id, session.driver_memory_mb, session.driver_cores)
@@ -489,18 +526,102 @@ class SessionManager:
         session.runner = asyncio.create_task(self._run_statements(session), name=f"session-{session_id}")
         return session
 
+    async def _create_shared(
+        self, session: Session, body: CreateSession, kind: SessionKind, spark_conf: dict[str, str], app: Application
+    ) -> Session:
+        """A lean session on its user's shared driver: a warm lean worker at once when the driver runs and
+        its pool has one, else (in the background) the driver started and a lean worker of its own."""
+        assert self.shared is not None
+        user = self.shared.user_of(session.spark_user)
+        session.shared_user = user
+        session.driver_memory_mb, session.driver_cores = 0, 0.0  # the driver's memory is counted once, as the driver's
+        self.shared.hold(app, user)
+        worker: WorkerProcess | None = None
+        claim: "asyncio.Future[WorkerProcess] | None" = None
+        pool = self.shared.pool(app, user)
+        try:
+            if pool is not None:
+                worker, claim = await self._warm_worker(session, app, spark_conf, False, pool)
+            self.store.insert(
+                "sessions",
+                {
+                    "id": session.id,
+                    "name": body.name,
+                    "kind": kind.value,
+                    "owner": session.owner,
+                    "state": session.state.value,
+                    "request": body.model_dump(),
+                    "application_id": app.id,
+                },
+            )
+        except BaseException:
+            if worker is not None and pool is not None:
+                pool.discard(worker)
+            if claim is not None:
+                claim.cancel()
+            self.shared.let_go(app.id, user)
+            raise
+        session.on_change = self._state_changed
+        self.sessions[session.id] = session
+        self._publish(session, None, session.state)
+        if worker is not None and pool is not None:
+            pool.commit(worker)
+            app.pool_hits += 1
+            self._hand_over(session, worker)
+        elif claim is not None and pool is not None:
+            self._spawn(self._start_claimed(session, app, claim, spark_conf, pool))
+        else:
+            app.pool_misses += 1
+            self._spawn(self._start_lean(session, app, spark_conf))
+        session.runner = asyncio.create_task(self._run_statements(session), name=f"session-{session.id}")
+        return session
+
+    async def _start_lean(self, session: Session, app: Application, spark_conf: dict[str, str]) -> None:
+        """A lean worker of the session's own on its user's driver, which is started first when it is not running."""
+        assert self.shared is not None and session.shared_user is not None
+        try:
+            driver = await self.shared.driver(app, session.shared_user)
+        except Exception as exc:  # noqa: BLE001 - any failure to start the driver ends this session, not the service
+            if session.state is SessionState.STARTING:
+                message = getattr(exc, "msg", None) or f"{type(exc).__name__}: {exc}"
+                log.warning("session %d: the shared driver of %s did not start: %s", session.id, session.shared_user, message)
+                self._finish(session, SessionState.DEAD, f"its user's shared Spark driver did not start: {message}")
+            return
+        if session.state is not SessionState.STARTING:
+            return
+        pool = self.shared.pool(app, session.shared_user)
+        if pool is not None:  # the driver came up with its pool: a warm lean worker may be ready already
+            worker = pool.take()
+            if worker is not None and await self._activate_for(session, app, worker, spark_conf, pool):
+                if session.state is not SessionState.STARTING:
+                    pool.discard(worker)
+                    return
+                pool.commit(worker)
+                app.pool_hits += 1
+                self._hand_over(session, worker)
+                return
+        spec = self.shared.spec(app, session.shared_user, driver, warm=False, session_name=session.name or f"livy-session-{session.id}")
+        spec.conf = dict(spark_conf)  # runtime SQL conf, set on its Connect session when it starts
+        worker = self._new_worker(spec)
+        self._attach(session, worker)
+        await self._start_cold(session, worker)
+
     async def _warm_worker(
-        self, session: Session, app: Application, spark_conf: dict[str, str], own_jvm: bool
+        self, session: Session, app: Application, spark_conf: dict[str, str], own_jvm: bool, pool: WorkerPool | None = None
     ) -> tuple[WorkerProcess | None, "asyncio.Future[WorkerProcess] | None"]:
         """A warm worker of the application's shape, activated for the session; else the promise of the
-        one its pool is starting (``claim``); else neither (the session needs a driver of its own)."""
-        if own_jvm or not app.pool.size:
+        one its pool is starting (``claim``); else neither (the session needs a driver of its own).
+        ``pool``: another pool than the application's (a user's shared driver's)."""
+        pool = pool or app.pool
+        if own_jvm or not pool.size:
             return None, None
-        worker = app.pool.take()
+        worker = pool.take()
         if worker is not None:
-            if await self._activate_for(session, app, worker, spark_conf):
+            if await self._activate_for(session, app, worker, spark_conf, pool):
                 return worker, None
             return None, None
+        if app.shared:
+            return None, pool.claim()
         if not app.pool.unclaimed_starting():  # that driver is counted already; a new one must fit
             held = self._pending.pop(session.id, None)  # (the session's own place is the one asked about)
             try:
@@ -511,23 +632,26 @@ class SessionManager:
                     self._pending[session.id] = held
         return None, app.pool.claim()
 
-    async def _activate_for(self, session: Session, app: Application, worker: WorkerProcess, spark_conf: dict[str, str]) -> bool:
+    async def _activate_for(
+        self, session: Session, app: Application, worker: WorkerProcess, spark_conf: dict[str, str], pool: WorkerPool | None = None
+    ) -> bool:
         """Give a warm worker the session's runtime conf and user: True when it took them; False when it
         cannot serve this session (it went back to the pool, or was stopped). Bad conf raises."""
-        reply = await self._activate(app, worker, spark_conf, session.id, session.spark_user)
+        pool = pool or app.pool
+        reply = await self._activate(pool, worker, spark_conf, session.id, session.spark_user)
         if reply is None:
             return False
         if reply.get("identity_error"):
             # Its conf is applied and its identity half set: it cannot serve this session or go back.
             log.warning("warm worker %s could not take the user %s (%s); starting a cold one", worker.id, session.spark_user, reply["identity_error"])
-            app.pool.discard(worker)
+            pool.discard(worker)
             return False
         if reply.get("error"):
-            app.pool.give_back(worker)
+            pool.give_back(worker)
             raise InvalidRequestError(f"Rejected, Reason: invalid conf: {reply['error']}")
         if not reply.get("ok"):
             log.info("session %d needs its own JVM for %s", session.id, ", ".join(reply.get("static", [])))
-            app.pool.give_back(worker)
+            pool.give_back(worker)
             return False
         return True
 
@@ -552,9 +676,17 @@ class SessionManager:
         self._attach(session, worker)
         self._spawn(self._start_cold(session, worker))
 
-    async def _start_claimed(self, session: Session, app: Application, claim: "asyncio.Future[WorkerProcess]", spark_conf: dict[str, str]) -> None:
+    async def _start_claimed(
+        self,
+        session: Session,
+        app: Application,
+        claim: "asyncio.Future[WorkerProcess]",
+        spark_conf: dict[str, str],
+        pool: WorkerPool | None = None,
+    ) -> None:
         """The session waits for the warm worker its application's pool is starting; if that fails, or
         the worker cannot take the session, it gets a cold one after all."""
+        pool = pool or app.pool
         try:
             worker: WorkerProcess | None = await asyncio.wait_for(asyncio.shield(claim), self.settings.worker_start_timeout)
         except (WorkerError, OSError, asyncio.TimeoutError, asyncio.CancelledError) as exc:
@@ -564,36 +696,41 @@ class SessionManager:
             worker = None
         if session.state is not SessionState.STARTING:  # deleted meanwhile
             if worker is not None:
-                app.pool.give_back(worker)
+                pool.give_back(worker)
             return
         try:
-            ok = worker is not None and await self._activate_for(session, app, worker, spark_conf)
+            ok = worker is not None and await self._activate_for(session, app, worker, spark_conf, pool)
         except InvalidRequestError as exc:
             self._finish(session, SessionState.DEAD, exc.msg)
             return
         if session.state is not SessionState.STARTING:
             if worker is not None and ok:
-                app.pool.discard(worker)
+                pool.discard(worker)
             return
         if ok and worker is not None:
             app.pool_hits += 1
             self._hand_over(session, worker)
         else:
             app.pool_misses += 1
-            self._start_own(session, app, spark_conf)
+            if app.shared:
+                await self._start_lean(session, app, spark_conf)
+            else:
+                self._start_own(session, app, spark_conf)
 
     async def _activate(
-        self, app: Application, worker: WorkerProcess, conf: dict[str, str], session_id: int, user: str | None
+        self, pool: WorkerPool, worker: WorkerProcess, conf: dict[str, str], session_id: int, user: str | None
     ) -> dict[str, Any] | None:
         try:
             return await asyncio.wait_for(worker.activate(conf, session_id, user), 30)
         except (WorkerError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
             log.warning("warm worker %s failed on hand-out (%s); starting a cold one", worker.id, exc)
-            app.pool.discard(worker)
+            pool.discard(worker)
             return None
 
     def _state_changed(self, session: Session, old: SessionState, new: SessionState) -> None:
         self._publish(session, old, new)
+        if new.is_final and session.shared_user is not None and self.shared is not None:
+            self.shared.let_go(session.application_id, session.shared_user)
         if new.is_final:
             app = self.applications.find(session.application_id)
             if app is not None:
@@ -639,6 +776,9 @@ class SessionManager:
         assert session.worker is not None
         session.app_id = session.worker.info.get("app_id")
         session.spark_ui_url = session.worker.info.get("spark_ui_url")
+        if self.shared is not None:  # what a session of its kind takes, for the next admission
+            admission = self.shared.admission
+            admission.learn("lean" if session.shared_user else "dedicated", admission.measure(session.worker.pid))
         session.set_state(SessionState.IDLE)
         session.touch()
         self.store.update("sessions", session.id, defer=True, state=session.state.value, app_id=session.app_id)
@@ -1047,6 +1187,10 @@ class SessionManager:
         driver = sparkconf.overlay(app.driver_conf(), sparkconf.beyond_shape(sparkconf.split_service_conf(requested)[0], app.driver_conf()))
         session.driver_memory_mb = memory_mb(driver.get("spark.driver.memory", "1g"), "spark.driver.memory") or 1024
         session.driver_cores = float(driver.get("spark.driver.cores", "1"))
+        if app.shared and self.shared is not None:  # its lean worker runs on its user's driver (found again by the drivers' restore)
+            session.shared_user = self.shared.user_of(session.spark_user)
+            session.driver_memory_mb, session.driver_cores = 0, 0.0
+            self.shared.hold(app, session.shared_user)
         session.on_change = self._state_changed
         session.sql_num_rows = _int_conf(sparkconf.split_service_conf(requested)[1], "livy.rsc.sql.num-rows")
         session.created_epoch = float(row["created_at"])
@@ -1215,6 +1359,8 @@ class SessionManager:
             "listed": True,
             "application": session.application_name,
             "warm": session.warm,
+            "driverMode": "shared" if session.shared_user else "dedicated",
+            "sharedDriverUser": session.shared_user,
             "driverMemoryMB": session.driver_memory_mb,
             "idleSeconds": round(idle, 1),
             "idleTimeout": idle_timeout or None,

@@ -51,6 +51,9 @@ class WorkerSpec:
     user: str | None = None  # the Spark user of a cold worker's session (a warm one learns it on activate)
     application_id: str | None = None  # the application whose pool or session it serves
     shape: str = ""  # a warm worker's driver shape (a digest of its conf): the pool takes back only its own
+    # Shared-driver mode (studio.livy.shared): the start message's "mode", "connect_url", "connect_token",
+    # "spark_ui_url" and "app_id" (the token reaches the worker only over its 0600 socket).
+    shared: dict[str, Any] | None = None
 
 
 def describe_worker_exit(code: int | None, adopted: bool) -> str:
@@ -105,6 +108,7 @@ class WorkerProcess:
             "warmup": self.spec.warmup,
             "application_id": self.spec.application_id,
             "shape": self.spec.shape,
+            "mode": "shared" if self.spec.shared else "dedicated",
             "started_at": time.time() - (time.monotonic() - self.started_at),
         }
 
@@ -179,6 +183,7 @@ class WorkerProcess:
                 "stop_timeout": settings.stop_timeout,
                 "user": self.spec.user,
                 "session": self.session_id,
+                **(self.spec.shared or {}),
             }
         )
         if self._hurry_on_connect:  # claimed before it could be told

@@ -86,7 +86,12 @@ function row(app) {
     }),
     el("div", { className: "muted small", dataset: { role: "details" }, text: app.stateDetails || "" }),
   );
-  const endpoint = el("td", {}, el("code", { className: "small", text: app.livyEndpoint || "" }));
+  const endpoint = el("td", {},
+    el("code", { className: "small", text: app.livyEndpoint || "" }),
+    // Shared-driver applications: how a Spark Connect client reaches the user's own driver.
+    app.sparkConnect ? el("div", { className: "small", dataset: { role: "spark-connect" } },
+      el("span", { className: "muted", text: "Spark Connect: " }), el("code", { text: app.sparkConnect })) : null,
+  );
   return el("tr", { className: "app-row", dataset: { name: app.name || "" } },
     name, state, capacityCell(app), endpoint, runsCell(app), actionsCell(app));
 }

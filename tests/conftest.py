@@ -120,7 +120,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {name: n for n, name in enumerate(HEAVIEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module's own order stays
+
+    def place(item: pytest.Item) -> int:
+        return rank.get(item.path.name, len(rank) + (item.path.parent.name == "fast"))  # the fast tier last
+
+    items.sort(key=place)  # stable: each module's own order stays
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -16,6 +16,7 @@ import stat
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,7 +30,7 @@ from studio.config import Settings
 from studio.errors import NotFoundError
 from studio.livy import sparkconf
 from studio.livy.applications import Application, ApplicationState, parse_definition
-from studio.livy.connect_drivers import ConnectDrivers
+from studio.livy.connect_drivers import ConnectDrivers, sql_request
 from studio.livy.connect_endpoint import ConnectEndpoint
 
 T = TypeVar("T")
@@ -55,7 +56,10 @@ class Loop:
 class World:
     def __init__(self, root: Path) -> None:
         self.loop = Loop()
-        self.settings = Settings(state_dir=root / "state", cache_dir=root / "cache", pool_size=0, stop_timeout=10.0)
+        self.settings = Settings(
+            # A JVM took up to 3 minutes to answer here while other suites ran beside this one on 2 cores.
+            state_dir=root / "state", cache_dir=root / "cache", pool_size=0, stop_timeout=10.0, worker_start_timeout=600.0
+        )
         self.directory = Directory(root / "identity")
         _, self.ana_token = self.directory.add_user("ana")
         _, self.bob_token = self.directory.add_user("bob")
@@ -226,6 +230,27 @@ def test_a_large_result_streams_and_a_cancelled_call_cancels_the_forwarded_one(w
         assert driver.calls == 0  # the forwarded calls ended with the client's
     finally:
         spark.stop()
+    # A client that goes away mid-call (here: a raw gRPC call, cancelled) takes the forwarded call with it.
+    import grpc
+
+    channel = grpc.secure_channel(
+        f"localhost:{world.port}",
+        grpc.composite_channel_credentials(grpc.local_channel_credentials(), grpc.access_token_call_credentials(world.ana_token)),
+    )
+    try:
+        query = "select count(*) from range(0, 100000000000, 1, 2)"
+        call = channel.unary_stream("/spark.connect.SparkConnectService/ExecutePlan")(sql_request(str(uuid.uuid4()), "ana", query))
+        deadline = time.monotonic() + 60
+        while driver.calls == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert driver.calls == 1
+        call.cancel()
+        deadline = time.monotonic() + 30
+        while driver.calls and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert driver.calls == 0
+    finally:
+        channel.close()
 
 
 def test_drivers_outlive_the_service_and_are_adopted_again(world: World) -> None:

@@ -469,8 +469,11 @@ class ConnectDriver:
             self._write_record()
             if not self.ready.done():
                 self.ready.set_result(self.info)
-            ready_in = time.monotonic() - self.started_at
-            self.log.append(f"shared driver ready ({self.info['app_id']}) after {ready_in:.1f}s", source="StudioConnect")
+            if self.adopted:
+                self.log.append(f"shared driver answers the restarted service ({self.info['app_id']})", source="StudioConnect")
+            else:
+                ready_in = time.monotonic() - self.started_at
+                self.log.append(f"shared driver ready ({self.info['app_id']}) after {ready_in:.1f}s", source="StudioConnect")
             return
 
     def _fail(self, message: str) -> None:

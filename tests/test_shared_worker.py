@@ -1,6 +1,6 @@
 """The session worker's shared mode: Connect sessions of two workers on one real Spark Connect server.
 
-One SparkConnectServer JVM for the module (the per-user shared driver), two lean workers driven
+One SparkSharedDriver JVM for the module (the per-user shared driver), two lean workers driven
 through ``WorkerProcess`` as the service drives them. What the shared mode must keep: sessions that
 cannot see each other's temp views, SQL conf, UDFs and packages; a cancel that stops only its own
 session's statement; Livy's outputs; and a clear error where a dedicated driver's API is missing.
@@ -9,9 +9,6 @@ session's statement; Livy's outputs; and a clear error where a dedicated driver'
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
-import socket
 import sys
 import threading
 import time
@@ -23,8 +20,8 @@ import pytest
 
 from helpers import build_wheel
 from studio.config import Settings
+from studio.livy.connect_drivers import ConnectDriver
 from studio.livy.workers import WorkerProcess, WorkerSpec
-from studio.process import ChildProcess
 
 T = TypeVar("T")
 
@@ -46,58 +43,25 @@ class Loop:
         self.loop.close()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+class SharedDriver:
+    """The user's shared driver as the service starts one (studio.livy.connect_drivers)."""
 
+    def __init__(self, loop: Loop, settings: Settings) -> None:
+        self.loop = loop
+        self.driver = loop.run(self._start(settings), timeout=600)
+        self.token = self.driver.token()
+        self.client_url = self.driver.client_url()
+        self.info: dict[str, Any] = dict(self.driver.info)
 
-class ConnectServer:
-    """The user's shared driver: a SparkConnectServer on 127.0.0.1 with a token, as
-    studio.livy.connect_drivers starts one (started directly here, so this test of the worker
-    depends on nothing of the service)."""
-
-    def __init__(self, folder: Path) -> None:
-        import pyspark
-
-        self.folder = folder
-        self.port = free_port()
-        self.token = secrets.token_urlsafe(24)
-        self.client_url = f"sc://localhost:{self.port}/;user_id=alice"
-        self.info: dict[str, Any] = {"app_id": "local-shared-test", "spark_ui_url": None}
-        spark_home = os.path.dirname(pyspark.__file__)
-        command = [
-            os.path.join(spark_home, "bin", "spark-submit"),
-            "--class",
-            "org.apache.spark.sql.connect.service.SparkConnectServer",
-            "--master",
-            "local[2]",
-            "--conf",
-            "spark.connect.grpc.binding.address=127.0.0.1",
-            "--conf",
-            f"spark.connect.grpc.binding.port={self.port}",
-            "--conf",
-            "spark.ui.enabled=false",
-            "spark-internal",
-        ]
-        env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_CONNECT_AUTHENTICATE_TOKEN": self.token}
-        self.process = ChildProcess(command, name="connect server", cwd=folder, env=env, output=folder / "server.log")
-
-    def start(self, timeout: float = 240.0) -> "ConnectServer":
-        self.process.start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, (self.folder / "server.log").read_text()[-3000:]
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return self
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError("the Spark Connect server did not listen in time")
+    @staticmethod
+    async def _start(settings: Settings) -> ConnectDriver:
+        driver = ConnectDriver(settings, "default", "alice")
+        await driver.start({"spark.ui.enabled": "false", "spark.pyspark.python": sys.executable}, "shared-driver-test")
+        await driver.wait_ready(480)
+        return driver
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.stop_sync(timeout=30)
+        self.loop.run(self.driver.stop())
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +71,8 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConnectServer]:
-    started = ConnectServer(tmp_path_factory.mktemp("connect-server")).start()
+def server(loop: Loop, settings: Settings) -> Iterator[SharedDriver]:
+    started = SharedDriver(loop, settings)
     yield started
     started.stop()
 
@@ -149,7 +113,7 @@ class Session:
 
 
 @pytest.fixture(scope="module")
-def sessions(server: ConnectServer, loop: "Loop", settings: Settings) -> Iterator[tuple[Session, Session]]:
+def sessions(server: SharedDriver, loop: "Loop", settings: Settings) -> Iterator[tuple[Session, Session]]:
     shared = {
         "mode": "shared",
         "connect_url": server.client_url,
@@ -174,7 +138,7 @@ def sessions(server: ConnectServer, loop: "Loop", settings: Settings) -> Iterato
         assert server.token not in worker.log.path.read_text(), "the token is in the session log"
 
 
-def test_ready_message_names_the_shared_driver(sessions: tuple[Session, Session], server: ConnectServer) -> None:
+def test_ready_message_names_the_shared_driver(sessions: tuple[Session, Session], server: SharedDriver) -> None:
     for session in sessions:
         ready = session.worker.info
         assert ready["mode"] == "shared"
@@ -298,9 +262,12 @@ def test_session_packages_reach_only_that_sessions_udfs(sessions: tuple[Session,
     second = build_wheel(tmp_path, name="hello_second")
     assert "artifact" in a.text(f"__studio__.pip('install', {str(second)!r})")
     assert a.text(udf.replace("hello_shared", "hello_second")) == "hello 0 from hello_second 0.1.0"
+    # an upgrade cannot take the earlier artifact away: the output says so
+    upgrade = build_wheel(tmp_path, name="hello_shared", version="0.2.0")
+    assert "earlier version" in a.text(f"__studio__.pip('install', {str(upgrade)!r})")
 
 
-def test_a_driver_that_went_away_fails_statements_clearly(sessions: tuple[Session, Session], server: ConnectServer) -> None:
+def test_a_driver_that_went_away_fails_statements_clearly(sessions: tuple[Session, Session], server: SharedDriver) -> None:
     """Last in the module: it stops the shared driver."""
     a, _ = sessions
     server.stop()

@@ -67,9 +67,6 @@ class SessionPackages:
         if not isinstance(package, str) or not _NAME.match(package.strip()):
             raise ValueError(f"invalid package name: {package!r}")
         self.pip(["uninstall", "-y", package.strip()])
-        if self.connect_session is not None:
-            print("Note: the shared driver keeps every package artifact a session sent (Spark Connect cannot remove "
-                  "one), so UDFs of this session may still import the uninstalled package until the session ends.", flush=True)
 
     def list_packages(self) -> None:
         """Print the packages this session sees: the base environment's and its own."""
@@ -137,6 +134,9 @@ class SessionPackages:
         if state == self._published:  # pip list, or nothing changed
             return
         own = [entry for entry in site.iterdir() if entry.name not in (_BASE_LAYER, "__pycache__")]
+        if not own and self._published is None:  # nothing of its own yet (a first pip list)
+            self._published = state
+            return
         folder = self.venv.parent / ".studio-artifacts"
         folder.mkdir(mode=0o700, exist_ok=True)
         archive = folder / f"session-packages-{time.time_ns()}.zip"
@@ -151,12 +151,17 @@ class SessionPackages:
         try:
             self.connect_session.addArtifacts(str(archive), pyfile=True)
         except Exception as exc:  # noqa: BLE001 - the driver side has the package; say what UDFs miss
-            print(f"Installed for this session's driver-side Python, but not for its UDFs: the shared driver "
+            print(f"The change reached this session's driver-side Python, but not its UDFs: the shared driver "
                   f"refused the package artifact ({type(exc).__name__}: {exc}).", flush=True)
             return
         finally:
             archive.unlink(missing_ok=True)
+        replaced = set(self._published or []) - set(state)
         self._published = state
+        if replaced:
+            print("Note: the shared driver keeps every package artifact this session sent (Spark Connect cannot remove "
+                  "one), so its UDFs may still import what was uninstalled or replaced here, in its earlier version, "
+                  "until the session ends.", flush=True)
         if compiled:
             print(f"Note: {', '.join(sorted(compiled))} contain compiled extensions: importable on the driver side, "
                   "but UDFs of a shared-driver session load packages from a zip, where Python cannot import "

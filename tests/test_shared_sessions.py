@@ -231,8 +231,8 @@ def test_settings_that_need_a_driver_of_their_own_are_refused(users):
 def test_livy_client_and_sparkmagic_work_unchanged(service, users, tmp_path):
     with LivySession.create(service.url, auth=("bob", service.tokens["bob"]), kind=SessionKind.PYSPARK) as session:
         assert session.run("print(spark.range(5).count())").text.strip() == "5"
-        session.run("spark.range(4).createOrReplaceTempView('t')")
-        assert list(session.download_sql("SELECT id FROM t ORDER BY id")["id"]) == [0, 1, 2, 3]
+        session.run("df = spark.range(4)")
+        assert list(session.download("df")["id"]) == [0, 1, 2, 3]  # the client's toJSON() path
     texts = run_sparkmagic_notebook(
         service.url,
         service.tokens["bob"],

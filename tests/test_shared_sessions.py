@@ -276,3 +276,25 @@ def test_a_session_beyond_the_memory_budget_is_refused(test_root):
             assert http.get("/sessions").json()["total"] == 0
     finally:
         assert small.stop() == 0
+
+
+def test_a_restart_keeps_shared_sessions_and_their_driver(service, users):
+    """The service lets go of its users' drivers and lean sessions when it stops keeping sessions, and the
+    next start carries on with them: the session's temp view is still there (the same Connect session)."""
+    service.env["STUDIO_STOP_SESSIONS_ON_EXIT"] = "false"
+    service.restart()  # the running service stops everything on exit; the next one keeps its sessions
+    alice = httpx.Client(base_url=service.url, timeout=120, headers=auth_headers(service.tokens["alice"]), trust_env=False)
+    try:
+        session_id = create(alice)
+        wait_idle(alice, session_id)
+        text(alice, session_id, "spark.range(4).createOrReplaceTempView('kept')\nprint('made')")
+        before = {d["user"]: d["pid"] for d in drivers(alice)}
+        service.restart()
+        assert wait_idle(alice, session_id)["state"] == "idle"
+        assert {d["user"]: d["pid"] for d in drivers(alice)} == before  # the same driver, taken back
+        assert text(alice, session_id, "print(spark.table('kept').count())") == "4"
+        alice.delete(f"/sessions/{session_id}")
+    finally:
+        alice.close()
+        service.env["STUDIO_STOP_SESSIONS_ON_EXIT"] = "true"
+        service.restart()  # and the module's end stops everything again

@@ -208,10 +208,10 @@ class Service:
         try:
             port = await endpoint.start()
         except (OSError, RuntimeError) as exc:
-            log.warning("the Spark Connect endpoint could not listen on %s:%s (%s); it is off (STUDIO_CONNECT_PORT)", self.settings.host, self.settings.connect_port, exc)
+            log.warning("the Spark Connect endpoint could not listen on 127.0.0.1:%s (%s); it is off (STUDIO_CONNECT_PORT)", self.settings.connect_port, exc)
             return
         self.connect_endpoint, self.connect_port = endpoint, port
-        log.info("Spark Connect endpoint: sc://%s:%d (shared-driver applications; the studio's credentials as the token)", connect_host(self.settings.host), port)
+        log.info("Spark Connect endpoint: sc://localhost:%d, on the loopback only (shared-driver applications; the studio's credentials as the token)", port)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -272,11 +272,6 @@ class Service:
 
 
 LOCK_WAIT_SECONDS = 60.0
-
-
-def connect_host(host: str) -> str:
-    """The host a Connect client names: pyspark sends a token without TLS only to ``localhost``."""
-    return "localhost" if host in ("127.0.0.1", "::1", "localhost") else host
 
 
 def connect_authenticator(settings: Settings, principal_for: Callable[[str], Principal | None]) -> Callable[[str], Principal | None]:

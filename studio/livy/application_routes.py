@@ -57,10 +57,9 @@ def connect_string(request: Request, app: Application) -> str | None:
     port = getattr(request.app.state.service, "connect_port", None)
     if not app.shared or port is None:
         return None
-    from studio.livy.app import connect_host  # the app module imports this one
-
+    # The endpoint listens on the loopback only (pyspark sends a token without TLS only to localhost).
     target = "" if app.is_default else f";x-studio-application={app.name}"
-    return f"sc://{connect_host(request.url.hostname or '127.0.0.1')}:{port}/;token=<your studio token>{target}"
+    return f"sc://localhost:{port}/;token=<your studio token>{target}"
 
 
 def _described(request: Request, app: Application) -> dict[str, Any]:

@@ -271,7 +271,6 @@ class SharedSessions:
 
     async def stop_idle(self) -> None:
         """Drivers with no session for their application's idle minutes go, their pools first."""
-        now = time.monotonic()
         for (app_id, user), pool in list(self._pools.items()):
             driver = self.drivers.get(app_id, user)
             minutes = self.idle_minutes(app_id)
@@ -279,7 +278,7 @@ class SharedSessions:
                 await pool.release()
                 self._pools.pop((app_id, user), None)
                 continue
-            if self._holds.get((app_id, user), 0) == 0 and minutes is not None and now - driver.idle_since >= minutes * 60:
+            if self._holds.get((app_id, user), 0) == 0 and minutes is not None and driver.idle_seconds() >= minutes * 60:
                 log.info("stopping the shared driver of %s in application %s: no session for %g minute(s)", user, app_id, minutes)
                 await pool.release()
                 self._pools.pop((app_id, user), None)

@@ -12,21 +12,17 @@ applications file declares ``small`` and ``bigmem``.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import time
 import zipfile
 
 import httpx
-import nbformat
 import pytest
 from livy import LivySession, SessionKind
 
 from conftest import start_service
 from helpers import auth_headers
-from test_sparkmagic import cell_text, sparkmagic_python
-from helpers import REPO
+from sparkmagic_notebook import sparkmagic_texts
 
 
 def _jar(folder):
@@ -256,35 +252,14 @@ def test_the_livy_endpoint_of_an_application_serves_unchanged_clients(service, h
         assert session.run("print(sc.getConf().get('spark.driver.memory'))").text == "1500m"
         assert session.run("spark.range(5).count()").text == "5"
 
-    python = sparkmagic_python()
-    config_dir = tmp_path / "sparkmagic"
-    config_dir.mkdir()
-    (config_dir / "config.json").write_text(
-        json.dumps(
-            {
-                "kernel_python_credentials": {"username": "analyst", "password": service.token, "url": base, "auth": "Basic_Access"},
-                "livy_session_startup_timeout_seconds": 240,
-            }
-        )
-    )
-    notebook = nbformat.v4.new_notebook()
-    notebook.cells = [
-        nbformat.v4.new_code_cell("print('memory', sc.getConf().get('spark.driver.memory'))"),
-        nbformat.v4.new_code_cell("spark.range(4).createOrReplaceTempView('t')"),
-        nbformat.v4.new_code_cell("%%sql -q -o rows\nSELECT id FROM t"),
-        nbformat.v4.new_code_cell("%%local\nprint('rows', len(rows))"),
-        nbformat.v4.new_code_cell("%%info"),
+    cells = [
+        "print('memory', sc.getConf().get('spark.driver.memory'))",
+        "spark.range(4).createOrReplaceTempView('t')",
+        "%%sql -q -o rows\nSELECT id FROM t",
+        "%%local\nprint('rows', len(rows))",
+        "%%info",
     ]
-    source, executed = tmp_path / "app.ipynb", tmp_path / "app-out.ipynb"
-    nbformat.write(notebook, source)
-    env = {**os.environ, "SPARKMAGIC_CONF_DIR": str(config_dir), "JUPYTER_PLATFORM_DIRS": "1"}
-    env.pop("PYTHONPATH", None)
-    result = subprocess.run(
-        [str(python), str(REPO / "tests" / "sparkmagic_runner.py"), str(source), str(executed)],
-        capture_output=True, text=True, timeout=900, env=env,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-5000:]
-    texts = [cell_text(cell) for cell in nbformat.read(executed, as_version=4).cells]
+    texts = sparkmagic_texts(base, service.token, cells, tmp_path)
     assert "memory 1500m" in texts[0]
     assert "rows 4" in texts[3]
     assert "bigmem" in texts[4] or "Current session configs" in texts[4]

@@ -22,7 +22,7 @@ from livy import LivySession, SessionKind
 
 from conftest import start_service
 from helpers import TEST_TOKEN, auth_headers, build_wheel
-from sparkmagic_notebook import run_sparkmagic_notebook
+from sparkmagic_notebook import sparkmagic_texts
 from studio.auth.users import Directory
 
 
@@ -233,7 +233,7 @@ def test_livy_client_and_sparkmagic_work_unchanged(service, users, tmp_path):
         assert session.run("print(spark.range(5).count())").text.strip() == "5"
         session.run("df = spark.range(4)")
         assert list(session.download("df")["id"]) == [0, 1, 2, 3]  # the client's toJSON() path
-    texts = run_sparkmagic_notebook(
+    texts = sparkmagic_texts(
         service.url,
         service.tokens["bob"],
         [

@@ -11,20 +11,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import nbformat
 import pytest
 
 from conftest import shared_service, start_service
 from helpers import REPO
-
-
-def sparkmagic_python() -> Path:
-    python = Path(os.environ.get("STUDIO_SPARKMAGIC_PYTHON", REPO / ".venv-sparkmagic" / "bin" / "python"))
-    if not python.exists():
-        pytest.fail(f"sparkmagic's virtualenv is missing ({python}); run scripts/test.sh, which creates it")
-    return python
+from sparkmagic_notebook import cell_text, run_sparkmagic_notebook, sparkmagic_python
 
 
 CELLS = [
@@ -46,50 +39,14 @@ CELLS = [
 ]
 
 
-def cell_text(cell) -> str:
-    parts = []
-    for output in cell.get("outputs", []):
-        if output.get("output_type") == "stream":
-            parts.append(output["text"])
-        for mime in ("text/plain", "text/html"):
-            value = output.get("data", {}).get(mime)
-            if value:
-                parts.append(value if isinstance(value, str) else "".join(value))
-    return "\n".join(parts)
-
-
 @pytest.fixture(scope="module")
 def service(warm_service):
     yield from shared_service(warm_service, ready=2)
 
 
 def test_sparkmagic_kernel_runs_a_notebook_against_the_service(service, tmp_path):
-    python = sparkmagic_python()
-    config_dir = tmp_path / "sparkmagic"
-    config_dir.mkdir()
-    (config_dir / "config.json").write_text(
-        json.dumps(
-            {
-                # sparkmagic's Basic_Access: any user name, the studio's token as the password.
-                "kernel_python_credentials": {
-                    "username": "analyst", "password": service.token, "url": service.url, "auth": "Basic_Access"
-                },
-                "livy_session_startup_timeout_seconds": 180,
-            }
-        )
-    )
-    notebook = nbformat.v4.new_notebook()
-    notebook.cells = [nbformat.v4.new_code_cell(source) for source in CELLS]
-    source, executed = tmp_path / "sparkmagic.ipynb", tmp_path / "sparkmagic-out.ipynb"
-    nbformat.write(notebook, source)
-    env = {**os.environ, "SPARKMAGIC_CONF_DIR": str(config_dir), "JUPYTER_PLATFORM_DIRS": "1"}
-    env.pop("PYTHONPATH", None)
-    result = subprocess.run(
-        [str(python), str(REPO / "tests" / "sparkmagic_runner.py"), str(source), str(executed)],
-        capture_output=True, text=True, timeout=900, env=env,
-    )
-    assert result.returncode == 0, result.stderr[-5000:]
-    cells = nbformat.read(executed, as_version=4).cells
+    # sparkmagic's Basic_Access: any user name, the studio's token as the password.
+    cells = run_sparkmagic_notebook(service.url, service.token, CELLS, tmp_path, startup_timeout=180)
     texts = [cell_text(cell) for cell in cells]
     assert "10" in texts[1]
     assert "local rows 10 90" in texts[3]

@@ -27,6 +27,7 @@ from livy import LivySession, SessionKind
 from conftest import shared_service
 from browser_helpers import chromium, needs_chromium
 from helpers import REPO
+from sparkmagic_notebook import sparkmagic_python
 from workspace_helpers import serving
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -217,13 +218,6 @@ def service(warm_service):
 def xavier(service) -> str:
     """A user of the shared session service, made in its state directory while it runs."""
     return add_user("xavier", service.state_dir, password="xavier's password")
-
-
-def sparkmagic_python() -> Path:
-    python = Path(os.environ.get("STUDIO_SPARKMAGIC_PYTHON", REPO / ".venv-sparkmagic" / "bin" / "python"))
-    if not python.exists():
-        pytest.fail(f"sparkmagic's virtualenv is missing ({python}); run scripts/test.sh, which creates it")
-    return python
 
 
 SPARKMAGIC_BASIC = """

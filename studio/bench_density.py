@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import statistics
 import sys
 import threading
@@ -151,10 +152,11 @@ class TreeMemory:
 
     def measure(self) -> dict[str, Any]:
         mb: dict[int, float] = {}
-        kinds = set()
+        by_rss: list[str] = []  # what the kernel would not give a PSS of (said, not hidden)
         for pid, process in self.processes.items():
             mb[pid], kind = _memory_mb(process)
-            kinds.add(kind)
+            if kind == "rss":
+                by_rss.append(f"{pid} {_cmdline(process)[:60]}")
         workers: dict[int, float] = {}
         java_under: dict[int, bool] = {}
         by_kind = {"service": 0.0, "driver": 0.0, "other": 0.0}
@@ -168,8 +170,9 @@ class TreeMemory:
         lean = {pid: v for pid, v in workers.items() if not java_under.get(pid)}
         dedicated = {pid: v for pid, v in workers.items() if java_under.get(pid)}
         return {
-            "measure": "rss" if "rss" in kinds else "pss",
-            "processes": len(mb) - sum(1 for pid in mb if mb[pid] == 0.0),
+            "measure": f"pss ({len(by_rss)} by rss)" if by_rss else "pss",
+            "by_rss": by_rss,
+            "processes": sum(1 for value in mb.values() if value > 0),
             "total_mb": sum(mb.values()),
             "service_mb": by_kind["service"],
             "driver_mb": by_kind["driver"],
@@ -250,11 +253,14 @@ class Endpoint:
             raise RuntimeError(f"session {session_id}: {code[:60]!r} failed: {output.get('evalue') or output}")
         return elapsed, statement
 
-    def first_result(self) -> float:
-        """POST /sessions to the result of ``spark.range(1).count()``; the session is deleted after."""
+    def first_result(self, idle: list[float] | None = None) -> float:
+        """POST /sessions to the result of ``spark.range(1).count()``; the session is deleted after.
+        ``idle`` gets the part until the session was idle (the rest is its first statement)."""
         started = time.perf_counter()
         session_id = self.create()
         self.wait_idle([session_id])
+        if idle is not None:
+            idle.append(time.perf_counter() - started)
         self.run(session_id, FIRST_RESULT)
         elapsed = time.perf_counter() - started
         self.livy.delete_session(session_id)
@@ -463,12 +469,14 @@ def density_figures(args: argparse.Namespace, state_root: Path, log: Any) -> dic
                 # 2a. The user's first session starts their driver; then new sessions from the warm pool.
                 cold_driver = shared.first_result()
                 log(f"density: the user's first session (starts the Connect driver): {cold_driver:.2f}s")
-                warm = []
+                warm: list[float] = []
+                warm_idle: list[float] = []
                 for run in range(args.warm_runs):
                     wait_warm(service, SHARED_POOL, settle=2.0)
-                    warm.append(shared.first_result())
-                    log(f"density: warm-pool session {run + 1}: first result {warm[-1]:.3f}s")
-                results["first_result"] = {"driver_start_s": cold_driver, "warm_pool_s": summary(warm)}
+                    warm.append(shared.first_result(warm_idle))
+                    log(f"density: warm-pool session {run + 1}: first result {warm[-1]:.3f}s (idle after {warm_idle[-1]:.3f}s)")
+                results["first_result"] = {"driver_start_s": cold_driver, "warm_pool_s": summary(warm), "warm_pool_to_idle_s": summary(warm_idle)}
+                results["load_average"] = {"first_results": os.getloadavg()[0]}
 
                 # 1. N idle shared sessions, each after a small query: the whole tree's memory.
                 wait_warm(service, SHARED_POOL, settle=0.5)
@@ -487,6 +495,7 @@ def density_figures(args: argparse.Namespace, state_root: Path, log: Any) -> dic
                 per_session = memory["total_mb"] / count
                 results["memory"] = {
                     "measure": memory["measure"],
+                    "by_rss": memory["by_rss"],
                     "processes": memory["processes"],
                     "shared_total_mb": round(memory["total_mb"], 1),
                     "service_mb": round(memory["service_mb"], 1),
@@ -505,8 +514,13 @@ def density_figures(args: argparse.Namespace, state_root: Path, log: Any) -> dic
                     f"({per_session:.0f} MB per session; driver {memory['driver_mb']:.0f} MB, {len(lean)} lean workers "
                     f"{sum(lean.values()):.0f} MB, service {memory['service_mb']:.0f} MB)")  # fmt: skip
 
-                # 3. All of them run a small aggregation at once.
+                # 3. All of them run a small aggregation at once (one session alone first, for scale).
+                shared.run(ids[0], AGGREGATION)
+                alone = [shared.run(ids[0], AGGREGATION)[0] for _ in range(3)]
+                results["load_average"]["memory"] = os.getloadavg()[0]
                 results["aggregation_at_once"] = _aggregation_at_once(shared, ids)
+                results["aggregation_at_once"]["one_alone_s"] = statistics.median(alone)
+                results["load_average"]["aggregation"] = os.getloadavg()[0]
                 log(f"density: aggregation at once: {results['aggregation_at_once']}")
 
                 # Keep one shared session for the latency pairs; the others go.
@@ -547,6 +561,7 @@ def density_figures(args: argparse.Namespace, state_root: Path, log: Any) -> dic
 
                 # 4. Statement latency, shared vs dedicated, alternated.
                 results["latency"] = _paired_latency(shared, keep, dedicated, dedicated_ids[0], args.latency_rounds, log)
+                results["load_average"]["latency"] = os.getloadavg()[0]
             finally:
                 for session_id in ids:
                     _quietly(shared.livy.delete_session, session_id)
@@ -564,12 +579,16 @@ def density_figures(args: argparse.Namespace, state_root: Path, log: Any) -> dic
                 drivers = shared_drivers(service)
                 if drivers:
                     _record(seen, TreeMemory(_service_pid(service), [int(d["pid"]) for d in drivers if d.get("pid")]))
-                empty = []
+                empty: list[float] = []
+                empty_idle: list[float] = []
                 for run in range(args.warm_runs):
                     time.sleep(1.0)
-                    empty.append(endpoint.first_result())
-                    log(f"density: empty-pool session {run + 1}: first result {empty[-1]:.3f}s")
-                results["first_result"].update({"empty_pool_s": summary(empty), "empty_pool_driver_start_s": cold_driver})
+                    empty.append(endpoint.first_result(empty_idle))
+                    log(f"density: empty-pool session {run + 1}: first result {empty[-1]:.3f}s (idle after {empty_idle[-1]:.3f}s)")
+                results["first_result"].update(
+                    {"empty_pool_s": summary(empty), "empty_pool_to_idle_s": summary(empty_idle), "empty_pool_driver_start_s": cold_driver}
+                )
+                results["load_average"]["empty_pool"] = os.getloadavg()[0]
             finally:
                 endpoint.close()
     finally:
@@ -600,7 +619,7 @@ def density_ok(r: dict[str, Any]) -> bool:
 def print_density_table(r: dict[str, Any]) -> None:
     m, f, a, lat = r["memory"], r["first_result"], r["aggregation_at_once"], r["latency"]
     n = r["sessions"]
-    unit = m["measure"].upper()
+    unit = m["measure"].upper().replace("BY RSS", "by RSS")
     ms = lambda s: f"{s * 1000:.0f} ms" if s < 10 else f"{s:.1f} s"  # noqa: E731
     rows = [
         (f"{n} idle shared sessions, whole service tree ({unit})", f"{m['shared_total_mb'] / 1024:.2f} GiB", "<= 10 GiB"),
@@ -612,23 +631,29 @@ def print_density_table(r: dict[str, Any]) -> None:
         ("dedicated / shared per session", f"{m['dedicated_over_shared']:.1f}x", ""),
         (f"  {n} sessions: shared vs dedicated", f"{m['shared_for_n_gib']:.1f} / {m['dedicated_for_n_gib']:.1f} GiB", ""),
         ("first result, new session from the warm pool (p50 / p95)", f"{ms(f['warm_pool_s']['p50'])} / {ms(f['warm_pool_s']['p95'])}", "<= 0.5 s"),
+        ("  of which POST until idle (p50)", ms(f["warm_pool_to_idle_s"]["p50"]), ""),
         ("first result, empty pool on a running driver (p50 / p95)", f"{ms(f['empty_pool_s']['p50'])} / {ms(f['empty_pool_s']['p95'])}", "<= 1.5 s"),
+        ("  of which POST until idle (p50)", ms(f["empty_pool_to_idle_s"]["p50"]), ""),
         ("first result, a user's first session (starts the driver)", ms(f["driver_start_s"]), ""),
         (f"{a['sessions']} sessions aggregate at once: correct", f"{a['correct']} of {a['sessions']}", "all"),
         ("  wall time / statement p50 / p95", f"{ms(a['wall_s'])} / {ms(a['statement_s']['p50'])} / {ms(a['statement_s']['p95'])}", ""),
+        ("  the same aggregation, one session alone (p50 of 3)", ms(a["one_alone_s"]), ""),
     ]
     for name, figures in lat["measures"].items():
         rows.append(
             (
                 f"{name}: shared / dedicated (p50)",
-                f"{ms(figures['shared_s']['p50'])} / {ms(figures['dedicated_s']['p50'])} = {figures['ratio_of_medians']:.2f}x",
+                f"{ms(figures['shared_s']['p50'])} / {ms(figures['dedicated_s']['p50'])} = {figures['ratio_of_medians']:.2f}x "
+                f"(paired {figures['median_paired_ratio']:.2f}x)",
                 "<= 1.3x",
             )
         )
-    print(f"Shared-driver density (studio bench --density; {lat['rounds']} paired latency rounds; {r['bench_seconds']} s)")
+    loads = ", ".join(f"{phase} {value:.1f}" for phase, value in r.get("load_average", {}).items())
+    print(f"Shared-driver density (studio bench --density; {lat['rounds']} paired latency rounds; {r['bench_seconds']} s; "
+          f"1-min load average after: {loads})")  # fmt: skip
     width = max(len(row[0]) for row in rows)
-    print(f"{'measure'.ljust(width)}  {'value':>26}  target")
+    print(f"{'measure'.ljust(width)}  {'value':>40}  target")
     for name, value, target in rows:
-        print(f"{name.ljust(width)}  {value:>26}  {target}")
+        print(f"{name.ljust(width)}  {value:>40}  {target}")
     for problem in a["problems"]:
         print(f"  problem: {problem}")

@@ -224,7 +224,7 @@ def test_the_definition_api_refuses_clearly(service, http):
 def test_auto_stop_releases_the_warm_driver_and_the_next_request_auto_starts(http):
     created = http.post(
         "/applications",
-        json={"name": "napper", "initialCapacity": {"DRIVER": {"workerCount": 1}}, "autoStopConfiguration": {"idleTimeoutMinutes": 0.05}},
+        json={"name": "napper", "initialCapacity": {"DRIVER": {"workerCount": 1}}, "autoStopConfiguration": {"idleTimeoutMinutes": 0.25}},  # 15 s: long enough to see it STARTED on a busy machine
     )
     assert created.status_code == 200, created.text
     http.post("/applications/napper/start")

@@ -366,28 +366,19 @@ def main(args: argparse.Namespace) -> int:
 
         results["applications"] = applications_figures(args, state_root, log, env)
         print_applications_table(results["applications"])
-        text = json.dumps(results, indent=2)
-        print(text)
-        if args.json:
-            Path(args.json).write_text(text + "\n")
+        _report(results, args)
         return 0 if results["applications"]["maximum_capacity"]["held"] else 1
     if args.density:
         from studio.bench_density import density_figures, density_ok, print_density_table
 
         results["density"] = density_figures(args, state_root, log)
         print_density_table(results["density"])
-        text = json.dumps(results, indent=2)
-        print(text)
-        if args.json:
-            Path(args.json).write_text(text + "\n")
+        _report(results, args)
         return 0 if density_ok(results["density"]) else 1
     if args.load:
         results["load"] = load_figures(args, state_root, log)
         print_load_table(results["load"])
-        text = json.dumps(results, indent=2)
-        print(text)
-        if args.json:
-            Path(args.json).write_text(text + "\n")
+        _report(results, args)
         return 1 if results["load"]["problems"] or results["load"]["sessions_not_idle_after"] else 0
 
     # -- warm pool: first results, the service's share, round trips, memory --------------------
@@ -463,11 +454,16 @@ def main(args: argparse.Namespace) -> int:
         results["cold_first_result_seconds"]["p50"] / results["warm_first_result_seconds"]["p50"]
     )
     print_table(results)
+    _report(results, args)
+    return 0
+
+
+def _report(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """Every figure as JSON, on stdout and into ``--json`` when given."""
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:
         Path(args.json).write_text(text + "\n")
-    return 0
 
 
 def print_table(r: dict[str, Any]) -> None:

@@ -162,6 +162,21 @@ def group_members(pgid: int) -> list[psutil.Process]:
     return members
 
 
+def memory_mb(processes: Iterable[psutil.Process]) -> float:
+    """What the processes take together, in MB: PSS (pages shared between them counted once), else RSS
+    (a kernel without smaps, or a process whose smaps we may not read); a process gone meanwhile counts nothing."""
+    total = 0
+    for process in processes:
+        try:
+            try:
+                total += getattr(process.memory_full_info(), "pss", 0) or process.memory_info().rss
+            except psutil.AccessDenied:
+                total += process.memory_info().rss
+        except psutil.Error:
+            continue
+    return total / (1024 * 1024)
+
+
 def descendants_of(pid: int) -> list[psutil.Process]:
     """Every live process below ``pid`` (children, their children, ...), whatever their group."""
     try:

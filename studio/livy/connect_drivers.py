@@ -53,7 +53,7 @@ from studio.config import Settings
 from studio.errors import WorkerStartError
 from studio.livy import sparkconf
 from studio.livy.logs import LogFile
-from studio.process import ChildProcess, describe_exit, descendants_of, group_members
+from studio.process import ChildProcess, describe_exit, descendants_of, group_members, memory_mb
 
 if TYPE_CHECKING:
     from studio.livy.applications import Application
@@ -533,16 +533,7 @@ class ConnectDriver:
             return 0.0
         members = {p.pid: p for p in group_members(self.process.pgid or self.process.pid)}
         members.update({p.pid: p for p in descendants_of(self.process.pid)})
-        total = 0
-        for process in members.values():
-            try:
-                try:
-                    total += getattr(process.memory_full_info(), "pss", 0) or process.memory_info().rss
-                except psutil.AccessDenied:
-                    total += process.memory_info().rss
-            except psutil.Error:
-                continue
-        return total / (1024 * 1024)
+        return memory_mb(members.values())
 
     async def stop(self) -> None:
         """SIGTERM to its group (the JVM ends its Spark application), SIGKILL if it hangs; its folder goes."""

@@ -29,6 +29,7 @@ from studio.config import Settings
 from studio.errors import TooManySessionsError
 from studio.livy.pool import WorkerPool
 from studio.livy.workers import WorkerProcess, WorkerSpec
+from studio.process import memory_mb
 
 if TYPE_CHECKING:
     from studio.livy.applications import Application, Applications
@@ -38,10 +39,9 @@ log = logging.getLogger("studio.livy.shared")
 
 LEAN_APP_NAME = "spark-studio-shared-session"
 
-# Footprints until one is measured (MB, PSS on this kind of machine: `studio bench --density`).
-DEFAULT_LEAN_MB = 160.0
-DEFAULT_DEDICATED_MB = 450.0
-DEFAULT_DRIVER_MB = 700.0
+# Footprints until one is measured (MB, PSS on this kind of machine: `studio bench --density`), by kind:
+# a lean (shared-mode) session, a dedicated session (worker and JVM), a shared driver.
+DEFAULT_FOOTPRINT_MB = {"lean": 160.0, "dedicated": 450.0, "driver": 700.0}
 
 
 def process_tree_mb(pid: int | None) -> float | None:
@@ -50,22 +50,9 @@ def process_tree_mb(pid: int | None) -> float | None:
         return None
     try:
         root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
+        return memory_mb([root, *root.children(recursive=True)])
     except psutil.Error:
         return None
-    total = 0
-    for process in processes:
-        try:
-            info = process.memory_full_info()
-            total += getattr(info, "pss", 0) or info.rss
-        except psutil.AccessDenied:
-            try:
-                total += process.memory_info().rss
-            except psutil.Error:
-                continue
-        except psutil.Error:
-            continue
-    return total / (1024 * 1024)
 
 
 def default_budget_mb() -> int:
@@ -81,9 +68,7 @@ class MemoryAdmission:
         self.budget_mb = settings.memory_budget_mb or default_budget_mb()
         self.ttl = ttl
         self._measured: dict[int, tuple[float, float]] = {}  # pid -> (when, MB)
-        self.lean_samples: list[float] = []
-        self.dedicated_samples: list[float] = []
-        self.driver_samples: list[float] = []
+        self._samples: dict[str, list[float]] = {kind: [] for kind in DEFAULT_FOOTPRINT_MB}  # the last 50 of each kind
 
     def measure(self, pid: int | None) -> float | None:
         if pid is None:
@@ -103,14 +88,13 @@ class MemoryAdmission:
         """A footprint measured of a settled (idle, ready) process of ``kind``: lean, dedicated, driver."""
         if mb is None:
             return
-        samples = {"lean": self.lean_samples, "dedicated": self.dedicated_samples, "driver": self.driver_samples}[kind]
+        samples = self._samples[kind]
         samples.append(mb)
         del samples[:-50]
 
     def estimate(self, kind: str) -> float:
-        samples = {"lean": self.lean_samples, "dedicated": self.dedicated_samples, "driver": self.driver_samples}[kind]
-        default = {"lean": DEFAULT_LEAN_MB, "dedicated": DEFAULT_DEDICATED_MB, "driver": DEFAULT_DRIVER_MB}[kind]
-        return statistics.median(samples) if samples else default
+        samples = self._samples[kind]
+        return statistics.median(samples) if samples else DEFAULT_FOOTPRINT_MB[kind]
 
     def used_mb(self, pids: Iterable[tuple[int | None, str]]) -> float:
         """What the given processes (pid, kind) take now; one not measurable counts its kind's estimate."""
@@ -161,18 +145,19 @@ class SharedSessions:
         return spark_user or getpass.getuser()
 
     def equip(self, app: "Application") -> None:
-        app.shared_drivers = lambda: sum(1 for d in self.drivers.all() if d.application_id == app.id and d.exited is not None and not d.exited.done())
-        app.shared_memory_mb = lambda: int(self.application_memory_mb(app.id))
+        app.shared_drivers = lambda: sum(1 for d in self._running_drivers() if d.application_id == app.id)
+        app.shared_memory_mb = lambda: int(self.admission.used_mb(self._processes(app.id)))
 
-    def application_memory_mb(self, app_id: str) -> float:
-        pids: list[tuple[int | None, str]] = []
-        for driver in self.drivers.all():
-            if driver.application_id == app_id:
-                pids.append((driver.info.get("jvm_pid") or _pid(driver), "driver"))
+    def _running_drivers(self) -> list["ConnectDriver"]:
+        return [d for d in self.drivers.all() if not d.exited.done()]
+
+    def _processes(self, app_id: str | None = None) -> list[tuple[int | None, str]]:
+        """(pid, kind) of the running drivers and warm lean workers of ``app_id`` (None: of every application)."""
+        pids: list[tuple[int | None, str]] = [(_pid(d), "driver") for d in self._running_drivers() if app_id in (None, d.application_id)]
         for (pool_app, _), pool in self._pools.items():
-            if pool_app == app_id:
+            if app_id in (None, pool_app):
                 pids += [(pid, "lean") for pid in pool.pids()]
-        return self.admission.used_mb(pids)
+        return pids
 
     def idle_minutes(self, app_id: str) -> float | None:
         app = self.applications.find(app_id)
@@ -228,7 +213,7 @@ class SharedSessions:
             pool.has_room = lambda: self._room_for_warm()
             self._pools[key] = pool
             pool.start()
-            mb = self.admission.measure(driver.info.get("jvm_pid") or _pid(driver))
+            mb = self.admission.measure(_pid(driver))
             self.admission.learn("driver", mb)
         return driver
 
@@ -258,10 +243,7 @@ class SharedSessions:
 
     def used_mb(self, extra: Iterable[tuple[int | None, str]] = ()) -> float:
         """Drivers and warm lean workers of every application, plus ``extra`` (the live sessions' workers)."""
-        pids: list[tuple[int | None, str]] = [(d.info.get("jvm_pid") or _pid(d), "driver") for d in self.drivers.all() if not d.exited.done()]
-        for pool in self._pools.values():
-            pids += [(pid, "lean") for pid in pool.pids()]
-        return self.admission.used_mb([*pids, *extra])
+        return self.admission.used_mb([*self._processes(), *extra])
 
     def needs_driver(self, app: "Application", user: str) -> bool:
         driver = self.drivers.get(app.id, user)
@@ -305,9 +287,9 @@ class SharedSessions:
                 {
                     "application": driver.application_id,
                     "user": driver.user,
-                    "pid": driver.info.get("jvm_pid") or _pid(driver),
+                    "pid": _pid(driver),
                     "sessions": self._holds.get((driver.application_id, driver.user), 0),
-                    "ready": driver.exited is not None and not driver.exited.done() and bool(driver.info),
+                    "ready": driver.is_ready(),
                     "sparkUiUrl": driver.info.get("spark_ui_url"),
                     "warmSessions": pool.ready_count() if pool else 0,
                 }
@@ -316,4 +298,5 @@ class SharedSessions:
 
 
 def _pid(driver: "ConnectDriver") -> int | None:
-    return getattr(driver, "pid", None)
+    """The driver's JVM (the spark-submit it was started as execs into it)."""
+    return driver.info.get("jvm_pid") or driver.pid
